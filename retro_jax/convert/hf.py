@@ -1,0 +1,223 @@
+"""Import Hugging Face GPT-2 and Llama-family decoders as the decoder of a Retro model.
+
+    config, params = from_hf(hf_model, chunk_length=64, cca_layers=(6, 9, 12))
+
+``hf_model`` is a ``transformers`` model object (``GPT2LMHeadModel``,
+``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``), or a
+``(state_dict, config)`` pair where the state dict maps HF names to torch tensors or
+numpy arrays and the config is a ``transformers`` config or its ``to_dict()``.
+The returned decoder reproduces the HF logits with retrieval off; the Retro encoder and
+CCA parameters are initialised fresh from ``rng`` (retro-fitting). Keyword overrides
+set the retrieval fields of ``RetroConfig`` (and ``dtype``/``remat_policy`` etc.).
+
+Nothing is downloaded here: load the HF model from a local directory yourself
+(``AutoModelForCausalLM.from_pretrained(path)``), or pass its state dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from retro_jax.models import RetroConfig, init_params
+
+# Parameters of the decoder that a GPT checkpoint does not have (they start fresh).
+RETRO_ONLY_KEYS = ("cca", "retro_encoder", "pre_cca_norm")
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+  if hasattr(t, "detach"):  # torch.Tensor, without importing torch.
+    return t.detach().cpu().float().numpy()
+  return np.asarray(t, dtype=np.float32)
+
+
+def _config_dict(config: Any) -> dict:
+  if isinstance(config, Mapping):
+    return dict(config)
+  return config.to_dict()
+
+
+def _rope_theta(cfg: Mapping[str, Any]) -> float:
+  params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type not in ("default", None):
+    raise ValueError(f"HF config rope type {rope_type!r} (rope_parameters/rope_scaling) "
+                     "is not supported; only plain RoPE is")
+  theta = cfg.get("rope_theta") or params.get("rope_theta")
+  return float(theta if theta is not None else 10000.0)
+
+
+# GPT-2 -------------------------------------------------------------------------------
+
+
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                     "gelu": "gelu", "relu": "relu", "silu": "silu"}
+
+
+def _gpt2_config(cfg: Mapping[str, Any]) -> dict:
+  act = cfg.get("activation_function", "gelu_new")
+  if act not in _GPT2_ACTIVATIONS:
+    raise ValueError(f"GPT-2 config activation_function={act!r} is not supported")
+  for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+    if cfg.get(flag):
+      raise ValueError(f"GPT-2 config {flag}=True is not supported")
+  if not cfg.get("scale_attn_weights", True):
+    raise ValueError("GPT-2 config scale_attn_weights=False is not supported")
+  d = cfg["n_embd"]
+  return dict(vocab_size=cfg["vocab_size"], hidden_size=d, num_layers=cfg["n_layer"],
+              num_heads=cfg["n_head"], mlp_dim=cfg.get("n_inner") or 4 * d,
+              mlp_activation=_GPT2_ACTIVATIONS[act], mlp_gated=False,
+              norm_type="layernorm", norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+              use_bias=True, position_embedding="learned", max_length=cfg["n_positions"],
+              tie_embeddings=cfg.get("tie_word_embeddings", True))
+
+
+def _gpt2_params(sd: Mapping[str, np.ndarray], c: RetroConfig) -> dict:
+  d, h, hd = c.hidden_size, c.num_heads, c.dim_per_head
+  p = "transformer." if "transformer.wte.weight" in sd else ""
+  out = {("token_embedding", "embedding"): sd[p + "wte.weight"],
+         ("position_embedding", "embedding"): sd[p + "wpe.weight"],
+         ("final_norm", "scale"): sd[p + "ln_f.weight"],
+         ("final_norm", "bias"): sd[p + "ln_f.bias"]}
+  for i in range(c.num_layers):
+    s, L = f"{p}h.{i}.", f"layers_{i}"
+    qkv_w = sd[s + "attn.c_attn.weight"]  # Conv1D: [in, out] = [d, 3d]
+    qkv_b = sd[s + "attn.c_attn.bias"]
+    for j, name in enumerate(("query", "key", "value")):
+      out[(L, "self_attention", name, "kernel")] = qkv_w[:, j * d:(j + 1) * d].reshape(d, h, hd)
+      out[(L, "self_attention", name, "bias")] = qkv_b[j * d:(j + 1) * d].reshape(h, hd)
+    out[(L, "self_attention", "out", "kernel")] = sd[s + "attn.c_proj.weight"].reshape(h, hd, d)
+    out[(L, "self_attention", "out", "bias")] = sd[s + "attn.c_proj.bias"]
+    out[(L, "pre_attention_norm", "scale")] = sd[s + "ln_1.weight"]
+    out[(L, "pre_attention_norm", "bias")] = sd[s + "ln_1.bias"]
+    out[(L, "pre_mlp_norm", "scale")] = sd[s + "ln_2.weight"]
+    out[(L, "pre_mlp_norm", "bias")] = sd[s + "ln_2.bias"]
+    out[(L, "mlp", "wi", "kernel")] = sd[s + "mlp.c_fc.weight"]
+    out[(L, "mlp", "wi", "bias")] = sd[s + "mlp.c_fc.bias"]
+    out[(L, "mlp", "wo", "kernel")] = sd[s + "mlp.c_proj.weight"]
+    out[(L, "mlp", "wo", "bias")] = sd[s + "mlp.c_proj.bias"]
+  if not c.tie_embeddings:
+    out[("output_layer", "kernel")] = sd["lm_head.weight"].T
+  return out
+
+
+# Llama family ----------------------------------------------------------------------------
+
+
+def _llama_config(cfg: Mapping[str, Any]) -> dict:
+  if cfg.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"Llama-family config hidden_act={cfg.get('hidden_act')!r} is not "
+                     "supported (SwiGLU needs 'silu')")
+  if cfg.get("mlp_bias"):
+    raise ValueError("Llama-family config mlp_bias=True is not supported")
+  d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+  model_type = cfg.get("model_type", "llama")
+  qkv_bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
+  return dict(vocab_size=cfg["vocab_size"], hidden_size=d,
+              num_layers=cfg["num_hidden_layers"], num_heads=heads,
+              num_kv_heads=cfg.get("num_key_value_heads") or heads,
+              head_dim=cfg.get("head_dim") or d // heads,
+              mlp_dim=cfg["intermediate_size"], mlp_activation="silu", mlp_gated=True,
+              norm_type="rmsnorm", norm_eps=cfg.get("rms_norm_eps", 1e-6),
+              use_bias=False, qkv_bias=qkv_bias, position_embedding="rope",
+              rope_theta=_rope_theta(cfg), rotary_fraction=1.0,
+              max_length=cfg.get("max_position_embeddings", 2048),
+              tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def _llama_params(sd: Mapping[str, np.ndarray], c: RetroConfig) -> dict:
+  d, hd = c.hidden_size, c.dim_per_head
+  p = "model." if "model.embed_tokens.weight" in sd else ""
+  out = {("token_embedding", "embedding"): sd[p + "embed_tokens.weight"],
+         ("final_norm", "scale"): sd[p + "norm.weight"]}
+  for i in range(c.num_layers):
+    s, L = f"{p}layers.{i}.", f"layers_{i}"
+    for name, heads in (("q", c.num_heads), ("k", c.kv_heads), ("v", c.kv_heads)):
+      ours = {"q": "query", "k": "key", "v": "value"}[name]
+      w = sd[s + f"self_attn.{name}_proj.weight"]  # torch Linear: [out, in]
+      out[(L, "self_attention", ours, "kernel")] = w.T.reshape(d, heads, hd)
+      if c.has_qkv_bias:
+        out[(L, "self_attention", ours, "bias")] = sd[s + f"self_attn.{name}_proj.bias"
+                                                      ].reshape(heads, hd)
+    out[(L, "self_attention", "out", "kernel")] = sd[s + "self_attn.o_proj.weight"].T.reshape(
+        c.num_heads, hd, d)
+    out[(L, "pre_attention_norm", "scale")] = sd[s + "input_layernorm.weight"]
+    out[(L, "pre_mlp_norm", "scale")] = sd[s + "post_attention_layernorm.weight"]
+    out[(L, "mlp", "wi_0", "kernel")] = sd[s + "mlp.gate_proj.weight"].T
+    out[(L, "mlp", "wi_1", "kernel")] = sd[s + "mlp.up_proj.weight"].T
+    out[(L, "mlp", "wo", "kernel")] = sd[s + "mlp.down_proj.weight"].T
+  if not c.tie_embeddings:
+    out[("output_layer", "kernel")] = sd["lm_head.weight"].T
+  return out
+
+
+_FAMILIES: dict[str, tuple[Callable, Callable]] = {
+    "gpt2": (_gpt2_config, _gpt2_params),
+    "llama": (_llama_config, _llama_params),
+    "mistral": (_llama_config, _llama_params),
+    "qwen2": (_llama_config, _llama_params),
+}
+
+
+def decoder_config(hf_config: Any, **retro_overrides) -> RetroConfig:
+  """The `RetroConfig` whose decoder is the HF model's, plus retrieval overrides."""
+  cfg = _config_dict(hf_config)
+  model_type = cfg.get("model_type")
+  if model_type not in _FAMILIES:
+    raise ValueError(f"HF model_type={model_type!r} is not supported; supported: "
+                     f"{sorted(_FAMILIES)}")
+  fields = _FAMILIES[model_type][0](cfg)
+  fields.update(retro_overrides)
+  return RetroConfig(**fields)
+
+
+def from_hf(model: Any, *, rng: jax.Array | int = 0, **retro_overrides
+            ) -> tuple[RetroConfig, dict]:
+  """Converts an HF GPT-2 / Llama-family model into ``(RetroConfig, params)``.
+
+  Args:
+    model: a ``transformers`` model, or ``(state_dict, config)``.
+    rng: seed or PRNGKey for the fresh encoder and CCA parameters.
+    **retro_overrides: RetroConfig fields (chunk_length, num_neighbors, cca_layers,
+      encoder_*, dtype, ...). Architectural decoder fields may not be overridden.
+  Returns:
+    The config and a plain parameter pytree for ``Retro(config).apply({'params': ...})``.
+  """
+  if isinstance(model, tuple):
+    state_dict, hf_config = model
+  else:
+    state_dict, hf_config = model.state_dict(), model.config
+  cfg = _config_dict(hf_config)
+  config = decoder_config(cfg, **retro_overrides)
+  base = decoder_config(cfg)
+  for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "mlp_dim", "mlp_activation", "mlp_gated", "norm_type",
+                "use_bias", "position_embedding", "tie_embeddings"):
+    if getattr(config, field) != getattr(base, field):
+      raise ValueError(f"from_hf: override {field}={getattr(config, field)!r} contradicts "
+                       f"the HF checkpoint ({getattr(base, field)!r})")
+  sd = {k: _to_numpy(v) for k, v in state_dict.items()}
+  try:
+    converted = _FAMILIES[cfg["model_type"]][1](sd, config)
+  except KeyError as e:
+    raise ValueError(f"from_hf: state dict lacks {e.args[0]!r} for model_type="
+                     f"{cfg['model_type']!r}") from e
+
+  if isinstance(rng, int):
+    rng = jax.random.PRNGKey(rng)
+  fresh = traverse_util.flatten_dict(jax.device_get(init_params(config, rng)))
+  decoder_keys = {k for k in fresh if not any(part in RETRO_ONLY_KEYS for part in k)}
+  missing = decoder_keys - set(converted)
+  extra = set(converted) - decoder_keys
+  if missing or extra:
+    raise ValueError(f"from_hf: converted decoder does not match RetroConfig; missing "
+                     f"{sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
+  for key, value in converted.items():
+    if value.shape != fresh[key].shape:
+      raise ValueError(f"from_hf: {'/'.join(key)} has shape {value.shape} in the HF "
+                       f"checkpoint, expected {fresh[key].shape}")
+    fresh[key] = value.astype(fresh[key].dtype)
+  return config, traverse_util.unflatten_dict(fresh)

@@ -1,0 +1,323 @@
+"""Building blocks shared by the decoder, the Retro encoder and CCA.
+
+One attention (``Attention``, over ``dot_product_attention``), one norm, one MLP, one
+embedding, one RoPE. Every parameter carries logical axis names; the mesh mapping
+lives in ``retro_jax.training.partitioning``.
+
+Logical axis names used here:
+  parameters:  'vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'norm',
+               'encoder_embed'
+  activations: 'activation_batch', 'activation_length', 'activation_embed',
+               'activation_heads', 'activation_kv', 'activation_mlp', 'activation_vocab'
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DType = Any
+
+BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+BATCH_LENGTH_HEADS_KV = ("activation_batch", "activation_length", "activation_heads",
+                         "activation_kv")
+
+
+def constrain(x: Array, axes: tuple[Optional[str], ...]) -> Array:
+  """Names the sharding of an activation by logical axes (no-op outside a mesh)."""
+  return nn.with_logical_constraint(x, axes)
+
+
+def normal_init(std: float, axes: tuple[Optional[str], ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def zeros_init(axes: tuple[Optional[str], ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def ones_init(axes: tuple[Optional[str], ...]):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+# Norms -----------------------------------------------------------------------------
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm over the last axis, computed in float32.
+
+  ``zero_centered_gamma`` is Megatron's LayerNorm-1p: the stored scale is gamma - 1.
+  """
+
+  norm_type: str = "layernorm"
+  eps: float = 1e-5
+  zero_centered_gamma: bool = False
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    init = zeros_init(("norm",)) if self.zero_centered_gamma else ones_init(("norm",))
+    scale = self.param("scale", init, (features,), self.param_dtype).astype(jnp.float32)
+    if self.zero_centered_gamma:
+      scale = scale + 1.0
+    xf = x.astype(jnp.float32)
+    if self.norm_type == "rmsnorm":
+      y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+      return (y * scale).astype(self.dtype)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    bias = self.param("bias", zeros_init(("norm",)), (features,), self.param_dtype)
+    return (y * scale + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+# Embedding -------------------------------------------------------------------------
+
+
+class Embed(nn.Module):
+  """Token (or position) embedding table ``[num_embeddings, features]``."""
+
+  num_embeddings: int
+  features: int
+  init_std: float = 0.02
+  axes: tuple[Optional[str], Optional[str]] = ("vocab", "embed")
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param("embedding", normal_init(self.init_std, self.axes),
+                                (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids: Array) -> Array:
+    """ids: int [batch, ...] -> [batch, ..., features]."""
+    # Gather from the all-gathered table (as FSDP does for every weight): a gather from
+    # a sharded table makes the SPMD partitioner rematerialise it inefficiently.
+    table = nn.with_logical_constraint(self.embedding, (None, None))
+    out = jnp.take(table, ids, axis=0).astype(self.dtype)
+    return constrain(out, ("activation_batch",) + (None,) * (ids.ndim - 1)
+                     + ("activation_embed",))
+
+  def attend(self, x: Array) -> Array:
+    """Tied output layer: x [..., features] -> logits [..., num_embeddings]."""
+    return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.dtype))
+
+
+# RoPE ------------------------------------------------------------------------------
+
+
+def apply_rope(x: Array, positions: Array, rotary_dims: int, theta: float) -> Array:
+  """Rotary position embedding on the first ``rotary_dims`` dims of each head.
+
+  Uses the "rotate half" pairing of GPT-NeoX / Llama / Megatron: dimension i is
+  rotated with dimension i + rotary_dims/2.
+
+  Args:
+    x: [batch, length, heads, head_dim].
+    positions: int [batch, length].
+  """
+  half = rotary_dims // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dims, 2, dtype=jnp.float32) / rotary_dims))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, half]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2, rest = xf[..., :half], xf[..., half:rotary_dims], xf[..., rotary_dims:]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+# Attention -------------------------------------------------------------------------
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, *,
+                          mask: Optional[Array] = None, is_causal: bool = False,
+                          implementation: Optional[str] = None,
+                          dropout_rate: float = 0.0,
+                          dropout_rng: Optional[Array] = None) -> Array:
+  """Scaled dot-product attention; the one attention kernel of the project.
+
+  Without attention-probability dropout this is ``jax.nn.dot_product_attention``
+  (cuDNN flash attention on GPU for bf16/fp16 when ``implementation`` is None or
+  'cudnn'). With dropout (training only) it falls back to an explicit softmax.
+
+  Args:
+    query: [batch, q_length, heads, head_dim].
+    key, value: [batch, kv_length, kv_heads, head_dim]; kv_heads divides heads (GQA).
+    mask: bool, broadcastable to [batch, heads, q_length, kv_length]; True = attend.
+    is_causal: lower-triangular mask (query i sees keys <= i).
+  Returns:
+    [batch, q_length, heads, head_dim].
+  """
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    heads, kv_heads = query.shape[2], key.shape[2]
+    if heads != kv_heads:
+      key = jnp.repeat(key, heads // kv_heads, axis=2)
+      value = jnp.repeat(value, heads // kv_heads, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+    logits = logits / math.sqrt(query.shape[-1])
+    if is_causal:
+      causal = jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))
+      mask = causal if mask is None else jnp.logical_and(mask, causal)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(value.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+  if mask is not None:
+    mask = jnp.broadcast_to(
+        mask, (query.shape[0], query.shape[2], query.shape[1], key.shape[1]))
+  return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
+                                      implementation=implementation)
+
+
+class DenseGeneral(nn.Module):
+  """``y = x . kernel + bias`` contracting the trailing ``num_contract`` axes of x.
+
+  The kernel is created at its true shape ``[*x.shape[-num_contract:], *features]`` (so
+  its logical axes apply to every dimension, also under a mesh).
+  """
+
+  features: tuple[int, ...]
+  kernel_axes: tuple[Optional[str], ...]
+  num_contract: int = 1
+  use_bias: bool = False
+  init_std: float = 0.02
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n = self.num_contract
+    shape = tuple(x.shape[-n:]) + tuple(self.features)
+    kernel = self.param("kernel", normal_init(self.init_std, self.kernel_axes), shape,
+                        self.param_dtype)
+    contract = (tuple(range(x.ndim - n, x.ndim)), tuple(range(n)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            (contract, ((), ())))
+    if self.use_bias:
+      bias_axes = self.kernel_axes[n:]
+      bias = self.param("bias", zeros_init(bias_axes), tuple(self.features),
+                        self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query attention with optional RoPE.
+
+  Self-attention when ``inputs_kv`` is None; cross-attention otherwise (used by the
+  Retro encoder, over decoder chunk states, and by CCA, over encoded neighbors).
+
+  Parameters: ``query`` [embed, heads, head_dim], ``key``/``value``
+  [kv_embed, kv_heads, head_dim], ``out`` [heads, head_dim, out_features].
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  out_features: int
+  use_bias: bool = False
+  qkv_bias: bool = False
+  init_std: float = 0.02
+  out_init_std: float = 0.02
+  rotary_dims: int = 0
+  rope_theta: float = 10000.0
+  dropout_rate: float = 0.0
+  implementation: Optional[str] = None
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def _proj(self, heads: int, name: str) -> DenseGeneral:
+    head_axis = "heads" if name == "query" else "kv_heads"
+    return DenseGeneral(features=(heads, self.head_dim),
+                        kernel_axes=("embed", head_axis, "head_dim"),
+                        use_bias=self.qkv_bias, init_std=self.init_std, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name=name)
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Optional[Array] = None, *,
+               positions: Optional[Array] = None, mask: Optional[Array] = None,
+               is_causal: bool = False, deterministic: bool = True) -> Array:
+    """inputs_q: [batch, q_len, q_features]; inputs_kv: [batch, kv_len, kv_features].
+
+    ``positions`` (int [batch, q_len]) drive RoPE and are used for both queries and
+    keys, so RoPE applies to self-attention only. Returns [batch, q_len, out_features].
+    """
+    if self.rotary_dims and inputs_kv is not None:
+      raise ValueError("RoPE applies to self-attention only (inputs_kv must be None)")
+    kv_in = inputs_q if inputs_kv is None else inputs_kv
+    query = self._proj(self.num_heads, "query")(inputs_q)
+    key = self._proj(self.num_kv_heads, "key")(kv_in)
+    value = self._proj(self.num_kv_heads, "value")(kv_in)
+    query = constrain(query, BATCH_LENGTH_HEADS_KV)
+    key = constrain(key, BATCH_LENGTH_HEADS_KV)
+    value = constrain(value, BATCH_LENGTH_HEADS_KV)
+    if self.rotary_dims:
+      if positions is None:
+        raise ValueError("Attention with RoPE needs positions [batch, length]")
+      query = apply_rope(query, positions, self.rotary_dims, self.rope_theta)
+      key = apply_rope(key, positions, self.rotary_dims, self.rope_theta)
+    dropout_rng = None
+    if self.dropout_rate > 0.0 and not deterministic:
+      dropout_rng = self.make_rng("dropout")
+    out = dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
+                                implementation=self.implementation,
+                                dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
+    out = constrain(out, BATCH_LENGTH_HEADS_KV)
+    return DenseGeneral(features=(self.out_features,),
+                        kernel_axes=("heads", "head_dim", "embed"), num_contract=2,
+                        use_bias=self.use_bias, init_std=self.out_init_std,
+                        dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
+
+
+# MLP -------------------------------------------------------------------------------
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+class Mlp(nn.Module):
+  """Position-wise MLP; gated (GLU: ``act(x W_0) * (x W_1)``, SwiGLU with silu) or not.
+
+  Parameters: ``wi`` [embed, mlp] (or ``wi_0`` gate and ``wi_1`` up), ``wo`` [mlp, embed].
+  """
+
+  mlp_dim: int
+  activation: str = "gelu"
+  gated: bool = False
+  use_bias: bool = False
+  init_std: float = 0.02
+  out_init_std: float = 0.02
+  dtype: DType = jnp.float32
+  param_dtype: DType = jnp.float32
+
+  def _dense(self, features: int, axes, std: float, name: str) -> DenseGeneral:
+    return DenseGeneral(features=(features,), kernel_axes=axes, use_bias=self.use_bias,
+                        init_std=std, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name=name)
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [batch, length, embed] -> [batch, length, embed]."""
+    act = _ACTIVATIONS[self.activation]
+    if self.gated:
+      gate = self._dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "wi_0")(x)
+      up = self._dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "wi_1")(x)
+      h = act(gate) * up
+    else:
+      h = act(self._dense(self.mlp_dim, ("embed", "mlp"), self.init_std, "wi")(x))
+    h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+    return self._dense(x.shape[-1], ("mlp", "embed"), self.out_init_std, "wo")(h)

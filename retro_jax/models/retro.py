@@ -1,0 +1,187 @@
+"""The Retro language model: a GPT decoder with a Retro encoder and chunked cross-attention.
+
+    logits = Retro(config).apply(variables, tokens, neighbor_tokens,
+                                 neighbor_mask=..., deterministic=True)
+
+* ``tokens``: int [batch, n]. n need not be a multiple of m.
+* ``neighbor_tokens``: int [batch, n // m, k, r] (chunk + continuation of each of the
+  k neighbors of each complete chunk), or None: retrieval off, and the model is
+  exactly its GPT decoder (same parameters, same logits; InstructRetro's "encoder
+  ablated" mode and the GPT baseline of retro-fitting).
+* ``neighbor_mask``: bool, [batch], [batch, n // m] or [batch, n // m, k]; False marks
+  an absent neighbor (e.g. a -1 id in the neighbor map, or an SFT example without
+  retrieval). A chunk whose neighbors are all absent skips CCA (residual only).
+
+Parameter tree (decoder names do not depend on retrieval, so GPT checkpoints load
+into Retro unchanged)::
+
+    token_embedding/embedding                [vocab, embed]
+    position_embedding/embedding             [max_length, embed]   (learned positions)
+    layers_{i}/pre_attention_norm, self_attention/{query,key,value,out}, pre_mlp_norm,
+              mlp/{wi | wi_0, wi_1, wo}
+    layers_{i}/pre_cca_norm, cca/attention/...                     (CCA layers)
+    layers_{first}/retro_encoder/layers_{j}/...                     (first CCA layer)
+    final_norm
+    output_layer/kernel                      [embed, vocab]        (untied output)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from retro_jax.models import blocks
+from retro_jax.models import layers
+from retro_jax.models.config import RetroConfig
+
+Array = jax.Array
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _shape_str(shape) -> str:
+  return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def canonical_neighbor_mask(neighbor_mask: Optional[Any], batch: int, num_chunks: int,
+                            k: int) -> Array:
+  """Broadcasts a neighbor mask to bool [batch, L, k], naming the argument on error."""
+  if neighbor_mask is None:
+    return jnp.ones((batch, num_chunks, k), bool)
+  mask = jnp.asarray(neighbor_mask)
+  shapes = ((batch,), (batch, num_chunks), (batch, num_chunks, k))
+  if mask.shape not in shapes:
+    raise ValueError(
+        f"neighbor_mask has shape {_shape_str(mask.shape)}; expected [batch]={list(shapes[0])}"
+        f", [batch, chunks]={list(shapes[1])} or [batch, chunks, k]={list(shapes[2])}")
+  mask = mask.astype(bool)
+  mask = mask.reshape(mask.shape + (1,) * (3 - mask.ndim))
+  return jnp.broadcast_to(mask, (batch, num_chunks, k))
+
+
+class Retro(nn.Module):
+  """RETRO decoder LM (see the module docstring for the call contract)."""
+
+  config: RetroConfig
+
+  def _check_inputs(self, tokens, neighbor_tokens, positions):
+    cfg = self.config
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be int [batch, n]; got {tokens.dtype} "
+                       f"{_shape_str(tokens.shape)}")
+    batch, n = tokens.shape
+    if cfg.position_embedding == "learned" and n > cfg.max_length:
+      raise ValueError(f"tokens has length n={n} > RetroConfig.max_length="
+                       f"{cfg.max_length} (learned positions)")
+    if positions is not None and positions.shape != tokens.shape:
+      raise ValueError(f"positions must have the shape of tokens {_shape_str(tokens.shape)}"
+                       f"; got {_shape_str(positions.shape)}")
+    if neighbor_tokens is None:
+      return
+    m, r = cfg.chunk_length, cfg.neighbor_length
+    expected = f"[batch={batch}, n//m={n // m}, k, r={r}]"
+    if neighbor_tokens.ndim != 4 or not jnp.issubdtype(neighbor_tokens.dtype, jnp.integer):
+      raise ValueError(f"neighbor_tokens must be int {expected}; got "
+                       f"{neighbor_tokens.dtype} {_shape_str(neighbor_tokens.shape)}")
+    b, num_chunks, k, rr = neighbor_tokens.shape
+    if b != batch or num_chunks != n // m or rr != r or k < 1:
+      raise ValueError(f"neighbor_tokens has shape {_shape_str(neighbor_tokens.shape)}; "
+                       f"expected {expected} for tokens {_shape_str(tokens.shape)} with "
+                       f"chunk_length m={m}")
+
+  @nn.compact
+  def __call__(self, tokens: Array, neighbor_tokens: Optional[Array] = None, *,
+               neighbor_mask: Optional[Array] = None, positions: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    """Returns float32 logits [batch, n, vocab]."""
+    cfg = self.config
+    tokens = jnp.asarray(tokens)
+    if neighbor_tokens is not None:
+      neighbor_tokens = jnp.asarray(neighbor_tokens)
+    self._check_inputs(tokens, neighbor_tokens, positions)
+    batch, n = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
+
+    embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, init_std=cfg.init_std,
+                         dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                         name="token_embedding")
+    position_embed = None
+    if cfg.position_embedding == "learned":
+      position_embed = layers.Embed(cfg.max_length, cfg.hidden_size, init_std=cfg.init_std,
+                                    axes=(None, "embed"), dtype=cfg.compute_dtype,
+                                    param_dtype=cfg.params_dtype, name="position_embedding")
+    x = embed(tokens)
+    if position_embed is not None:
+      x = x + position_embed(positions)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+    neighbor_embeds = mask = None
+    if neighbor_tokens is not None:
+      _, num_chunks, k, r = neighbor_tokens.shape
+      mask = canonical_neighbor_mask(neighbor_mask, batch, num_chunks, k)
+      # Neighbors share the decoder's word embedding (Megatron).
+      neighbor_embeds = embed(neighbor_tokens)
+      if cfg.encoder_position_embedding == "learned":
+        neighbor_embeds = neighbor_embeds + position_embed(jnp.arange(r))
+
+    layer_cls = blocks.DecoderLayer
+    if cfg.remat_policy != "none":
+      layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy],
+                           static_argnums=(6,))
+    retro_layers = set(cfg.retro_layers)
+    encoded = None
+    for i in range(cfg.num_layers):
+      number = i + 1
+      owns = number == cfg.first_retro_layer
+      x, encoded = layer_cls(cfg, has_cca=number in retro_layers, owns_encoder=owns,
+                             name=f"layers_{i}")(
+                                 x, positions, neighbor_embeds if owns else None, mask,
+                                 encoded, deterministic)
+
+    x = blocks.make_norm(cfg, "final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = layers.DenseGeneral(features=(cfg.vocab_size,), kernel_axes=("embed", "vocab"),
+                                   init_std=cfg.init_std, dtype=cfg.compute_dtype,
+                                   param_dtype=cfg.params_dtype, name="output_layer")(x)
+    logits = layers.constrain(logits, ("activation_batch", "activation_length",
+                                       "activation_vocab"))
+    return logits.astype(jnp.float32)
+
+
+def dummy_inputs(config: RetroConfig, batch: int = 1, num_chunks: int = 2
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Token and neighbor arrays that create every parameter when passed to ``init``."""
+  tokens = np.zeros((batch, num_chunks * config.chunk_length), np.int32)
+  neighbors = np.zeros((batch, num_chunks, config.num_neighbors, config.neighbor_length),
+                       np.int32)
+  return tokens, neighbors
+
+
+def init_variables(config: RetroConfig, rng: Array) -> dict:
+  """Initialises every parameter (decoder, encoder and CCA), boxed with logical axes.
+
+  ``nn.unbox`` / ``flax.core.meta.unbox`` gives plain arrays; ``nn.get_partition_spec``
+  gives the logical axes.
+  """
+  tokens, neighbors = dummy_inputs(config)
+  return Retro(config).init(rng, tokens, neighbors)
+
+
+def init_params(config: RetroConfig, rng: Array) -> dict:
+  """Plain (unboxed) parameter pytree of a freshly initialised model."""
+  return nn.unbox(init_variables(config, rng))["params"]
+
+
+def param_count(params: Any) -> int:
+  return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
