@@ -91,7 +91,7 @@ def time_train_step(config: RetroConfig, *, batch: int, seq_len: int, steps: int
   peak = peak_tflops(jax.devices()[0].device_kind)
   return dict(params=param_count(params), step_s=step_time, tokens_s=batch * seq_len / step_time,
               tflops=achieved / 1e12, mfu=None if peak is None else achieved / (peak * 1e12),
-              loss=float(loss))
+              train_flops=flops.train, loss=float(loss))
 
 
 def run(sizes, *, batch: int, seq_len: int, steps: int, dtype: str, remat_policy: str,
@@ -100,8 +100,9 @@ def run(sizes, *, batch: int, seq_len: int, steps: int, dtype: str, remat_policy
   print_fn(f"device: {device.device_kind} x{jax.device_count()} ({jax.default_backend()}), "
            f"batch={batch}, seq_len={seq_len}, k={num_neighbors}, dtype={dtype}, "
            f"remat={remat_policy}, steps={steps}")
-  print_fn("| size | model | params | step (s) | tokens/s | TFLOP/s | MFU | step / GPT |")
-  print_fn("|---|---|---|---|---|---|---|---|")
+  print_fn("| size | model | params | step (s) | tokens/s | TFLOP/s | MFU | step / GPT "
+           "| FLOPs / GPT |")
+  print_fn("|---|---|---|---|---|---|---|---|---|")
   rows = []
   for size in sizes:
     base = RetroConfig(**SIZES[size], dtype=dtype, remat_policy=remat_policy,
@@ -110,16 +111,18 @@ def run(sizes, *, batch: int, seq_len: int, steps: int, dtype: str, remat_policy
                 ("Retro-small-enc", base.replace(encoder_hidden_size=base.hidden_size // 2,
                                                  encoder_num_heads=base.num_heads // 2),
                  True)]
-    gpt_time: Optional[float] = None
+    gpt: Optional[dict] = None
     for name, config, retrieval in variants:
       r = time_train_step(config, batch=batch, seq_len=seq_len, steps=steps,
                           retrieval=retrieval, num_neighbors=num_neighbors)
-      gpt_time = r["step_s"] if name == "GPT" else gpt_time
-      r.update(size=size, model=name, ratio=r["step_s"] / gpt_time)
+      gpt = r if name == "GPT" else gpt
+      r.update(size=size, model=name, ratio=r["step_s"] / gpt["step_s"],
+               flop_ratio=r["train_flops"] / gpt["train_flops"])
       rows.append(r)
       mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
       print_fn(f"| {size} | {name} | {r['params'] / 1e6:.1f}M | {r['step_s']:.4f} | "
-               f"{r['tokens_s']:.0f} | {r['tflops']:.3f} | {mfu} | {r['ratio']:.2f}x |")
+               f"{r['tokens_s']:.0f} | {r['tflops']:.3f} | {mfu} | {r['ratio']:.2f}x | "
+               f"{r['flop_ratio']:.2f}x |")
   return rows
 
 

@@ -8,8 +8,6 @@ Nothing is allocated: parameter shapes come from ``jax.eval_shape``.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app
 from absl import flags
 import jax
@@ -50,6 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  rest, bindings = gin_utils.split_gin_flags(sys.argv)
-  sys.argv = rest + [f"--gin_bindings={b}" for b in bindings]
-  app.run(main)
+  gin_utils.run_with_gin_flags(main)

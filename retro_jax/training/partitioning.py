@@ -116,15 +116,17 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh,
   """
   logical_specs = nn.get_partition_spec(boxed_tree)
   mesh_specs = nn.logical_to_mesh(logical_specs, rules)
-  shapes = nn.unbox(boxed_tree)
-  paths = jax.tree_util.tree_flatten_with_path(shapes)[0]
-  names = {id(leaf): jax.tree_util.keystr(path) for path, leaf in paths}
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  spec_by_path = {jax.tree_util.keystr(path): spec for path, spec in
+                  jax.tree_util.tree_flatten_with_path(mesh_specs, is_leaf=is_spec)[0]}
 
-  def to_sharding(spec, leaf):
-    return NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh, names.get(id(leaf), "?")))
+  def to_sharding(path, leaf):
+    name = jax.tree_util.keystr(path)
+    spec = spec_by_path.get(name, PartitionSpec())
+    return NamedSharding(mesh, _fit_spec(spec, leaf.shape, mesh, name))
 
-  return jax.tree_util.tree_map(to_sharding, mesh_specs, shapes,
-                                is_leaf=lambda x: isinstance(x, PartitionSpec))
+  # Walk the unboxed tree: optimizer states hold leafless nodes (optax.MaskedNode).
+  return jax.tree_util.tree_map_with_path(to_sharding, nn.unbox(boxed_tree))
 
 
 @contextlib.contextmanager
@@ -146,3 +148,34 @@ def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh
   with activation_sharding(mesh, rules):
     variables = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
   return variables, shardings
+
+
+@gin.configurable
+def initialize_distributed(mode: str = "auto") -> None:
+  """Starts multi-host JAX (``jax.distributed.initialize``) when the job has several hosts.
+
+  mode: 'auto' (initialise when Slurm runs several tasks, when JAX_COORDINATOR_ADDRESS
+  is set, or on a multi-host TPU slice), 'on' or 'off'. With JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID are read too (e.g. for local multi-process runs);
+  otherwise JAX detects Slurm and TPU environments itself.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"initialize_distributed.mode={mode!r}: must be auto, on or off")
+  env = os.environ
+  multi = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+           or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+  if mode == "off" or (mode == "auto" and not multi):
+    return
+  kwargs = {}
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                  num_processes=int(env["JAX_NUM_PROCESSES"]),
+                  process_id=int(env["JAX_PROCESS_ID"]))
+    # Cross-process collectives for CPU devices (local multi-process runs and tests);
+    # this does not touch GPU/TPU backends. Asking for the backend here would
+    # initialise it, which jax.distributed forbids.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d, %d global devices", jax.process_index(),
+               jax.process_count(), jax.device_count())

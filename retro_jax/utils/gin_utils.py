@@ -8,6 +8,7 @@ command lines is rewritten to this form by ``split_gin_flags``).
 
 from __future__ import annotations
 
+import ast
 import os
 from typing import Sequence
 
@@ -49,16 +50,37 @@ def parse_gin(files: Sequence[str] = (), bindings: Sequence[str] = (),
     logging.set_verbosity(verbosity)
 
 
+def _gin_value(value: str) -> str:
+  """Quotes a bare string (``/tmp/run`` -> ``'/tmp/run'``); keeps literals and refs."""
+  if value.startswith(("@", "%", "'", '"')):
+    return value
+  try:
+    ast.literal_eval(value)
+    return value
+  except (ValueError, SyntaxError):
+    return repr(value) if value not in ("True", "False", "None") else value
+
+
 def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   """Turns ``--gin.KEY=VALUE`` arguments into gin bindings (t5x style).
 
+  Bare strings are quoted for you: ``--gin.MODEL_DIR=/tmp/run`` binds ``'/tmp/run'``.
   Returns (remaining argv, bindings).
   """
   rest, bindings = [], []
   for arg in argv:
     if arg.startswith("--gin.") and "=" in arg:
       key, value = arg[len("--gin."):].split("=", 1)
-      bindings.append(f"{key} = {value}")
+      bindings.append(f"{key} = {_gin_value(value)}")
     else:
       rest.append(arg)
   return rest, bindings
+
+
+def run_with_gin_flags(main) -> None:
+  """``absl.app.run(main)`` after turning ``--gin.KEY=VALUE`` into ``--gin_bindings``."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  rest, bindings = split_gin_flags(sys.argv)
+  sys.argv = rest + [f"--gin_bindings={b}" for b in bindings]
+  app.run(main)

@@ -1,0 +1,135 @@
+"""orbax checkpoints: periodic/final saves, keep-last-N, restore-latest, and the
+cross-stage initialisations of the InstructRetro recipe.
+
+Layout: ``MODEL_DIR/checkpoints/<step>/{params, opt_state, meta}``; ``params`` alone is
+enough to start another stage:
+
+* retro-fit: a GPT (or any) checkpoint's decoder parameters + fresh encoder and CCA;
+* SFT / GPT-fit / evaluation: all parameters of a checkpoint (optimizer reset).
+
+orbax writes each step to a temporary directory and renames it when complete, so a
+killed job never leaves a checkpoint that looks finished.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from retro_jax.training.optimizers import RETRO_PARAM_NAMES
+
+
+def checkpoint_dir(model_dir: str) -> str:
+  return os.path.join(os.path.abspath(model_dir), "checkpoints")
+
+
+class Checkpointer:
+  """Saves and restores ``(params, opt_state, meta)`` under ``MODEL_DIR/checkpoints``."""
+
+  def __init__(self, model_dir: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = checkpoint_dir(model_dir)
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=async_save))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any
+              ) -> tuple[Any, Any, dict]:
+    """Restores into the shardings of the abstract trees (ShapeDtypeStruct + sharding)."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params),
+        opt_state=ocp.args.StandardRestore(abstract_opt_state),
+        meta=ocp.args.JsonRestore()))
+    return restored["params"], restored["opt_state"], dict(restored["meta"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _resolve_checkpoint(path: str) -> tuple[str, int]:
+  """Accepts MODEL_DIR, MODEL_DIR/checkpoints or MODEL_DIR/checkpoints/<step>."""
+  path = os.path.abspath(path)
+  base = os.path.basename(path.rstrip("/"))
+  if base.isdigit() and os.path.isdir(os.path.join(path, "params")):
+    return os.path.dirname(path), int(base)
+  directory = path if os.path.basename(path) == "checkpoints" else checkpoint_dir(path)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints under {path} (looked for {directory})")
+  steps = sorted(int(d) for d in os.listdir(directory)
+                 if d.isdigit() and os.path.isdir(os.path.join(directory, d, "params")))
+  if not steps:
+    raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+  return directory, steps[-1]
+
+
+def load_params(path: str, abstract_params: Any, *, partial: bool = False) -> Any:
+  """Restores the ``params`` item of a checkpoint into ``abstract_params``' shardings.
+
+  Args:
+    path: MODEL_DIR, its ``checkpoints`` dir, or one step's directory (latest step when
+      not given).
+    abstract_params: tree of ``jax.ShapeDtypeStruct`` (with shardings) to restore into.
+    partial: allow the checkpoint to hold more parameters than requested.
+  """
+  directory, step = _resolve_checkpoint(path)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True))
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+        item=abstract_params, restore_args=restore_args, partial_restore=partial)))
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"checkpoint {directory}/{step}: its params do not match the model "
+                     f"config ({e})") from e
+  finally:
+    manager.close()
+  logging.info("restored params from %s step %d", directory, step)
+  return restored["params"]
+
+
+def split_retro_params(params: Any) -> tuple[dict, dict]:
+  """Splits a parameter tree into (decoder, retro-only) flat dicts keyed by tuples."""
+  flat = traverse_util.flatten_dict(params)
+  decoder = {k: v for k, v in flat.items() if not any(p in RETRO_PARAM_NAMES for p in k)}
+  retro = {k: v for k, v in flat.items() if any(p in RETRO_PARAM_NAMES for p in k)}
+  return decoder, retro
+
+
+def retrofit_params(path: str, fresh_params: Any, abstract_params: Any) -> Any:
+  """Decoder parameters from a checkpoint, encoder and CCA from ``fresh_params``.
+
+  The checkpoint may be a GPT (decoder-only tree) or a Retro checkpoint (its retrieval
+  parameters are ignored). Returns a tree with the structure of ``fresh_params``.
+  """
+  abstract_decoder, _ = split_retro_params(abstract_params)
+  decoder = load_params(path, traverse_util.unflatten_dict(abstract_decoder), partial=True)
+  merged = traverse_util.flatten_dict(fresh_params)
+  for key, value in traverse_util.flatten_dict(decoder).items():
+    merged[key] = value
+  return traverse_util.unflatten_dict(merged)
+
+
+def tree_shapes_equal(a: Any, b: Any) -> bool:
+  sa = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), a)
+  sb = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), b)
+  return sa == sb
