@@ -133,3 +133,37 @@ def tree_shapes_equal(a: Any, b: Any) -> bool:
   sa = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), a)
   sb = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), b)
   return sa == sb
+
+
+def checkpoint_param_keys(path: str) -> set[tuple[str, ...]]:
+  """Flattened parameter names stored in a checkpoint (read from its metadata)."""
+  directory, step = _resolve_checkpoint(path)
+  metadata = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "params"))
+  tree = getattr(metadata, "item_metadata", metadata)
+  return set(traverse_util.flatten_dict(dict(tree)).keys())
+
+
+def has_retro_params(path: str) -> bool:
+  return any(any(p in RETRO_PARAM_NAMES for p in key) for key in checkpoint_param_keys(path))
+
+
+def load_model_params(path: str, config: Any, mesh: jax.sharding.Mesh,
+                      rules=None) -> tuple[Any, Any, bool]:
+  """Loads a GPT or Retro checkpoint for ``config`` into its shardings on ``mesh``.
+
+  Returns ``(params, shardings, has_retro)``; a GPT checkpoint (decoder only) gives
+  decoder parameters, usable with retrieval off.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from retro_jax.models import Retro, dummy_inputs  # pylint: disable=g-import-not-at-top
+  from retro_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+  rules = partitioning.LOGICAL_AXIS_RULES if rules is None else rules
+  retro = has_retro_params(path)
+  tokens, neighbors = dummy_inputs(config)
+  boxed = jax.eval_shape(lambda: Retro(config).init(
+      jax.random.PRNGKey(0), tokens, neighbors if retro else None)["params"])
+  shardings = partitioning.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
+      shardings)
+  return load_params(path, abstract), shardings, retro

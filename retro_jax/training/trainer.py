@@ -111,6 +111,59 @@ def validate_batch(batch: dict[str, np.ndarray], config: RetroConfig, retrieval:
                      f", expected {list(nb.shape[:3])}")
 
 
+def batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding,
+                    retrieval: bool) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global arrays sharded over the batch axes."""
+  keys = TOKEN_FEATURES + (NEIGHBOR_FEATURES if retrieval else ())
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in keys}
+
+
+def model_loss_sums(model: Retro, params: Any, batch: dict, *, retrieval: bool,
+                    z_loss: float = 0.0, rng: Optional[jax.Array] = None) -> dict:
+  """Loss sums of a batch; ``rng`` (dropout) makes it a training forward pass."""
+  deterministic = rng is None
+  neighbors = batch["neighbor_tokens"] if retrieval else None
+  mask = batch["neighbor_mask"] if retrieval else None
+  logits = model.apply({"params": params}, batch["decoder_input_tokens"], neighbors,
+                       neighbor_mask=mask, deterministic=deterministic,
+                       rngs=None if deterministic else {"dropout": rng})
+  return lm_loss_sums(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
+                      z_loss)
+
+
+def summarize_eval_sums(totals: dict[str, float]) -> dict[str, float]:
+  weight = max(totals.get("weight", 0.0), 1.0)
+  loss = totals["loss"] / weight
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+          "accuracy": totals["correct"] / weight, "tokens": totals["weight"]}
+
+
+class Evaluator:
+  """Held-out loss / perplexity of a model over a batch source (jitted once)."""
+
+  def __init__(self, config: RetroConfig, mesh: jax.sharding.Mesh, param_shardings: Any, *,
+               retrieval: bool, rules=partitioning.LOGICAL_AXIS_RULES):
+    self.config, self.mesh, self.rules, self.retrieval = config, mesh, rules, retrieval
+    self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    model = Retro(config)
+    self._step = jax.jit(
+        lambda params, batch: model_loss_sums(model, params, batch, retrieval=retrieval),
+        in_shardings=(param_shardings, self.batch_sharding))
+
+  def evaluate(self, params: Any, source: BatchSource, num_batches: int) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for i in range(num_batches):
+      batch = source.get_batch(i)
+      if i == 0:
+        validate_batch(batch, self.config, self.retrieval, "eval batch")
+      with partitioning.activation_sharding(self.mesh, self.rules):
+        sums = self._step(params, batch_to_global(batch, self.batch_sharding, self.retrieval))
+      for k, v in jax.device_get(sums).items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    return summarize_eval_sums(totals)
+
+
 class Trainer:
   """Owns the model, optimizer, mesh, shardings and the jitted steps."""
 
@@ -134,7 +187,7 @@ class Trainer:
         nn.unbox(abstract), self.state_shardings)
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     self._train_step = None
-    self._eval_step = None
+    self._evaluator: Optional[Evaluator] = None
 
   # Initialisation -------------------------------------------------------------------
 
@@ -162,26 +215,14 @@ class Trainer:
 
   # Steps ------------------------------------------------------------------------------
 
-  def _model_inputs(self, batch):
-    if self.retrieval:
-      return batch["neighbor_tokens"], batch["neighbor_mask"]
-    return None, None
-
-  def _loss_sums(self, params, batch, rng, deterministic):
-    neighbors, mask = self._model_inputs(batch)
-    logits = self.model.apply({"params": params}, batch["decoder_input_tokens"], neighbors,
-                              neighbor_mask=mask, deterministic=deterministic,
-                              rngs=None if deterministic else {"dropout": rng})
-    return lm_loss_sums(logits, batch["decoder_target_tokens"],
-                        batch["decoder_loss_weights"], self.z_loss)
-
   def _train_step_fn(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
     step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
 
     def micro_grads(params, micro, rng):
       def objective(p):
-        sums = self._loss_sums(p, micro, rng, deterministic=False)
+        sums = model_loss_sums(self.model, p, micro, retrieval=self.retrieval,
+                               z_loss=self.z_loss, rng=rng)
         return (sums["loss"] + sums["z_loss"]) / total_weight, sums
       return jax.grad(objective, has_aux=True)(params)
 
@@ -210,14 +251,6 @@ class Trainer:
                    learning_rate=self.schedule(state.step))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  def _eval_step_fn(self, params: Any, batch: dict) -> dict:
-    return self._loss_sums(params, batch, None, deterministic=True)
-
-  def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host-local numpy batch -> global arrays sharded over the batch axes."""
-    keys = TOKEN_FEATURES + (NEIGHBOR_FEATURES if self.retrieval else ())
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(batch[k]))
-            for k in keys}
 
   def train_step(self, state: TrainState, batch: dict[str, np.ndarray]
                  ) -> tuple[TrainState, dict]:
@@ -232,26 +265,14 @@ class Trainer:
                                  out_shardings=(self.state_shardings, None),
                                  donate_argnums=(0,))
     with partitioning.activation_sharding(self.mesh, self.rules):
-      return self._train_step(state, self.to_global(batch))
-
-  def eval_step(self, params: Any, batch: dict[str, np.ndarray]) -> dict:
-    if self._eval_step is None:
-      validate_batch(batch, self.config, self.retrieval, "eval batch")
-      self._eval_step = jax.jit(self._eval_step_fn,
-                                in_shardings=(self.state_shardings.params, self.batch_sharding))
-    with partitioning.activation_sharding(self.mesh, self.rules):
-      return self._eval_step(params, self.to_global(batch))
+      return self._train_step(state, batch_to_global(batch, self.batch_sharding,
+                                                     self.retrieval))
 
   def evaluate(self, params: Any, source: BatchSource, num_batches: int) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for i in range(num_batches):
-      sums = jax.device_get(self.eval_step(params, source.get_batch(i)))
-      for k, v in sums.items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-    weight = max(totals.get("weight", 0.0), 1.0)
-    loss = totals["loss"] / weight
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "accuracy": totals["correct"] / weight, "tokens": totals["weight"]}
+    if self._evaluator is None:
+      self._evaluator = Evaluator(self.config, self.mesh, self.state_shardings.params,
+                                  retrieval=self.retrieval, rules=self.rules)
+    return self._evaluator.evaluate(params, source, num_batches)
 
   def train_flops_per_example(self, seq_len: int, k: int) -> float:
     return count_flops(self.config, seq_len, num_neighbors=k, retrieval=self.retrieval).train
