@@ -1,0 +1,237 @@
+"""Live retrieval during generation and serving: embed a chunk, search, fetch neighbors.
+
+A ``Retriever`` bundles an embedder, a Faiss index and a chunk store:
+
+    neighbor_tokens, neighbor_mask, info = retriever(chunk_tokens, chunk_index)
+
+* ``chunk_tokens``: int [batch, m], the chunk just completed (its pad ids are dropped
+  before detokenising, as Megatron and NeMo embed the chunk *text*);
+* ``neighbor_tokens``: int32 [batch, k, r], each neighbor chunk with its continuation
+  (r = 2m) from the chunk store; ``neighbor_mask``: bool [batch, k] (False where the
+  index returned fewer than k hits);
+* ``info``: per example, per neighbor ``{"chunk_id", "doc_id", "score", "text"}`` for
+  attribution.
+
+Chunk stores: a memory-mapped NeMo retrieval DB (``retro_jax.retrieval.formats.ChunkDB``)
+built offline, or a ``DocumentStore`` that keeps documents added at run time in memory
+(the retrieval service's "dynamic retrieval"). A ``DocumentStore`` owns its own exact
+inner-product Faiss index; adds, resets and searches are serialised by a lock, so
+concurrent requests never see a half-updated store.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional, Protocol, Sequence
+
+import faiss
+import gin
+import numpy as np
+
+
+class Embedder(Protocol):
+  dim: int
+
+  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:  # [n, dim] float32
+    ...
+
+
+class Vocabulary(Protocol):
+
+  def encode(self, text: str) -> Sequence[int]:
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ...
+
+
+def chunk_text(vocab: Vocabulary, tokens: np.ndarray, pad_id: int, eod_id: Optional[int]
+               ) -> str:
+  """Detokenised text of a chunk without its pad and end-of-document tokens."""
+  ids = [int(t) for t in np.asarray(tokens).reshape(-1) if t != pad_id and t != eod_id]
+  return vocab.decode(ids)
+
+
+def pad_document(tokens: Sequence[int], chunk_length: int, pad_id: int, *,
+                 retrieval_db: bool) -> np.ndarray:
+  """A document's tokens padded to whole chunks (+ one pad chunk in a retrieval DB).
+
+  The same layout as the on-disk retrieval DB (``formats.ChunkDBWriter``): pad to
+  the next multiple of m, and in a retrieval DB one more chunk of pad tokens so the
+  continuation of the last chunk stays inside the document.
+  """
+  tokens = np.asarray(tokens, np.int32)
+  size = -(-len(tokens) // chunk_length) * chunk_length
+  extra = chunk_length if retrieval_db else 0
+  out = np.full(size + extra, pad_id, np.int32)
+  out[:len(tokens)] = tokens
+  return out
+
+
+class DocumentStore:
+  """An in-memory, growable retrieval DB with its own exact Faiss index.
+
+  Documents are tokenised with ``vocab``, given an end-of-document token, padded like a
+  retrieval DB, chunked into m-token chunks and embedded chunk by chunk.
+  Thread-safe: one lock serialises ``add_documents``, ``reset`` and searches.
+  """
+
+  def __init__(self, vocab: Vocabulary, embedder: Embedder, *, chunk_length: int = 64,
+               pad_id: int = 0, eod_id: Optional[int] = 1, max_chunks: int = 1_000_000):
+    self.vocab, self.embedder = vocab, embedder
+    self.chunk_size = chunk_length
+    self.pad_id, self.eod_id = pad_id, eod_id
+    self.max_chunks = max_chunks
+    self.is_retrieval_db = True
+    self._lock = threading.RLock()
+    self.reset()
+
+  def reset(self) -> None:
+    with self._lock:
+      self._tokens = np.zeros((0,), np.int32)  # all documents back to back
+      self._chunk_start: list[int] = []        # token offset of each chunk
+      self._chunk_doc: list[int] = []
+      self.documents: list[dict[str, Any]] = []
+      self.index = faiss.IndexFlatIP(self.embedder.dim)
+
+  @property
+  def num_chunks(self) -> int:
+    return len(self._chunk_start)
+
+  @property
+  def num_docs(self) -> int:
+    return len(self.documents)
+
+  def add_documents(self, texts: Sequence[str], titles: Optional[Sequence[str]] = None
+                    ) -> list[int]:
+    """Adds documents; returns their ids. Embedding happens outside the lock's
+    critical section only for the new chunks; the store changes atomically."""
+    titles = list(titles) if titles is not None else [""] * len(texts)
+    if len(titles) != len(texts):
+      raise ValueError(f"add_documents: {len(texts)} texts but {len(titles)} titles")
+    m = self.chunk_size
+    prepared = []
+    for text in texts:
+      if not isinstance(text, str) or not text.strip():
+        raise ValueError("add_documents: every document must be a non-empty string")
+      ids = list(self.vocab.encode(text))
+      if self.eod_id is not None:
+        ids.append(self.eod_id)
+      padded = pad_document(ids, m, self.pad_id, retrieval_db=True)
+      chunks = padded[:-m].reshape(-1, m)
+      texts_of_chunks = [chunk_text(self.vocab, c, self.pad_id, self.eod_id) for c in chunks]
+      prepared.append((padded, chunks.shape[0], texts_of_chunks))
+    all_chunk_texts = [t for _, _, ts in prepared for t in ts]
+    embeddings = np.asarray(self.embedder.embed_texts(all_chunk_texts), np.float32)
+    with self._lock:
+      if self.num_chunks + len(all_chunk_texts) > self.max_chunks:
+        raise ValueError(f"add_documents: the store would exceed max_chunks="
+                         f"{self.max_chunks}")
+      doc_ids = []
+      pieces = [self._tokens]
+      offset = len(self._tokens)
+      for (padded, count, _), text, title in zip(prepared, texts, titles):
+        doc_id = len(self.documents)
+        self.documents.append({"doc_id": doc_id, "title": title, "text": text,
+                               "first_chunk": self.num_chunks, "num_chunks": count})
+        self._chunk_start.extend(offset + m * i for i in range(count))
+        self._chunk_doc.extend([doc_id] * count)
+        pieces.append(padded)
+        offset += len(padded)
+        doc_ids.append(doc_id)
+      self._tokens = np.concatenate(pieces)
+      self.index.add(embeddings)
+      return doc_ids
+
+  def get_chunks(self, chunk_ids, *, with_continuation: Optional[bool] = True,
+                 missing_value: Optional[int] = None) -> np.ndarray:
+    """``chunk_ids [...]`` -> ``[..., 2m]`` (or ``[..., m]``) int32 tokens."""
+    length = self.chunk_size * (2 if with_continuation in (None, True) else 1)
+    ids = np.asarray(chunk_ids)
+    with self._lock:
+      if np.any(ids >= self.num_chunks) or (missing_value is None and np.any(ids < 0)):
+        raise ValueError(f"chunk ids outside [0, {self.num_chunks})")
+      flat = ids.reshape(-1)
+      out = np.full((flat.size, length), self.pad_id if missing_value is None
+                    else missing_value, np.int32)
+      starts = np.asarray(self._chunk_start, np.int64)
+      for row, cid in enumerate(flat):
+        if cid >= 0:
+          out[row] = self._tokens[starts[cid]:starts[cid] + length]
+    return out.reshape(ids.shape + (length,))
+
+  def doc_of_chunk(self, chunk_ids) -> np.ndarray:
+    with self._lock:
+      return np.asarray(self._chunk_doc, np.int64)[np.asarray(chunk_ids)]
+
+  def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [n, k], chunk ids [n, k], -1 where fewer than k chunks exist)."""
+    with self._lock:
+      if self.num_chunks == 0:
+        n = len(queries)
+        return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+      return self.index.search(np.asarray(queries, np.float32), k)
+
+
+@gin.configurable
+class Retriever:
+  """Embedder + index + chunk store; the ``retrieve`` callback of generation.
+
+  Args:
+    embedder: ``embed_texts(list[str]) -> [n, dim]``.
+    vocab: tokeniser of the model (``encode``/``decode``).
+    store: a ``DocumentStore`` (searches itself) or a ``ChunkDB`` (then pass ``index``).
+    index: a Faiss index over the store's chunk embeddings (for a ``ChunkDB``).
+    num_neighbors: k.
+    pad_id, eod_id: ids dropped before detokenising a query chunk.
+    search_fn: ``search_fn(index, queries, k) -> (scores, ids)``; default Faiss'
+      ``index.search`` (pass one that sets nprobe / efSearch).
+  """
+
+  def __init__(self, embedder: Embedder, vocab: Vocabulary, store: Any, *,
+               index: Any = None, num_neighbors: int = 2, pad_id: int = 0,
+               eod_id: Optional[int] = 1, search_fn=None):
+    self.embedder, self.vocab, self.store = embedder, vocab, store
+    self.index = index
+    self.num_neighbors = num_neighbors
+    self.pad_id, self.eod_id = pad_id, eod_id
+    self.search_fn = search_fn
+    if index is None and not hasattr(store, "search"):
+      raise ValueError("Retriever: a ChunkDB store needs the Faiss index of its chunks")
+
+  def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if self.index is None:
+      return self.store.search(queries, k)
+    if self.search_fn is not None:
+      return self.search_fn(self.index, queries, k)
+    return self.index.search(np.asarray(queries, np.float32), k)
+
+  def query_texts(self, texts: Sequence[str], k: Optional[int] = None
+                  ) -> tuple[np.ndarray, np.ndarray, list[list[dict]]]:
+    """Neighbors of free texts: (tokens [n, k, 2m], mask [n, k], info)."""
+    k = k or self.num_neighbors
+    embeddings = np.asarray(self.embedder.embed_texts(list(texts)), np.float32)
+    scores, ids = self.search(embeddings, k)
+    ids = np.asarray(ids, np.int64)
+    mask = ids >= 0
+    tokens = self.store.get_chunks(ids, with_continuation=True, missing_value=self.pad_id)
+    info = []
+    for row in range(len(texts)):
+      hits = []
+      for j in range(k):
+        if not mask[row, j]:
+          continue
+        cid = int(ids[row, j])
+        hits.append({"chunk_id": cid, "doc_id": int(self.store.doc_of_chunk(cid)),
+                     "score": float(scores[row, j]),
+                     "text": chunk_text(self.vocab, tokens[row, j], self.pad_id, self.eod_id)})
+      info.append(hits)
+    return tokens, mask, info
+
+  def __call__(self, chunk_tokens: np.ndarray, chunk_index: int = 0
+               ) -> tuple[np.ndarray, np.ndarray, list[list[dict]]]:
+    """The generation callback: neighbors of completed chunks [batch, m]."""
+    del chunk_index
+    texts = [chunk_text(self.vocab, row, self.pad_id, self.eod_id)
+             for row in np.asarray(chunk_tokens)]
+    return self.query_texts(texts)
