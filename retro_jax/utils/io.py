@@ -14,6 +14,7 @@ file that looks complete, and a re-run can tell which shards are finished.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -31,6 +32,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
   os.close(fd)
   try:
     yield tmp
+    if os.path.exists(tmp):
+      # mkstemp makes 0600 files; give outputs the usual umask-based mode.
+      umask = os.umask(0)
+      os.umask(umask)
+      os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
@@ -90,10 +96,23 @@ class Manifest:
 
   def mark_done(self, unit: str, outputs: Sequence[str], info: Mapping[str, Any] | None = None
                 ) -> None:
-    """Records ``unit`` as complete; ``outputs`` are paths relative to the directory."""
-    self._done[unit] = {"outputs": list(outputs), "info": dict(info or {})}
+    """Records ``unit`` as complete; ``outputs`` are paths relative to the directory.
+
+    Safe when several processes finish shards at once: under an exclusive lock on
+    the directory it re-reads the file, adds this unit and rewrites it.
+    """
     os.makedirs(self.directory, exist_ok=True)
-    atomic_write_json(self.path, {"settings": self.settings, "done": self._done})
+    fd = os.open(self.directory, os.O_RDONLY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+      if os.path.exists(self.path):
+        with open(self.path, encoding="utf-8") as f:
+          self._done.update(json.load(f).get("done", {}))
+      self._done[unit] = {"outputs": list(outputs), "info": dict(info or {})}
+      atomic_write_json(self.path, {"settings": self.settings, "done": self._done})
+    finally:
+      fcntl.flock(fd, fcntl.LOCK_UN)
+      os.close(fd)
 
   @property
   def done_units(self) -> list[str]:

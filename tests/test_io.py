@@ -1,0 +1,50 @@
+"""Atomic writes and manifests."""
+
+import multiprocessing
+import os
+import stat
+
+import pytest
+
+from retro_jax.utils.io import Manifest, atomic_path, atomic_write_text
+
+
+def test_atomic_path_renames_on_success_and_cleans_on_error(tmp_path):
+  target = tmp_path / "out.txt"
+  with pytest.raises(RuntimeError):
+    with atomic_path(target) as tmp:
+      with open(tmp, "w") as f:
+        f.write("partial")
+      raise RuntimeError("killed")
+  assert not target.exists() and os.listdir(tmp_path) == []
+  atomic_write_text(target, "done")
+  assert target.read_text() == "done"
+  umask = os.umask(0)
+  os.umask(umask)
+  assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~umask
+
+
+def _mark(directory, unit):
+  out = os.path.join(directory, f"{unit}.bin")
+  with open(out, "w") as f:
+    f.write(unit)
+  Manifest(directory, {"k": 1}).mark_done(unit, [os.path.basename(out)])
+
+
+def test_manifest_keeps_every_shard_marked_concurrently(tmp_path):
+  Manifest(str(tmp_path), {"k": 1})
+  ctx = multiprocessing.get_context("fork")
+  procs = [ctx.Process(target=_mark, args=(str(tmp_path), f"shard{i}")) for i in range(8)]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join()
+  assert Manifest(str(tmp_path), {"k": 1}).done_units == sorted(f"shard{i}" for i in range(8))
+
+
+def test_manifest_rejects_other_settings_and_missing_outputs(tmp_path):
+  _mark(str(tmp_path), "a")
+  with pytest.raises(ValueError, match="were made with settings"):
+    Manifest(str(tmp_path), {"k": 2})
+  os.remove(tmp_path / "a.bin")
+  assert not Manifest(str(tmp_path), {"k": 1}).is_done("a")
