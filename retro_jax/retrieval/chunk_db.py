@@ -1,0 +1,386 @@
+r"""Stage: build a chunk DB (NeMo retmmap) from a corpus, sharded and resumable.
+
+    python -m retro_jax.retrieval.chunk_db --input=docs.jsonl --vocab=spm.model \
+        --output_dir=/data/retrieval_db --retrieval_db [--shard_id=3 --num_shards=8]
+
+Each document is tokenized with the SentencePiece vocabulary, gets the EOD (EOS)
+token appended, is padded with the pad id to a multiple of m (``chunk_size``, 64)
+and is written to a retmmap pair: the *retrieval* flavour (``retrieval_db=True``)
+stores one more pad chunk per document, so every chunk has a ``[2m]`` continuation
+inside its document; the *training* flavour does not. Empty documents are skipped.
+See ``retro_jax.retrieval.formats`` for the layout.
+
+Outputs in ``output_dir``::
+
+    shard_00003_of_00008.{idx,bin}   one pair per shard (records of the corpus split
+                                     by ``corpus.Corpus.documents`` sharding)
+    chunks.{idx,bin}                 the merged DB (``merge_chunk_db_shards``)
+    manifest.json                    settings + finished shards (utils.io.Manifest)
+
+A shard found complete in the manifest is skipped; an interrupted shard leaves only
+temporary files (removed on the next run of that shard) and is rebuilt from its
+start, so a re-run gives byte-identical outputs. With the default contiguous
+sharding, the merged DB equals a one-shard build byte for byte. Memory stays
+bounded by one batch of documents whatever the corpus size.
+
+Python::
+
+    for s in range(n):
+      build_chunk_db("docs.jsonl", "spm.model", out, retrieval_db=True,
+                     shard_id=s, num_shards=n)        # the last one also merges
+    db = formats.ChunkDB(chunk_db_prefix(out))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import time
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+from absl import logging
+import gin
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+from retro_jax.data import corpus as corpus_lib
+from retro_jax.retrieval import formats
+from retro_jax.utils.io import Manifest, atomic_path
+
+MERGED_NAME = "chunks"
+MERGED_UNIT = "merged"
+STAGE = "chunk_db"
+
+
+def shard_name(shard_id: int, num_shards: int) -> str:
+  return f"shard_{shard_id:05d}_of_{num_shards:05d}"
+
+
+def chunk_db_prefix(output_dir: str, name: str = MERGED_NAME) -> str:
+  """The merged DB's path prefix in ``output_dir`` (open with ``formats.ChunkDB``)."""
+  return os.path.join(output_dir, name)
+
+
+class Tokenizer:
+  """SentencePiece encoding for the build (plain sentencepiece: no TensorFlow).
+
+  Args:
+    vocab: A ``.model`` path, a ``SentencePieceProcessor`` or a
+      ``seqio.SentencePieceVocabulary``.
+    num_threads: Threads for batch encoding (None: SentencePiece's default).
+  """
+
+  def __init__(self, vocab: Any, num_threads: Optional[int] = None):
+    if isinstance(vocab, (str, os.PathLike)):
+      if not os.path.exists(vocab):
+        raise FileNotFoundError(f"{vocab}: SentencePiece model not found")
+      self.processor = spm.SentencePieceProcessor(model_file=os.fspath(vocab))
+    elif isinstance(vocab, spm.SentencePieceProcessor):
+      self.processor = vocab
+    elif hasattr(vocab, "sp_model"):                       # seqio vocabulary
+      self.processor = spm.SentencePieceProcessor(model_proto=vocab.sp_model)
+    else:
+      raise TypeError(f"vocab must be a model path, a SentencePieceProcessor or a "
+                      f"seqio SentencePieceVocabulary, got {type(vocab).__name__}")
+    self.num_threads = num_threads
+    self.vocab_size = self.processor.get_piece_size()
+    self.pad_id = self.processor.pad_id()
+    self.eos_id = self.processor.eos_id()
+    self.fingerprint = hashlib.sha256(
+        self.processor.serialized_model_proto()).hexdigest()
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    kwargs = {} if self.num_threads is None else {"num_threads": self.num_threads}
+    return self.processor.encode(list(texts), out_type=int, **kwargs)
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+  batch = []
+  for item in items:
+    batch.append(item)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def _remove_stale_temporaries(output_dir: str, name: str) -> None:
+  """Removes temporary files a killed run of this output left behind."""
+  for path in glob.glob(os.path.join(glob.escape(output_dir), f".{name}.*.tmp")):
+    logging.info("removing %s (left by an interrupted run)", path)
+    os.remove(path)
+
+
+@dataclasses.dataclass
+class BuildResult:
+  """What ``build_chunk_db`` did.
+
+  Attributes:
+    shard_prefix: This shard's DB (``<output_dir>/shard_..._of_...``).
+    info: Counts of the shard (docs, chunks, tokens, skipped documents).
+    skipped: The shard was already complete.
+    merged_prefix: The merged DB if every shard is complete and ``merge`` was set.
+  """
+  shard_prefix: str
+  info: dict[str, Any]
+  skipped: bool
+  merged_prefix: Optional[str] = None
+
+
+@gin.configurable
+def build_chunk_db(input: str | Sequence[str],  # pylint: disable=redefined-builtin
+                   vocab: Any, output_dir: str, *, retrieval_db: bool,
+                   chunk_size: int = 64, shard_id: int = 0, num_shards: int = 1,
+                   sharding: str = "contiguous", input_format: str = "auto",
+                   text_key: str = "text",
+                   text_unit: str = "file", tfds_split: str = "train",
+                   tfds_data_dir: Optional[str] = None, append_eod: bool = True,
+                   pad_id: Optional[int] = None, eod_id: Optional[int] = None,
+                   batch_size: int = 256, tokenizer_threads: Optional[int] = None,
+                   merge: bool = True, progress: bool = True) -> BuildResult:
+  """Builds one shard of a chunk DB (and merges the shards once all are done).
+
+  Args:
+    input: Corpus files, directories, globs or ``tfds:<name>`` (``corpus.open_corpus``).
+    vocab: SentencePiece ``.model`` path (or processor / seqio vocabulary).
+    output_dir: Where shards, the merged DB and the manifest go.
+    retrieval_db: True: the retrieval flavour (an extra pad chunk per document, for
+      ``[2m]`` neighbors); False: the training flavour.
+    chunk_size: m, tokens per chunk.
+    shard_id, num_shards: This process's share of the corpus records.
+    sharding: ``'contiguous'`` (merged DB = one-shard build) or ``'interleaved'``.
+    input_format, text_key, text_unit, tfds_split, tfds_data_dir: Corpus options.
+    append_eod: Append ``eod_id`` to every document (NeMo's ``--append-eod``).
+    pad_id: Padding token; default the vocabulary's pad id (0 for our models).
+    eod_id: End-of-document token; default the vocabulary's EOS id (1).
+    batch_size: Documents tokenized per call.
+    tokenizer_threads: SentencePiece batch-encoding threads.
+    merge: After this shard, merge all shards if every one is complete.
+    progress: Show a tqdm bar (documents/s, tokens/s).
+
+  Returns:
+    A ``BuildResult``.
+  """
+  tokenizer = Tokenizer(vocab, tokenizer_threads)
+  pad_id = tokenizer.pad_id if pad_id is None else pad_id
+  eod_id = tokenizer.eos_id if eod_id is None else eod_id
+  if pad_id < 0:
+    raise ValueError("the vocabulary has no pad piece; pass pad_id= (NeMo's "
+                     "--need-pad-id)")
+  if append_eod and eod_id < 0:
+    raise ValueError("the vocabulary has no EOS piece; pass eod_id= or "
+                     "append_eod=False")
+  corpus = corpus_lib.open_corpus(input, format=input_format, text_key=text_key,
+                                  text_unit=text_unit, tfds_split=tfds_split,
+                                  tfds_data_dir=tfds_data_dir)
+  dtype = formats.token_dtype(tokenizer.vocab_size)
+  settings = {
+      "stage": STAGE, "input": corpus.describe(), "vocab_sha256": tokenizer.fingerprint,
+      "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
+      "retrieval_db": bool(retrieval_db), "chunk_size": chunk_size,
+      "num_shards": num_shards, "sharding": sharding, "append_eod": append_eod,
+      "pad_id": pad_id, "eod_id": eod_id if append_eod else None,
+  }
+  manifest = Manifest(output_dir, settings)
+  name = shard_name(shard_id, num_shards)
+  prefix = os.path.join(output_dir, name)
+  if manifest.is_done(name):
+    logging.info("chunk DB shard %s is complete; skipping", prefix)
+    result = BuildResult(prefix, manifest.info(name), skipped=True)
+  else:
+    _remove_stale_temporaries(output_dir, name)
+    info = _write_shard(corpus, tokenizer, prefix, dtype=dtype, pad_id=pad_id,
+                        eod_id=eod_id if append_eod else None, chunk_size=chunk_size,
+                        retrieval_db=retrieval_db, shard_id=shard_id,
+                        num_shards=num_shards, sharding=sharding,
+                        batch_size=batch_size, progress=progress)
+    # Re-read the manifest so that shards finishing meanwhile are kept.
+    Manifest(output_dir, settings).mark_done(name, [name + ".idx", name + ".bin"], info)
+    result = BuildResult(prefix, info, skipped=False)
+  if merge:
+    missing = _missing_shards(Manifest(output_dir, settings), num_shards)
+    if missing:
+      logging.info("%d of %d shards still to build; merge later", len(missing),
+                   num_shards)
+    else:
+      result.merged_prefix = merge_chunk_db_shards(output_dir)
+  return result
+
+
+def _write_shard(corpus: corpus_lib.Corpus, tokenizer: Tokenizer, prefix: str, *,
+                 dtype: np.dtype, pad_id: int, eod_id: Optional[int], chunk_size: int,
+                 retrieval_db: bool, shard_id: int, num_shards: int, sharding: str,
+                 batch_size: int, progress: bool) -> dict[str, Any]:
+  """Tokenizes and writes one shard; returns its counts."""
+  stats = corpus_lib.CorpusStats()
+  total = (corpus.shard_num_records(shard_id, num_shards, sharding=sharding)
+           if sharding == "contiguous" else None)
+  tokens, no_tokens = 0, 0
+  start = time.time()
+  documents = corpus.documents(shard_id, num_shards, sharding=sharding, stats=stats)
+  with formats.ChunkDBWriter(prefix, dtype=dtype, pad_id=pad_id, chunk_size=chunk_size,
+                             retrieval_db=retrieval_db) as writer, tqdm(
+                                 total=total, unit="doc", unit_scale=True,
+                                 desc=os.path.basename(prefix),
+                                 disable=not progress) as bar:
+    for batch in _batches(documents, batch_size):
+      for ids in tokenizer.encode_batch([text for _, text in batch]):
+        if eod_id is not None:
+          ids.append(eod_id)
+        if not ids:
+          no_tokens += 1
+          continue
+        writer.add_document(np.asarray(ids, dtype))
+        tokens += len(ids)
+      bar.update(stats.records - bar.n)
+      bar.set_postfix_str(f"{tokens / max(time.time() - start, 1e-9):,.0f} tok/s",
+                          refresh=False)
+    bar.update(stats.records - bar.n)
+    info = {"records": stats.records, "num_docs": writer.num_docs,
+            "num_chunks": writer.num_chunks, "num_tokens": tokens,
+            "empty_docs": stats.empty + no_tokens}
+  elapsed = time.time() - start
+  logging.info("wrote %s: %d docs, %d chunks, %d tokens (%.0f tok/s), %d empty docs "
+               "skipped", prefix, info["num_docs"], info["num_chunks"], tokens,
+               tokens / max(elapsed, 1e-9), info["empty_docs"])
+  return info
+
+
+def _load_manifest(output_dir: str) -> Manifest:
+  path = os.path.join(output_dir, Manifest.FILENAME)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no chunk DB build in {output_dir}")
+  with open(path, encoding="utf-8") as f:
+    settings = json.load(f).get("settings", {})
+  if settings.get("stage") != STAGE:
+    raise ValueError(f"{path}: not a chunk DB build (stage {settings.get('stage')!r})")
+  return Manifest(output_dir, settings)
+
+
+def _missing_shards(manifest: Manifest, num_shards: int) -> list[str]:
+  return [shard_name(s, num_shards) for s in range(num_shards)
+          if not manifest.is_done(shard_name(s, num_shards))]
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  with atomic_path(dst) as tmp:
+    os.remove(tmp)
+    try:
+      os.link(src, tmp)
+    except OSError:
+      with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        while block := fin.read(16 << 20):
+          fout.write(block)
+
+
+@gin.configurable
+def merge_chunk_db_shards(output_dir: str, *, name: str = MERGED_NAME) -> str:
+  """Concatenates a build's shards, in shard order, into ``<output_dir>/<name>``.
+
+  Streams (memory does not grow with the DB); one shard is hard-linked (or copied).
+  Skipped if the manifest records the merge as complete.
+
+  Returns:
+    The merged DB's prefix.
+
+  Raises:
+    ValueError: some shards are not complete (names them).
+  """
+  manifest = _load_manifest(output_dir)
+  num_shards = manifest.settings["num_shards"]
+  prefix = chunk_db_prefix(output_dir, name)
+  unit = f"{MERGED_UNIT}:{name}"
+  if manifest.is_done(unit):
+    return prefix
+  missing = _missing_shards(manifest, num_shards)
+  if missing:
+    raise ValueError(f"{output_dir}: cannot merge, shards not complete: "
+                     f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+  shards = [os.path.join(output_dir, shard_name(s, num_shards))
+            for s in range(num_shards)]
+  _remove_stale_temporaries(output_dir, name)
+  if num_shards == 1:
+    idx_path, bin_path = formats.chunk_db_paths(prefix)
+    src_idx, src_bin = formats.chunk_db_paths(shards[0])
+    formats.ChunkDB(shards[0]).close()                      # validates
+    if os.path.exists(idx_path):
+      os.remove(idx_path)
+    _link_or_copy(src_bin, bin_path)
+    _link_or_copy(src_idx, idx_path)
+    merged = formats.ChunkDB(prefix)
+  else:
+    merged = formats.concatenate_chunk_dbs(shards, prefix)
+  info = {"num_docs": merged.num_docs, "num_chunks": merged.num_chunks}
+  merged.close()
+  Manifest(output_dir, manifest.settings).mark_done(unit, [name + ".idx", name + ".bin"],
+                                                   info)
+  logging.info("merged %d shards into %s: %d docs, %d chunks", num_shards, prefix,
+               info["num_docs"], info["num_chunks"])
+  return prefix
+
+
+# ----------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------
+
+_FLAG_ARGS = ("input", "vocab", "output_dir", "retrieval_db", "chunk_size", "shard_id",
+              "num_shards", "sharding", "input_format", "text_key", "text_unit",
+              "tfds_split", "tfds_data_dir", "append_eod", "batch_size", "merge")
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_multi_string("input", None, "Corpus files, directories, globs or "
+                            "tfds:<name>.")
+  flags.DEFINE_string("vocab", None, "SentencePiece .model file.")
+  flags.DEFINE_string("output_dir", None, "Output directory (shards, chunks.*, "
+                      "manifest.json).")
+  flags.DEFINE_bool("retrieval_db", None, "Retrieval flavour (extra pad chunk per "
+                    "document); --noretrieval_db for the training flavour.")
+  flags.DEFINE_integer("chunk_size", None, "Tokens per chunk (default 64).")
+  flags.DEFINE_integer("shard_id", None, "This shard (default 0).")
+  flags.DEFINE_integer("num_shards", None, "Number of shards (default 1).")
+  flags.DEFINE_enum("sharding", None, list(corpus_lib.SHARDINGS), "Record sharding.")
+  flags.DEFINE_enum("input_format", None, list(corpus_lib.FORMATS), "Corpus format.")
+  flags.DEFINE_string("text_key", None, "jsonl key / TFDS feature of the text.")
+  flags.DEFINE_enum("text_unit", None, list(corpus_lib.TEXT_UNITS),
+                    "Text files: a document per file or per line.")
+  flags.DEFINE_string("tfds_split", None, "TFDS split.")
+  flags.DEFINE_string("tfds_data_dir", None, "TFDS data directory.")
+  flags.DEFINE_bool("append_eod", None, "Append the EOS token to each document.")
+  flags.DEFINE_integer("batch_size", None, "Documents per tokenizer call.")
+  flags.DEFINE_bool("merge", None, "Merge the shards once all are complete "
+                    "(default true).")
+  flags.DEFINE_bool("merge_only", False, "Only merge the shards of --output_dir.")
+  flags.DEFINE_multi_string("gin_file", [], "gin files (searched in gin/ too).")
+  flags.DEFINE_multi_string("gin_bindings", [], "gin bindings KEY=VALUE.")
+
+
+def main(argv: Sequence[str]) -> None:
+  """Flags that are set override gin bindings; unset ones leave gin/defaults."""
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  gin_utils.parse_gin(f.gin_file, f.gin_bindings)
+  if f.merge_only:
+    if f.output_dir is None:
+      raise flags.ValidationError("--merge_only needs --output_dir")
+    print(merge_chunk_db_shards(f.output_dir))
+    return
+  kwargs = {k: f[k].value for k in _FLAG_ARGS if f[k].value is not None}
+  if len(kwargs.get("input", ())) == 1:
+    kwargs["input"] = kwargs["input"][0]
+  result = build_chunk_db(**kwargs)
+  print(json.dumps(dataclasses.asdict(result), indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  from retro_jax.utils import gin_utils as _gin_utils  # pylint: disable=g-import-not-at-top
+  _gin_utils.run_with_gin_flags(main)
