@@ -5,7 +5,8 @@ import threading
 import numpy as np
 import pytest
 
-from retro_jax.retrieval.retriever import DocumentStore, Retriever, pad_document
+from retro_jax.retrieval.formats import pad_document
+from retro_jax.retrieval.retriever import DocumentStore, Retriever
 
 
 class WordVocab:

@@ -117,6 +117,19 @@ def chunk_db_exists(prefix: str | os.PathLike) -> bool:
   return all(os.path.exists(p) for p in chunk_db_paths(prefix))
 
 
+def pad_document(tokens, chunk_size: int, pad_id: int, *, retrieval_db: bool,
+                 dtype=np.int32) -> np.ndarray:
+  """The stored layout of one document: its tokens padded with ``pad_id`` to the next
+  multiple of m, plus (retrieval DB) one more chunk of pad tokens so the continuation
+  of its last chunk stays inside the document. The one chunking rule of the project.
+  """
+  tokens = np.asarray(tokens)
+  size = -(-tokens.size // chunk_size) * chunk_size
+  stored = np.full(size + (chunk_size if retrieval_db else 0), pad_id, dtype)
+  stored[:tokens.size] = tokens
+  return stored
+
+
 def chunks_per_doc(sizes: np.ndarray, chunk_size: int, stride: int) -> np.ndarray:
   """Number of chunks of documents of ``sizes`` tokens: ``[num_docs]`` int64."""
   sizes = np.asarray(sizes, np.int64)
@@ -575,8 +588,8 @@ class ChunkDBWriter:
     size = -(-tokens.size // m) * m
     if size > np.iinfo(np.int32).max:
       raise ValueError(f"document of {size} tokens exceeds the int32 sizes field")
-    stored = np.full(size + (m if self.retrieval_db else 0), self.pad_id, self.dtype)
-    stored[:tokens.size] = tokens
+    stored = pad_document(tokens, m, self.pad_id, retrieval_db=self.retrieval_db,
+                          dtype=self.dtype)
     count = (size - m) // self.stride + 1
     self._append_index([size], [self.num_bytes], [self.num_chunks],
                        self.num_bytes + np.arange(count, dtype=np.int64) * (

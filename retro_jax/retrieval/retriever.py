@@ -28,6 +28,8 @@ import faiss
 import gin
 import numpy as np
 
+from retro_jax.retrieval.formats import pad_document
+
 
 class Embedder(Protocol):
   dim: int
@@ -50,22 +52,6 @@ def chunk_text(vocab: Vocabulary, tokens: np.ndarray, pad_id: int, eod_id: Optio
   """Detokenised text of a chunk without its pad and end-of-document tokens."""
   ids = [int(t) for t in np.asarray(tokens).reshape(-1) if t != pad_id and t != eod_id]
   return vocab.decode(ids)
-
-
-def pad_document(tokens: Sequence[int], chunk_length: int, pad_id: int, *,
-                 retrieval_db: bool) -> np.ndarray:
-  """A document's tokens padded to whole chunks (+ one pad chunk in a retrieval DB).
-
-  The same layout as the on-disk retrieval DB (``formats.ChunkDBWriter``): pad to
-  the next multiple of m, and in a retrieval DB one more chunk of pad tokens so the
-  continuation of the last chunk stays inside the document.
-  """
-  tokens = np.asarray(tokens, np.int32)
-  size = -(-len(tokens) // chunk_length) * chunk_length
-  extra = chunk_length if retrieval_db else 0
-  out = np.full(size + extra, pad_id, np.int32)
-  out[:len(tokens)] = tokens
-  return out
 
 
 class DocumentStore:
