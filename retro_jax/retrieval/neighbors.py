@@ -1,0 +1,178 @@
+"""The neighbor-map stage: for every chunk of the training data, its k nearest DB chunks.
+
+    build_neighbor_map(query_db, retrieval_db, embed_chunks, search, output_dir, k=2)
+
+* ``query_db``: the training data's chunk DB (``ChunkDB``, chunks of m tokens);
+* ``retrieval_db``: the retrieval DB (neighbor + continuation = 2m tokens);
+* ``embed_chunks(tokens [n, m]) -> [n, dim]``: detokenise and embed (the same
+  embedder that embedded the retrieval DB);
+* ``search(queries [n, dim], count) -> (scores [n, count], ids [n, count])``: the Faiss
+  index of the retrieval DB's chunks (ids are retrieval-DB chunk ids, -1 = none).
+
+It queries ``k + extra`` candidates per chunk and, with ``exclude_same_document``, drops
+candidates from the query chunk's own document (RETRO trains on the data it
+retrieves from; NeMo's ``remove_duplicate``). That needs the documents of the two DBs to
+line up: document i of the training DB is document i of the retrieval DB, which holds
+when both were built from the same corpus in the same order, or when the training
+corpus is the first documents of the retrieval corpus (the demo's layout). The stage
+checks this on the first chunk of each document it touches and fails otherwise.
+Rows keep the first k surviving candidates, best first; fewer than k survivors are
+padded with -1 (masked downstream, never wrapped to a real chunk).
+
+Output: ``output_dir/shard_XXXXX_of_YYYYY.knn`` per shard (NeMo 'KNNRETM' map with the
+shard's ``chunk_start_id``), ``output_dir/neighbors.knn`` (the merged map, start 0) and
+a manifest; finished shards are skipped on a re-run, and a killed shard leaves no file
+(atomic writers), so a re-run produces the same outputs as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Optional
+
+from absl import logging
+import numpy as np
+import tqdm
+
+from retro_jax.retrieval import formats
+from retro_jax.utils.io import Manifest
+
+EmbedFn = Callable[[np.ndarray], np.ndarray]
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+MERGED_NAME = "neighbors.knn"
+
+
+def shard_name(shard_id: int, num_shards: int) -> str:
+  return f"shard_{shard_id:05d}_of_{num_shards:05d}.knn"
+
+
+def shard_chunk_range(num_chunks: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+  """Contiguous query-chunk range ``[start, end)`` of a shard."""
+  per = -(-num_chunks // num_shards)
+  start = min(num_chunks, shard_id * per)
+  return start, min(num_chunks, start + per)
+
+
+def select_neighbors(candidates: np.ndarray, candidate_docs: np.ndarray,
+                     query_docs: Optional[np.ndarray], k: int) -> np.ndarray:
+  """Keeps the first k candidates per row not from the query's document (-1 padded).
+
+  Args:
+    candidates: int64 [n, c] DB chunk ids, best first, -1 = none.
+    candidate_docs: int64 [n, c] their documents (ignored where candidates is -1).
+    query_docs: int64 [n] the query chunks' documents, or None (no exclusion).
+  Returns:
+    int64 [n, k].
+  """
+  keep = candidates >= 0
+  if query_docs is not None:
+    keep &= candidate_docs != query_docs[:, None]
+  order = np.argsort(~keep, axis=1, kind="stable")[:, :k]   # kept ones first, in order
+  picked = np.take_along_axis(candidates, order, axis=1)
+  picked_keep = np.take_along_axis(keep, order, axis=1)
+  out = np.where(picked_keep, picked, -1)
+  if out.shape[1] < k:
+    out = np.pad(out, [(0, 0), (0, k - out.shape[1])], constant_values=-1)
+  return out.astype(np.int64)
+
+
+def check_documents_align(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
+                          doc_ids: np.ndarray) -> None:
+  """Fails unless query document d and retrieval document d start with the same chunk."""
+  for d in np.unique(doc_ids):
+    d = int(d)
+    if d >= retrieval_db.num_docs:
+      raise ValueError(f"exclude_same_document: training document {d} has no counterpart "
+                       f"in the retrieval DB {retrieval_db.idx_path} ({retrieval_db.num_docs}"
+                       " documents); build both from the same corpus order")
+    q_start, _ = query_db.doc_chunk_range(d)
+    r_start, _ = retrieval_db.doc_chunk_range(d)
+    q = query_db.get_chunks(np.asarray(q_start), with_continuation=False)
+    r = retrieval_db.get_chunks(np.asarray(r_start), with_continuation=False)
+    if not np.array_equal(q, r):
+      raise ValueError(f"exclude_same_document: document {d} of {query_db.idx_path} differs "
+                       f"from document {d} of {retrieval_db.idx_path}; the training "
+                       "documents must be the first documents of the retrieval DB, in order")
+
+
+def _neighbors_of_block(query_db, retrieval_db, start, end, embed_chunks, search, k,
+                        extra, exclude_same_document):
+  ids = np.arange(start, end)
+  queries = query_db.get_chunks(ids, with_continuation=False)
+  embeddings = np.asarray(embed_chunks(queries), np.float32)
+  _, candidates = search(embeddings, k + extra)
+  candidates = np.asarray(candidates, np.int64)
+  if np.any(candidates >= retrieval_db.num_chunks):
+    raise ValueError(f"the index returned chunk ids >= {retrieval_db.num_chunks}, the size of "
+                     f"{retrieval_db.idx_path}: index and retrieval DB do not match")
+  query_docs = cand_docs = None
+  if exclude_same_document:
+    query_docs = query_db.doc_of_chunk(ids)
+    check_documents_align(query_db, retrieval_db, query_docs)
+    cand_docs = np.full(candidates.shape, -1, np.int64)
+    present = candidates >= 0
+    cand_docs[present] = retrieval_db.doc_of_chunk(candidates[present])
+  return select_neighbors(candidates, cand_docs, query_docs, k)
+
+
+def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
+                       embed_chunks: EmbedFn, search: SearchFn, output_dir: str, *,
+                       k: int = 2, extra: int = 8, exclude_same_document: bool = True,
+                       shard_id: int = 0, num_shards: int = 1, block_size: int = 4096,
+                       settings: Optional[dict] = None, merge: bool = True,
+                       progress: bool = True) -> Optional[str]:
+  """Builds this shard's neighbor map (skipped when done); merges when all are done.
+
+  Args:
+    settings: extra values the outputs depend on (embedder, index, nprobe...): a re-run
+      with different settings in the same directory is refused.
+  Returns:
+    The merged map's path once every shard is finished, else None.
+  """
+  if not retrieval_db.is_retrieval_db:
+    raise ValueError(f"{retrieval_db.idx_path} is a training DB; neighbors come from a "
+                     "retrieval DB (built with retrieval_db=True)")
+  if query_db.chunk_size != retrieval_db.chunk_size:
+    raise ValueError(f"chunk sizes differ: {query_db.idx_path} has m={query_db.chunk_size}, "
+                     f"{retrieval_db.idx_path} has m={retrieval_db.chunk_size}")
+  manifest = Manifest(output_dir, dict(
+      settings or {}, k=k, extra=extra, exclude_same_document=exclude_same_document,
+      num_shards=num_shards, query_chunks=query_db.num_chunks,
+      db_chunks=retrieval_db.num_chunks))
+  name = shard_name(shard_id, num_shards)
+  if not manifest.is_done(name):
+    start, end = shard_chunk_range(query_db.num_chunks, shard_id, num_shards)
+    began = time.time()
+    with formats.NeighborMapWriter(os.path.join(output_dir, name), k,
+                                   chunk_start_id=start) as writer:
+      bar = tqdm.tqdm(total=end - start, unit="chunk", disable=not progress,
+                      desc=f"neighbors shard {shard_id}/{num_shards}")
+      for block_start in range(start, end, block_size):
+        block_end = min(end, block_start + block_size)
+        writer.write(_neighbors_of_block(query_db, retrieval_db, block_start, block_end,
+                                         embed_chunks, search, k, extra,
+                                         exclude_same_document))
+        bar.update(block_end - block_start)
+      bar.close()
+    seconds = time.time() - began
+    manifest.mark_done(name, [name], {"start": start, "end": end, "seconds": seconds})
+    logging.info("neighbors: shard %d/%d, chunks [%d, %d) in %.1fs (%.0f chunks/s)",
+                 shard_id, num_shards, start, end, seconds,
+                 (end - start) / max(seconds, 1e-9))
+  if not merge:
+    return None
+  return merge_shards(output_dir, num_shards, manifest)
+
+
+def merge_shards(output_dir: str, num_shards: int, manifest: Manifest) -> Optional[str]:
+  """Merges finished shard maps into ``neighbors.knn`` (None if some are missing)."""
+  names = [shard_name(i, num_shards) for i in range(num_shards)]
+  fresh = Manifest(output_dir, manifest.settings)
+  if not all(fresh.is_done(n) for n in names):
+    return None
+  merged = os.path.join(output_dir, MERGED_NAME)
+  if not fresh.is_done(MERGED_NAME):
+    formats.merge_neighbor_maps([os.path.join(output_dir, n) for n in names], merged)
+    fresh.mark_done(MERGED_NAME, [MERGED_NAME])
+  return merged
