@@ -11,8 +11,8 @@ gives byte-identical files on every machine (all randomness comes from
 **Knowledge base.** Fictional entities of five types (person, city, river, mountain,
 organisation), each with 5-8 attributes: years, numbers, occupations and other pool
 values, and relations to other entities (a person's birth city is a city of the KB,
-an organisation's founder a person born 25-47 years before the founding, a mountain's
-first climber a person alive and adult at the first ascent...). Names are built from
+an organisation's founder a person aged 25-60 and alive at the founding, a mountain's
+first climber a person aged 18-55 and alive at the first ascent...). Names are built from
 syllables; every name word is used once in the whole KB (persons may share given
 names). Relations always point to *seen* entities, so the name of a db-only entity
 appears only in its own documents.
@@ -20,8 +20,9 @@ appears only in its own documents.
 **Documents.** Four templates (writing styles) per entity type: ``article``
 (encyclopedia entry), ``profile`` (short portrait), ``factsheet`` (infobox as prose)
 and ``note`` (news or travel-guide note). Each renders every fact of the entity, one
-fact per sentence, in its own order and with its own phrasings (several per fact and
-style), 120-220 words per document; every sentence names the entity, so every
+fact per sentence (the article also opens with a lead sentence summing up key facts),
+in its own order and with its own phrasings (several per fact and style), plus
+fact-free or fact-repeating sentences up to 124-140 words per document; every sentence names the entity, so every
 64-token chunk is about an identifiable entity.
 
 **Splits and files** (jsonl, one object per line with ``text`` plus ``id``, ``title``,
