@@ -28,14 +28,8 @@ import faiss
 import gin
 import numpy as np
 
+from retro_jax.retrieval.embedders import Embedder
 from retro_jax.retrieval.formats import pad_document
-
-
-class Embedder(Protocol):
-  dim: int
-
-  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:  # [n, dim] float32
-    ...
 
 
 class Vocabulary(Protocol):
