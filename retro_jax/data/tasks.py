@@ -822,6 +822,16 @@ class TaskBatchSource:
     return ds.batch(self.local_batch_size, drop_remainder=True)
 
 
+def _check_vocab(vocab_path: str, model_config) -> None:
+  """The model's embedding must cover the data's token ids."""
+  if model_config is None or not os.path.exists(vocab_path):
+    return
+  pieces = vocab_lib.load_sentencepiece(vocab_path).get_piece_size()
+  if pieces > model_config.vocab_size:
+    raise ValueError(f"{vocab_path} has {pieces} pieces, more than the model's "
+                     f"RetroConfig.vocab_size={model_config.vocab_size}")
+
+
 def _model_shape(model_config) -> dict[str, int]:
   if model_config is None:
     return {}
@@ -859,6 +869,7 @@ def pretraining_batch_source(retrieval_dir: str = gin.REQUIRED, *, split: str = 
     raise FileNotFoundError(f"{knn}: no neighbor map for split {split!r}, which a Retro "
                             "run needs (build it with `python -m retro_jax.preprocess`, or "
                             "train without retrieval)")
+  _check_vocab(layout.vocab_path, model_config)
   shape = _model_shape(model_config)
   if with_neighbors and num_neighbors is None:
     num_neighbors = shape.get("num_neighbors")
@@ -894,6 +905,7 @@ def sft_batch_source(retrieval_dir: Optional[str] = None, *,
       raise ValueError("sft_batch_source needs retrieval_dir (for its vocab/spm.model) "
                        "or vocab_path")
     vocab_path = RetrievalLayout(retrieval_dir).vocab_path
+  _check_vocab(vocab_path, model_config)
   shape = dict(chunk_length=chunk_length, num_neighbors=num_neighbors,
                retrieved_length=retrieved_length)
   shape.update(_model_shape(model_config))
