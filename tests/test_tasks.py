@@ -265,3 +265,18 @@ def test_sft_blend_batches(layout):
   assert "neighbor_tokens" not in gpt.get_batch(0)
   np.testing.assert_array_equal(gpt.get_batch(0)["decoder_input_tokens"],
                                 batch["decoder_input_tokens"])
+
+
+def test_data_bench_rows_run_on_a_synthetic_directory(tmp_path):
+  from retro_jax.bench import data as data_bench  # pylint: disable=g-import-not-at-top
+  layout = data_bench.build_synthetic_layout(str(tmp_path / "synthetic"), vocab_size=70_000,
+                                             query_chunks=300, db_chunks=500)
+  assert formats.ChunkDB(layout.retrieval_db_prefix).dtype == np.int32   # a >65500 vocab
+  rows = data_bench.source_rows(layout, label="smoke", seq_len=N, batch=4, steps=2,
+                                tf_data=True)
+  assert [r["pipeline"] for r in rows] == ["smoke Retro get_batch", "smoke GPT get_batch",
+                                           "smoke Retro tf.data"]
+  assert rows[0]["neighbor_tokens_s"] == rows[0]["examples_s"] * 2 * 2 * 128
+  assert all(r["examples_s"] > 0 for r in rows)
+  need = data_bench.instructretro_8b_need(mfu=0.4, peak_tflops=989.0, gpus_per_host=8)
+  assert 2e14 < need["train_flops"] < 4e14 and need["per_host"] == 8 * need["per_gpu"]
