@@ -280,3 +280,21 @@ def test_data_bench_rows_run_on_a_synthetic_directory(tmp_path):
   assert all(r["examples_s"] > 0 for r in rows)
   need = data_bench.instructretro_8b_need(mfu=0.4, peak_tflops=989.0, gpus_per_host=8)
   assert 2e14 < need["train_flops"] < 4e14 and need["per_host"] == 8 * need["per_gpu"]
+
+
+def test_qa_task_gives_zero_shot_prompts(layout):
+  from retro_jax.data import chat, instructions  # pylint: disable=g-import-not-at-top
+  from retro_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  name = tasks.register_qa_task("sample", "data/qa/sample.jsonl", layout.vocab_path,
+                                num_passages=2)
+  records = instructions.read_qa_examples(instructions.shipped_data_path("qa", "sample.jsonl"))
+  processor = vocab_lib.load_sentencepiece(layout.vocab_path)
+  ds = seqio.get_mixture_or_task(name).get_dataset(None, split="validation", shuffle=False)
+  examples = list(ds.as_numpy_iterator())
+  assert len(examples) == len(records)
+  for example, record in zip(examples[:5], records):
+    prompt = chat.qa_prompt(record.question, record.ctxs, num_passages=2)
+    assert example["inputs"].tolist() == processor.encode(prompt)
+    assert example["targets"][-1] == processor.eos_id()
+    assert processor.decode(example["targets"][:-1].tolist()) == record.answers[0]
+    assert [a.decode() for a in example["answers"]] == list(record.answers)

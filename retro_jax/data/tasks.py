@@ -466,9 +466,9 @@ class ExampleStream:
     valid = np.ones(p.shape, bool) if self.num_epochs is None else epoch < self.num_epochs
     example = within.copy()
     if self.shuffle:
-      for s, e in {(int(s), int(e)) for s, e in zip(source, epoch)}:
+      for s, e in np.unique(np.stack([source, epoch], 1), axis=0):
         sel = (source == s) & (epoch == e)
-        example[sel] = permute(within[sel], int(self.sizes[s]), (self.seed, s, e))
+        example[sel] = permute(within[sel], int(self.sizes[s]), (self.seed, int(s), int(e)))
     return source, example, valid
 
   def features(self, positions, *, with_neighbors: bool) -> dict[str, np.ndarray]:
@@ -726,6 +726,46 @@ def register_sft_mixture(name: str, datasets: Sequence[tuple[str, str, float]],
   return TaskNames(
       retro=register_mixture(f"retro_sft_{mixture}", [(n.retro, r) for n, r in members]),
       gpt=register_mixture(f"gpt_sft_{mixture}", [(n.gpt, r) for n, r in members]))
+
+
+def register_qa_task(name: str, path: str, vocab: str, *, num_passages: int = 5,
+                     split: str = "validation") -> str:
+  """Registers ``qa_{name}``: NQ / TriviaQA-style records as zero-shot QA prompts.
+
+  Each example (file order, no shuffling) has ``inputs``: the tokens of
+  ``chat.qa_prompt(question, ctxs, num_passages=...)`` (InstructRetro's evaluation
+  prompt, ending "Assistant: The answer is"), ``targets``: the tokens of ``answers[0]``
+  and EOS (with SentencePiece's dummy prefix these are the tokens that follow the
+  prompt in ``prompt + " " + answer``), and the strings ``question`` and ``answers``
+  (every gold alias, for exact match / F1). For generation and scoring, not training.
+  """
+  path = instructions.resolve_data_file(path)
+  records = instructions.read_qa_examples(path)
+  if not records:
+    raise ValueError(f"{path}: no QA records")
+  columns = {
+      "inputs": [r.prompt(num_passages=num_passages) for r in records],
+      "targets": [r.answers[0] if r.answers else "" for r in records],
+      "question": [r.question for r in records],
+      "answers": tf.ragged.constant([list(r.answers) for r in records], dtype=tf.string),
+  }
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None):
+    del split, shuffle_files, seed
+    return tf.data.Dataset.from_tensor_slices(columns)
+
+  vocabulary = vocab_lib.get_vocabulary(vocab)
+  task = f"qa_{_task_name(name)}"
+  if task in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(task)
+  seqio.TaskRegistry.add(
+      task, source=seqio.FunctionDataSource(dataset_fn, splits=[split],
+                                            num_input_examples={split: len(records)}),
+      output_features={"inputs": seqio.Feature(vocabulary, add_eos=False),
+                       "targets": seqio.Feature(vocabulary, add_eos=True)},
+      preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+      shuffle_buffer_size=None)
+  return task
 
 
 # ----------------------------------------------------------------------------------
