@@ -52,12 +52,16 @@ def test_examples_are_query_chunks_with_their_mapped_neighbors(layout, names):
                                     np.append(tokens[1:], following))
       np.testing.assert_array_equal(batch["decoder_loss_weights"][row],
                                     batch["decoder_target_tokens"][row] != 0)
+      example_docs = set(query.doc_of_chunk(chunk_ids).tolist())
       for u, cid in enumerate(chunk_ids):
         for j, nid in enumerate(knn[int(cid)]):
           assert nid >= 0
-          np.testing.assert_array_equal(batch["neighbor_tokens"][row, u, j],
-                                        db.get_chunk_with_continuation(int(nid)))
-    assert batch["neighbor_mask"].all()
+          # Megatron's rule: no neighbor from a document of the example itself.
+          kept = int(db.doc_of_chunk(int(nid))) not in example_docs
+          assert batch["neighbor_mask"][row, u, j] == kept
+          expected = db.get_chunk_with_continuation(int(nid)) if kept else 0
+          np.testing.assert_array_equal(batch["neighbor_tokens"][row, u, j], expected)
+    assert batch["neighbor_mask"].mean() > 0.5
     assert batch["neighbor_tokens"].shape == (8, l, 2, 2 * m)
 
 
@@ -67,7 +71,8 @@ def test_missing_neighbors_are_masked_never_wrapped(layout, tmp_path):
   ids[::3, 1] = -1
   ids[5] = -1
   path = formats.write_neighbor_map(tmp_path / "holes.knn", ids).path
-  source = tasks.PretrainSource(query.prefix, path, db.prefix, seq_len=N)
+  source = tasks.PretrainSource(query.prefix, path, db.prefix, seq_len=N,
+                                exclude_example_documents=False)
   feats = source.examples(np.arange(source.num_examples))
   flat_mask = feats["neighbor_mask"].reshape(-1, 2)
   flat_tokens = feats["neighbor_tokens"].reshape(-1, 2, 128)
@@ -76,6 +81,29 @@ def test_missing_neighbors_are_masked_never_wrapped(layout, tmp_path):
   assert not flat_tokens[~flat_mask].any()                      # pad rows, not chunk -1
   last = db.get_chunk_with_continuation(db.num_chunks - 1)
   assert not any(np.array_equal(row, last) for row in flat_tokens[~flat_mask])
+
+
+def test_neighbors_from_a_document_of_the_example_are_masked(layout, tmp_path):
+  query, knn, db = _dbs(layout)
+  starts = np.asarray(query.chunk_id_start)
+  # An example whose two chunks belong to two documents: point chunk 0 at document B.
+  i = next(int(c) // 2 for c in starts[1:] if c % 2 == 1)
+  doc_b = int(query.doc_of_chunk(2 * i + 1))
+  ids = np.array(knn.neighbors)
+  ids[2 * i] = [db.doc_chunk_range(doc_b)[0], db.doc_chunk_range(doc_b + 5)[0]]
+  path = formats.write_neighbor_map(tmp_path / "same_example.knn", ids).path
+  strict = tasks.PretrainSource(query.prefix, path, db.prefix, seq_len=N)
+  assert strict.exclude_example_documents                     # auto: documents align
+  loose = tasks.PretrainSource(query.prefix, path, db.prefix, seq_len=N,
+                               exclude_example_documents=False)
+  assert strict.examples([i])["neighbor_mask"][0, 0].tolist() == [False, True]
+  assert loose.examples([i])["neighbor_mask"][0, 0].tolist() == [True, True]
+  valid = tasks.PretrainSource(layout.split_db_prefix("valid"),
+                               layout.neighbor_map_path("valid"), db.prefix, seq_len=N)
+  assert not valid.exclude_example_documents                  # held-out documents
+  with pytest.raises(ValueError, match="not the first documents of"):
+    tasks.PretrainSource(layout.split_db_prefix("valid"), layout.neighbor_map_path("valid"),
+                         db.prefix, seq_len=N, exclude_example_documents=True)
 
 
 def test_retro_and_gpt_tasks_give_identical_tokens(names):

@@ -18,8 +18,10 @@ Example sources (numpy, memory-mapped; nothing is loaded whole):
   of the example is always query chunk ``i*l + u``: its neighbors are the neighbor map's
   row for that chunk, each ``[2m]`` = the retrieval-DB chunk and its continuation
   (``neighbor_tokens [l, k, 2m]``); -1 ids are masked (``neighbor_mask`` False, tokens
-  = pad), never wrapped to a real chunk. Pad targets have loss weight 0. The GPT twin
-  task reads the *same* source without neighbors: identical tokens.
+  = pad), never wrapped to a real chunk, and so are neighbors from any document of the
+  example when the split's documents are the retrieval DB's first ones (Megatron's
+  rule; the map only excludes a chunk's own document). Pad targets have loss weight 0.
+  The GPT twin task reads the *same* source without neighbors: identical tokens.
 * ``SFTSource``: instruction examples (``retro_jax.data.instructions``), tokenized on
   access; loss on the final answer + EOS only; no neighbors by default (tokens = pad,
   mask False: CCA is skipped and only decoder weights learn, as InstructRetro), or
@@ -139,6 +141,11 @@ class PretrainSource:
     validate: Scan the whole neighbor map on open for ids outside the retrieval DB:
       True, False or 'auto' (when it holds at most 2**24 ids). Batches are checked
       either way (the ids they use).
+    exclude_example_documents: Mask neighbors that come from any document of the
+      example (Megatron's rule; the neighbor map itself only excludes each chunk's own
+      document, and an example may span several). Needs query document d to be
+      retrieval document d (the layout the neighbor stage's exclusion requires).
+      'auto': on when sampled documents of both DBs are identical.
   Raises:
     ValueError naming the file: mismatched chunk sizes, a map whose rows do not match
     the query DB's chunks, ids outside the retrieval DB, too few chunks for an example.
@@ -146,7 +153,8 @@ class PretrainSource:
 
   def __init__(self, query_db, neighbor_map=None, retrieval_db=None, *, seq_len: int,
                num_neighbors: Optional[int] = None, pad_id: int = vocab_lib.PAD_ID,
-               validate: bool | str = "auto"):
+               validate: bool | str = "auto",
+               exclude_example_documents: bool | str = "auto"):
     self.query_db = _open_db(query_db)
     q = self.query_db
     m = self.chunk_length = q.chunk_size
@@ -165,6 +173,7 @@ class PretrainSource:
     self.retrieved_length = 2 * m
     self.neighbor_map = self.retrieval_db = None
     self.num_neighbors = 0
+    self.exclude_example_documents = False
     if neighbor_map is None:
       return
     if retrieval_db is None:
@@ -190,6 +199,11 @@ class PretrainSource:
                             knn.num_chunks * knn.k <= _VALIDATE_ROWS_LIMIT):
       knn.validate_against(db, query_db=q)
     self.neighbor_map, self.retrieval_db, self.num_neighbors = knn, db, k
+    aligned = documents_align(q, db)
+    if exclude_example_documents is True and not aligned:
+      raise ValueError(f"exclude_example_documents: the documents of {q.idx_path} are not "
+                       f"the first documents of {db.idx_path}")
+    self.exclude_example_documents = bool(exclude_example_documents) and aligned
 
   @classmethod
   def from_layout(cls, root: str | RetrievalLayout, split: str, *, seq_len: int,
@@ -216,7 +230,8 @@ class PretrainSource:
 
   def describe(self) -> str:
     return (f"PretrainSource({self.query_db.prefix}, n={self.seq_len}, "
-            f"examples={self.num_examples}, k={self.num_neighbors})")
+            f"examples={self.num_examples}, k={self.num_neighbors}, exclude example "
+            f"documents={self.exclude_example_documents})")
 
   def examples(self, indices, *, with_neighbors: bool = True) -> dict[str, np.ndarray]:
     """Task features of examples ``indices [B]``: ``targets``/``loss_weights [B, n+1]``
@@ -252,9 +267,25 @@ class PretrainSource:
       raise ValueError(f"{self.neighbor_map.path}: neighbors: query chunk "
                        f"{chunk_ids[b, u]} neighbor {j} is {ids[b, u, j]}, outside [-1, "
                        f"{db.num_chunks}) of {db.idx_path}")
+    if self.exclude_example_documents:
+      example_docs = self.query_db.doc_of_chunk(chunk_ids)               # [B, l]
+      neighbor_docs = db.doc_of_chunk(np.maximum(ids, 0))                # [B, l, k]
+      same = (neighbor_docs[..., None] == example_docs[:, None, None, :]).any(-1)
+      ids = np.where(same, -1, ids)
     return {"neighbor_tokens": db.get_chunks(ids, with_continuation=True,
                                              missing_value=self.pad_id),
             "neighbor_mask": ids >= 0}
+
+
+def documents_align(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
+                    samples: int = 8) -> bool:
+  """Whether query document d is retrieval document d (checked on sampled documents)."""
+  if not 0 < query_db.num_docs <= retrieval_db.num_docs:
+    return False
+  docs = np.unique(np.linspace(0, query_db.num_docs - 1, min(samples, query_db.num_docs)
+                               ).astype(np.int64))
+  return all(np.array_equal(query_db.get_document(int(d)), retrieval_db.get_document(int(d)))
+             for d in docs)
 
 
 # ----------------------------------------------------------------------------------
