@@ -22,7 +22,7 @@ import retrieval_fixture
 
 RECIPES = os.path.join(gin_utils.GIN_DIR, "recipes")
 # The tiny model, smaller still, so that five runs fit in a test.
-SMALL = ["RetroConfig.hidden_size = 32", "RetroConfig.num_layers = 2",
+SMALL = ["RetroConfig.hidden_size = 32", "RetroConfig.num_layers = 1",
          "RetroConfig.num_heads = 2", "RetroConfig.mlp_dim = 64",
          "RetroConfig.encoder_num_layers = 1", "SEQ_LEN = 128",
          "BATCH_SIZE = 8", "LOG_EVERY = 1", "EVAL_EVERY = 0", "EVAL_BATCHES = 2"]
