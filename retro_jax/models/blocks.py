@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from retro_jax.models import cca as cca_lib
+from retro_jax.models import decoding
 from retro_jax.models import layers
 from retro_jax.models.config import RetroConfig
 
@@ -159,7 +160,8 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, positions: Array, neighbor_embeds: Optional[Array],
                neighbor_mask: Optional[Array], encoded: Optional[Array],
-               deterministic: bool) -> tuple[Array, Optional[Array]]:
+               deterministic: bool, decode: Optional[decoding.DecodeInputs] = None
+               ) -> tuple[Array, Optional[Array]]:
     """One layer.
 
     Args:
@@ -168,6 +170,9 @@ class DecoderLayer(nn.Module):
       neighbor_embeds: [batch, L, k, r, d] (used by the encoder owner) or None.
       neighbor_mask: bool [batch, L, k] or None (retrieval off).
       encoded: [batch, L, k, r, e] from the encoder owner, or None.
+      decode: decode mode and its caches (``retro_jax.models.decoding``); in a step,
+        ``neighbor_embeds``/``neighbor_mask`` are those of ``decode.rows`` ([S, 1, k,
+        r, d] / [S, k]) or None, and ``encoded`` is [S, 1, k, r, e] or None.
     Returns:
       (x, encoded): the new residual stream and the encoded neighbors.
     """
@@ -175,22 +180,82 @@ class DecoderLayer(nn.Module):
     dropout = nn.Dropout(cfg.dropout_rate)
     x = layers.constrain(x, layers.BATCH_LENGTH_EMBED)
     h = make_norm(cfg, "pre_attention_norm")(x)
-    h = make_attention(cfg, width=cfg.hidden_size, heads=cfg.num_heads,
-                       kv_heads=cfg.kv_heads, rotary=cfg.position_embedding == "rope",
-                       dropout_rate=cfg.attention_dropout_rate,
-                       name="self_attention")(h, positions=positions, is_causal=True,
-                                              deterministic=deterministic)
+    attention = make_attention(cfg, width=cfg.hidden_size, heads=cfg.num_heads,
+                               kv_heads=cfg.kv_heads,
+                               rotary=cfg.position_embedding == "rope",
+                               dropout_rate=cfg.attention_dropout_rate,
+                               name="self_attention")
+    if decode is None:
+      h = attention(h, positions=positions, is_causal=True, deterministic=deterministic)
+    else:
+      h = self._cached_self_attention(attention, h, positions, decode)
     x = x + dropout(h, deterministic=deterministic)
-    if self.has_cca and neighbor_mask is not None:
+    with_cca = neighbor_mask is not None if decode is None else decode.retrieval
+    if self.has_cca and with_cca:
       y = make_norm(cfg, "pre_cca_norm")(x)
       if self.owns_encoder:
-        num_chunks = neighbor_embeds.shape[1]
-        chunk_states = cca_lib.tokens_to_chunks(y, cfg.chunk_length, num_chunks)
-        encoded = RetroEncoder(cfg, name="retro_encoder")(
-            neighbor_embeds, chunk_states, deterministic=deterministic)
+        encoder = RetroEncoder(cfg, name="retro_encoder")
+        if decode is not None and not decode.prefill:
+          encoded = self._encode_completed_chunks(encoder, y, positions, neighbor_embeds,
+                                                  decode)
+        else:
+          num_chunks = neighbor_embeds.shape[1]
+          chunk_states = cca_lib.tokens_to_chunks(y, cfg.chunk_length, num_chunks)
+          encoded = encoder(neighbor_embeds, chunk_states, deterministic=deterministic)
+          if decode is not None:  # Prefill: the states of each prompt's open chunk.
+            self._chunk_states(y).value = decoding.gather_positions(
+                y, decoding.current_chunk_positions(decode.lengths, cfg.chunk_length))
       h = cca_lib.ChunkedCrossAttention(cfg, name="cca")(
-          y, encoded, neighbor_mask, deterministic=deterministic)
+          y, encoded, neighbor_mask, deterministic=deterministic, decode=decode)
       x = x + dropout(h, deterministic=deterministic)
     h = make_mlp(cfg, cfg.mlp_dim)(make_norm(cfg, "pre_mlp_norm")(x))
     x = x + dropout(h, deterministic=deterministic)
     return layers.constrain(x, layers.BATCH_LENGTH_EMBED), encoded
+
+  def _cached_self_attention(self, attention: layers.Attention, h: Array,
+                             positions: Array, decode: decoding.DecodeInputs) -> Array:
+    """Causal self-attention that reads and writes the key/value cache.
+
+    Prefill attends within the prompt exactly as the full pass does and stores its
+    keys/values; a step writes its key/value at its position and attends to the
+    cache up to it.
+    """
+    cfg = self.config
+    query = attention.project_query(h, positions)
+    key, value = attention.project_key_value(h, positions)
+    if decode.prefill:
+      shape = (h.shape[0], decode.cache_length, cfg.kv_heads, attention.head_dim)
+      cached_key = decoding.cache_variable(self, "cached_key", shape, cfg.compute_dtype)
+      cached_value = decoding.cache_variable(self, "cached_value", shape, cfg.compute_dtype)
+      cached_key.value = decoding.write_positions(cached_key.value, key, positions)
+      cached_value.value = decoding.write_positions(cached_value.value, value, positions)
+      return attention.attend(query, key, value, is_causal=True)
+    cached_key = decoding.existing_cache_variable(self, "cached_key")
+    cached_value = decoding.existing_cache_variable(self, "cached_value")
+    cached_key.value = decoding.write_positions(cached_key.value, key, positions)
+    cached_value.value = decoding.write_positions(cached_value.value, value, positions)
+    visible = (jnp.arange(cached_key.value.shape[1])[None, None, :]
+               <= positions[:, :, None])  # [batch, q, cache_length]
+    return attention.attend(query, cached_key.value, cached_value.value,
+                            mask=visible[:, None])
+
+  def _chunk_states(self, like: Optional[Array] = None):
+    """Cache of the normed states of the chunk being written: [batch, m, d]; created
+    (prefill) with the batch, width and dtype of ``like`` [batch, n, d]."""
+    if like is None:
+      return decoding.existing_cache_variable(self, "chunk_states")
+    shape = (like.shape[0], self.config.chunk_length, like.shape[-1])
+    return decoding.cache_variable(self, "chunk_states", shape, like.dtype)
+
+  def _encode_completed_chunks(self, encoder: "RetroEncoder", y: Array, positions: Array,
+                               neighbor_embeds: Optional[Array],
+                               decode: decoding.DecodeInputs) -> Optional[Array]:
+    """Decode step of the encoder owner: records this token's state in its chunk and,
+    for the rows whose chunk completes here, encodes the chunk's new neighbors."""
+    m = self.config.chunk_length
+    states = self._chunk_states()
+    states.value = decoding.write_positions(states.value, y, positions % m)
+    if not decode.has_boundary:
+      return None
+    chunk_states = decoding.read_rows(states.value, decode.rows)[:, None]  # [S, 1, m, d]
+    return encoder(neighbor_embeds, chunk_states, deterministic=True)

@@ -218,6 +218,9 @@ class Attention(nn.Module):
 
   Parameters: ``query`` [embed, heads, head_dim], ``key``/``value``
   [kv_embed, kv_heads, head_dim], ``out`` [heads, head_dim, out_features].
+
+  ``__call__`` is ``project_query`` + ``project_key_value`` + ``attend``; decoding
+  (``retro_jax.models.decoding``) calls the three steps itself to cache keys/values.
   """
 
   num_heads: int
@@ -235,6 +238,15 @@ class Attention(nn.Module):
   dtype: DType = jnp.float32
   param_dtype: DType = jnp.float32
 
+  def setup(self):
+    self.query = self._proj(self.num_heads, "query")
+    self.key = self._proj(self.num_kv_heads, "key")
+    self.value = self._proj(self.num_kv_heads, "value")
+    self.out = DenseGeneral(features=(self.out_features,),
+                            kernel_axes=("heads", "head_dim", "embed"), num_contract=2,
+                            use_bias=self.use_bias, init_std=self.out_init_std,
+                            dtype=self.dtype, param_dtype=self.param_dtype, name="out")
+
   def _proj(self, heads: int, name: str) -> DenseGeneral:
     head_axis = "heads" if name == "query" else "kv_heads"
     return DenseGeneral(features=(heads, self.head_dim),
@@ -242,7 +254,41 @@ class Attention(nn.Module):
                         use_bias=self.qkv_bias, init_std=self.init_std, dtype=self.dtype,
                         param_dtype=self.param_dtype, name=name)
 
-  @nn.compact
+  def _rope(self, x: Array, positions: Optional[Array]) -> Array:
+    if not self.rotary_dims:
+      return x
+    if positions is None:
+      raise ValueError("Attention with RoPE needs positions [batch, length]")
+    return apply_rope(x, positions, self.rotary_dims, self.rope_theta)
+
+  def project_query(self, inputs_q: Array, positions: Optional[Array] = None) -> Array:
+    """[batch, q_len, q_features] -> queries [batch, q_len, heads, head_dim] (RoPE'd)."""
+    query = constrain(self.query(inputs_q), BATCH_LENGTH_HEADS_KV)
+    return self._rope(query, positions)
+
+  def project_key_value(self, inputs_kv: Array, positions: Optional[Array] = None
+                        ) -> tuple[Array, Array]:
+    """[batch, kv_len, kv_features] -> keys and values [batch, kv_len, kv_heads, head_dim].
+
+    Decoding caches these (keys already RoPE'd at their absolute positions).
+    """
+    key = constrain(self.key(inputs_kv), BATCH_LENGTH_HEADS_KV)
+    value = constrain(self.value(inputs_kv), BATCH_LENGTH_HEADS_KV)
+    return self._rope(key, positions), value
+
+  def attend(self, query: Array, key: Array, value: Array, *,
+             mask: Optional[Array] = None, is_causal: bool = False,
+             deterministic: bool = True) -> Array:
+    """Attention of projected queries to projected keys/values, then the output
+    projection: [batch, q_len, heads, head_dim] -> [batch, q_len, out_features]."""
+    dropout_rng = None
+    if self.dropout_rate > 0.0 and not deterministic:
+      dropout_rng = self.make_rng("dropout")
+    out = dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
+                                implementation=self.implementation,
+                                dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
+    return self.out(constrain(out, BATCH_LENGTH_HEADS_KV))
+
   def __call__(self, inputs_q: Array, inputs_kv: Optional[Array] = None, *,
                positions: Optional[Array] = None, mask: Optional[Array] = None,
                is_causal: bool = False, deterministic: bool = True) -> Array:
@@ -254,28 +300,10 @@ class Attention(nn.Module):
     if self.rotary_dims and inputs_kv is not None:
       raise ValueError("RoPE applies to self-attention only (inputs_kv must be None)")
     kv_in = inputs_q if inputs_kv is None else inputs_kv
-    query = self._proj(self.num_heads, "query")(inputs_q)
-    key = self._proj(self.num_kv_heads, "key")(kv_in)
-    value = self._proj(self.num_kv_heads, "value")(kv_in)
-    query = constrain(query, BATCH_LENGTH_HEADS_KV)
-    key = constrain(key, BATCH_LENGTH_HEADS_KV)
-    value = constrain(value, BATCH_LENGTH_HEADS_KV)
-    if self.rotary_dims:
-      if positions is None:
-        raise ValueError("Attention with RoPE needs positions [batch, length]")
-      query = apply_rope(query, positions, self.rotary_dims, self.rope_theta)
-      key = apply_rope(key, positions, self.rotary_dims, self.rope_theta)
-    dropout_rng = None
-    if self.dropout_rate > 0.0 and not deterministic:
-      dropout_rng = self.make_rng("dropout")
-    out = dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
-                                implementation=self.implementation,
-                                dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
-    out = constrain(out, BATCH_LENGTH_HEADS_KV)
-    return DenseGeneral(features=(self.out_features,),
-                        kernel_axes=("heads", "head_dim", "embed"), num_contract=2,
-                        use_bias=self.use_bias, init_std=self.out_init_std,
-                        dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
+    query = self.project_query(inputs_q, positions)
+    key, value = self.project_key_value(kv_in, positions)
+    return self.attend(query, key, value, mask=mask, is_causal=is_causal,
+                       deterministic=deterministic)
 
 
 # MLP -------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ into Retro unchanged)::
     layers_{first}/retro_encoder/layers_{j}/...                     (first CCA layer)
     final_norm
     output_layer/kernel                      [embed, vocab]        (untied output)
+
+Incremental decoding (KV cache, chunk-wise retrieval) uses the same parameters:
+``Retro.prefill`` and ``Retro.decode_step`` with ``mutable=['cache']``; see
+``retro_jax.models.decoding`` and ``retro_jax.inference``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retro_jax.models import blocks
+from retro_jax.models import decoding
 from retro_jax.models import layers
 from retro_jax.models.config import RetroConfig
 
@@ -100,8 +105,13 @@ class Retro(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, neighbor_tokens: Optional[Array] = None, *,
                neighbor_mask: Optional[Array] = None, positions: Optional[Array] = None,
-               deterministic: bool = True) -> Array:
-    """Returns float32 logits [batch, n, vocab]."""
+               deterministic: bool = True,
+               decode: Optional[decoding.DecodeInputs] = None) -> Array:
+    """Returns float32 logits [batch, n, vocab].
+
+    ``decode`` runs a decode mode (``prefill`` / ``decode_step`` below); the full
+    forward pass is ``decode=None``.
+    """
     cfg = self.config
     tokens = jnp.asarray(tokens)
     if neighbor_tokens is not None:
@@ -125,16 +135,21 @@ class Retro(nn.Module):
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
     neighbor_embeds = mask = None
+    if decode is not None and decode.has_boundary:
+      # A decode step where some rows complete a chunk: [S, k, r] -> [S, 1, k, r, d].
+      neighbor_tokens = jnp.asarray(decode.neighbor_tokens)[:, None]
+      mask = jnp.asarray(decode.neighbor_mask, bool)
     if neighbor_tokens is not None:
       _, num_chunks, k, r = neighbor_tokens.shape
-      mask = canonical_neighbor_mask(neighbor_mask, batch, num_chunks, k)
+      if mask is None:
+        mask = canonical_neighbor_mask(neighbor_mask, batch, num_chunks, k)
       # Neighbors share the decoder's word embedding (Megatron).
       neighbor_embeds = embed(neighbor_tokens)
       if cfg.encoder_position_embedding == "learned":
         neighbor_embeds = neighbor_embeds + position_embed(jnp.arange(r))
 
     layer_cls = blocks.DecoderLayer
-    if cfg.remat_policy != "none":
+    if cfg.remat_policy != "none" and decode is None:
       layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy],
                            static_argnums=(6,))
     retro_layers = set(cfg.retro_layers)
@@ -142,10 +157,10 @@ class Retro(nn.Module):
     for i in range(cfg.num_layers):
       number = i + 1
       owns = number == cfg.first_retro_layer
-      x, encoded = layer_cls(cfg, has_cca=number in retro_layers, owns_encoder=owns,
-                             name=f"layers_{i}")(
-                                 x, positions, neighbor_embeds if owns else None, mask,
-                                 encoded, deterministic)
+      layer = layer_cls(cfg, has_cca=number in retro_layers, owns_encoder=owns,
+                        name=f"layers_{i}")
+      args = (x, positions, neighbor_embeds if owns else None, mask, encoded, deterministic)
+      x, encoded = layer(*args) if decode is None else layer(*args, decode=decode)
 
     x = blocks.make_norm(cfg, "final_norm")(x)
     if cfg.tie_embeddings:
@@ -157,6 +172,53 @@ class Retro(nn.Module):
     logits = layers.constrain(logits, ("activation_batch", "activation_length",
                                        "activation_vocab"))
     return logits.astype(jnp.float32)
+
+  # Incremental decoding (apply with ``mutable=['cache']``; see models/decoding.py) --
+
+  def prefill(self, tokens: Array, neighbor_tokens: Optional[Array] = None, *,
+              lengths: Array, cache_length: int,
+              neighbor_mask: Optional[Array] = None) -> Array:
+    """The full pass over right-padded prompts that also fills the decoding caches.
+
+    Args:
+      tokens: int [batch, P], example b's prompt in ``tokens[b, :lengths[b]]``.
+      neighbor_tokens: int [batch, P // m, k, r] (neighbors of every complete prompt
+        chunk; mask the rest), or None: decoder alone.
+      lengths: int [batch] prompt lengths (1 <= length <= P).
+      cache_length: positions the caches hold (prompt + new tokens).
+      neighbor_mask: as in ``__call__``.
+    Returns:
+      logits [batch, P, vocab] (example b's next-token logits at lengths[b] - 1).
+    """
+    cfg = self.config
+    if cache_length < tokens.shape[1]:
+      raise ValueError(f"prefill: cache_length={cache_length} is shorter than the prompts "
+                       f"[batch, P]={list(tokens.shape)}")
+    if cfg.position_embedding == "learned" and cache_length > cfg.max_length:
+      raise ValueError(f"prefill: cache_length={cache_length} > RetroConfig.max_length="
+                       f"{cfg.max_length} (learned positions)")
+    decode = decoding.DecodeInputs(decoding.PREFILL, retrieval=neighbor_tokens is not None,
+                                   cache_length=cache_length, lengths=jnp.asarray(lengths))
+    return self(tokens, neighbor_tokens, neighbor_mask=neighbor_mask, decode=decode)
+
+  def decode_step(self, tokens: Array, positions: Array, *, retrieval: bool,
+                  rows: Optional[Array] = None, neighbor_tokens: Optional[Array] = None,
+                  neighbor_mask: Optional[Array] = None) -> Array:
+    """One token per example against the caches.
+
+    Args:
+      tokens: int [batch, 1], the token at ``positions`` [batch, 1] of each example.
+      retrieval: as in the prefill that made the caches.
+      rows: int [S] rows whose token completes a chunk (pad with ``batch``), or None.
+      neighbor_tokens: int [S, k, r] the neighbors of those rows' completed chunks.
+      neighbor_mask: bool [S, k].
+    Returns:
+      logits [batch, 1, vocab].
+    """
+    decode = decoding.DecodeInputs(decoding.STEP, retrieval=retrieval, rows=rows,
+                                   neighbor_tokens=neighbor_tokens,
+                                   neighbor_mask=neighbor_mask)
+    return self(tokens, positions=positions, decode=decode)
 
 
 def dummy_inputs(config: RetroConfig, batch: int = 1, num_chunks: int = 2
