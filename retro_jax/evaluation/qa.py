@@ -1,0 +1,277 @@
+r"""Zero-shot QA: answer normalisation, exact match and token F1, and the QA runner.
+
+    examples = read_qa_jsonl("nq_test.jsonl")
+    scores = run_qa(generator, examples, output_dir="/tmp/eval", num_passages=5)
+
+Scoring (the usual open-domain QA metrics, as Megatron's InstructRetro scripts):
+
+* ``postprocess_prediction``: strip, drop ``"Answer:"`` / ``"A:"`` prefixes and an
+  ``<|endoftext|>``, cut at the first newline.
+* ``exact_match``: SQuAD's ``normalize_answer`` (lowercase, delete ASCII punctuation,
+  drop the words a/an/the, collapse whitespace) on both sides; max over gold answers.
+* ``token_f1``: ParlAI's normalisation (as SQuAD's, but punctuation becomes a space),
+  unigram precision/recall F1 on whitespace tokens; max over gold answers. Gold
+  answers that normalise to nothing are skipped (Megatron); if every gold does, F1 is
+  1 for a prediction that also normalises to nothing, else 0.
+
+Data: NQ / TriviaQA-style jsonl, one ``{"question", "answers": [...] (or "answer"),
+"ctxs": [{"title", "text"}, ...] (optional, best first)}`` per line, read by the
+project's QA reader (``retro_jax.data.instructions.read_qa_examples``).
+
+The runner builds InstructRetro's zero-shot prompt (``retro_jax.data.chat.qa_prompt``:
+the top ``num_passages`` contexts as ``"title: {t}, source: {text}"``, then the
+question; the model continues "The answer is"), generates in batches and writes
+``{name}_predictions.jsonl`` (one row per question with its prediction and scores)
+and ``{name}_scores.json``. The encoder's neighbors (``neighbors``): 'none' (the
+decoder alone, as the released InstructRetro scripts run), 'passages' (the top
+contexts as fixed neighbors, Megatron's ``--reuse-top``) or 'live' (the generator's
+retriever). A killed run resumes from its partial predictions.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import string
+import time
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from absl import logging
+import gin
+
+from retro_jax.utils.io import atomic_write_json, atomic_write_text
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+# ParlAI's punctuation class (string.punctuation, with '_' and "'").
+_PARLAI_PUNCTUATION = re.compile(r"[!\"#$%&()*+,\-./:;<=>?@\[\]\\^`{|}~_']")
+_PREFIXES = ("Answer:", "A:")
+_END_OF_TEXT = "<|endoftext|>"
+NEIGHBOR_MODES = ("none", "passages", "live")
+
+
+# Normalisation and metrics -----------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+  """SQuAD: lowercase, delete punctuation, drop articles, collapse whitespace."""
+  text = "".join(c for c in text.lower() if c not in _PUNCTUATION)
+  text = _ARTICLES.sub(" ", text)
+  return " ".join(text.split())
+
+
+def normalize_answer_parlai(text: str) -> str:
+  """ParlAI (F1): as SQuAD's, but punctuation is replaced by a space."""
+  text = _PARLAI_PUNCTUATION.sub(" ", text.lower())
+  text = _ARTICLES.sub(" ", text)
+  return " ".join(text.split())
+
+
+def postprocess_prediction(text: str) -> str:
+  """The answer in a generated continuation: first line, without answer prefixes."""
+  text = text.replace(_END_OF_TEXT, "\n").strip()
+  changed = True
+  while changed:
+    changed = False
+    for prefix in _PREFIXES:
+      if text.startswith(prefix):
+        text, changed = text[len(prefix):].strip(), True
+  return text.split("\n", 1)[0].strip()
+
+
+def _as_answers(answers: Any) -> list[str]:
+  if isinstance(answers, str):
+    return [answers]
+  answers = list(answers)
+  if not answers or not all(isinstance(a, str) for a in answers):
+    raise ValueError(f"gold answers must be a non-empty list of strings; got {answers!r:.80}")
+  return answers
+
+
+def exact_match(prediction: str, answers: Any) -> float:
+  """1.0 if the normalised prediction equals a normalised gold answer."""
+  pred = normalize_answer(prediction)
+  return float(any(pred == normalize_answer(a) for a in _as_answers(answers)))
+
+
+def _f1(pred_tokens: list[str], gold_tokens: list[str]) -> float:
+  common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
+  same = sum(common.values())
+  if same == 0:
+    return 0.0
+  precision, recall = same / len(pred_tokens), same / len(gold_tokens)
+  return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, answers: Any) -> float:
+  """Unigram F1 (ParlAI normalisation), max over the non-empty gold answers."""
+  pred = normalize_answer_parlai(prediction).split()
+  golds = [normalize_answer_parlai(a).split() for a in _as_answers(answers)]
+  golds = [g for g in golds if g]
+  if not golds:
+    return float(not pred)
+  return max(_f1(pred, g) for g in golds)
+
+
+def score(prediction: str, answers: Any) -> dict[str, float]:
+  return {"exact_match": exact_match(prediction, answers), "f1": token_f1(prediction, answers)}
+
+
+# Data ------------------------------------------------------------------------------
+
+
+def parse_qa_example(example: Any, where: str = "example") -> dict[str, Any]:
+  """One QA example as a dict {id, question, answers, ctxs}: from a
+  ``retro_jax.data.instructions.QAExample`` or a mapping with question, answers (or
+  answer), optional ctxs and id."""
+  if hasattr(example, "question") and hasattr(example, "answers"):
+    example = {"id": getattr(example, "where", None) or None,
+               "question": example.question, "answers": list(example.answers),
+               "ctxs": list(example.ctxs)}
+  if not isinstance(example, Mapping) or not isinstance(example.get("question"), str):
+    raise ValueError(f"{where}: needs a 'question' string")
+  answers = example.get("answers", example.get("answer"))
+  if answers is None:
+    raise ValueError(f"{where}: needs 'answers' (a list of strings) or 'answer'")
+  try:
+    answers = _as_answers(answers)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from e
+  ctxs = example.get("ctxs") or []
+  if not isinstance(ctxs, (list, tuple)) or not all(isinstance(c, (Mapping, str))
+                                                    for c in ctxs):
+    raise ValueError(f"{where}: 'ctxs' must be a list of {{'title', 'text'}} objects")
+  return {"id": example.get("id", where), "question": example["question"],
+          "answers": answers, "ctxs": list(ctxs)}
+
+
+def read_qa_jsonl(path: str, max_examples: Optional[int] = None) -> list[dict[str, Any]]:
+  """QA examples of a .jsonl (or .json list) file, read by the project's QA reader
+  (``retro_jax.data.instructions.read_qa_examples``; errors name the file and line).
+  An example's id is its ``path:line``."""
+  from retro_jax.data import instructions  # pylint: disable=g-import-not-at-top
+  examples = instructions.read_qa_examples(path)
+  if max_examples is not None:
+    examples = examples[:max_examples]
+  if not examples:
+    raise ValueError(f"{path}: no QA examples")
+  return [parse_qa_example(e, where=e.where) for e in examples]
+
+
+# The runner --------------------------------------------------------------------------
+
+
+def build_prompt(example: Mapping[str, Any], num_passages: int) -> str:
+  from retro_jax.data.chat import qa_prompt  # pylint: disable=g-import-not-at-top
+  return qa_prompt(example["question"], example["ctxs"], num_passages=num_passages)
+
+
+def _neighbor_passages(example: Mapping[str, Any], count: int) -> list[str]:
+  from retro_jax.data.chat import format_passage  # pylint: disable=g-import-not-at-top
+  return [format_passage(c) for c in example["ctxs"][:count]]
+
+
+def _read_partial(path: str) -> list[dict[str, Any]]:
+  """Complete rows of a partial predictions file (a torn last line is dropped)."""
+  rows = []
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          break
+  return rows
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  count = len(rows)
+  return {"exact_match": sum(r["exact_match"] for r in rows) / max(count, 1),
+          "f1": sum(r["f1"] for r in rows) / max(count, 1), "count": count}
+
+
+@gin.configurable(denylist=["generator", "examples"])
+def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir: str,
+           name: str = "qa", num_passages: int = 5, neighbors: str = "none",
+           num_neighbor_passages: Optional[int] = None, max_new_tokens: int = 32,
+           batch_size: int = 16, sampling: Any = None) -> dict[str, Any]:
+  """Generates an answer per question, scores it, writes predictions and scores.
+
+  Args:
+    generator: a ``retro_jax.inference.Generator``.
+    examples: from ``read_qa_jsonl`` (or dicts with question/answers/ctxs).
+    output_dir: gets ``{name}_predictions.jsonl`` and ``{name}_scores.json``.
+    num_passages: contexts in the prompt text (0: the question alone).
+    neighbors: the encoder's neighbors: 'none', 'passages' or 'live'.
+    num_neighbor_passages: contexts used as neighbors with 'passages' (default: the
+      model's k).
+    max_new_tokens, batch_size, sampling: generation settings (greedy by default).
+  Returns:
+    ``{"exact_match", "f1", "count", "settings"}`` (fractions in [0, 1]).
+  """
+  if neighbors not in NEIGHBOR_MODES:
+    raise ValueError(f"run_qa.neighbors={neighbors!r}: must be one of {NEIGHBOR_MODES}")
+  if neighbors == "live" and generator.retriever is None:
+    raise ValueError("run_qa.neighbors='live' needs a generator with a retriever")
+  examples = [parse_qa_example(e, where=f"examples[{i}]") for i, e in enumerate(examples)]
+  k = num_neighbor_passages or generator.config.num_neighbors
+  settings = {"num_passages": num_passages, "neighbors": neighbors,
+              "num_neighbor_passages": k if neighbors == "passages" else 0,
+              "max_new_tokens": max_new_tokens, "sampling": repr(sampling),
+              "examples": len(examples)}
+  os.makedirs(output_dir, exist_ok=True)
+  partial_path = os.path.join(output_dir, f"{name}_predictions.partial.jsonl")
+  settings_path = os.path.join(output_dir, f"{name}_predictions.partial.settings.json")
+  rows: list[dict[str, Any]] = []
+  if os.path.exists(settings_path):
+    with open(settings_path, encoding="utf-8") as f:
+      if json.load(f) == settings:
+        rows = _read_partial(partial_path)[:len(examples)]
+        if rows:
+          logging.info("%s: resuming after %d predictions", partial_path, len(rows))
+  atomic_write_json(settings_path, settings)
+  atomic_write_text(partial_path, "".join(json.dumps(r) + "\n" for r in rows))
+  start_time, done_before = time.perf_counter(), len(rows)
+  with open(partial_path, "a", encoding="utf-8") as partial:
+    for start in range(len(rows), len(examples), batch_size):
+      batch = examples[start:start + batch_size]
+      prompts = [build_prompt(e, num_passages) for e in batch]
+      passages = None
+      if neighbors == "passages":
+        passages = [_neighbor_passages(e, k) for e in batch]
+        if not any(passages):
+          passages = None  # no contexts in the whole batch: the decoder alone
+      result = generator.generate(prompts, max_new_tokens=max_new_tokens,
+                                  sampling=sampling, passages=passages,
+                                  retrieval=neighbors == "live" or passages is not None)
+      for example, raw, chunks in zip(batch, result.texts, result.retrievals):
+        prediction = postprocess_prediction(raw)
+        row = {"id": example["id"], "question": example["question"],
+               "answers": example["answers"], "prediction": prediction, "raw": raw,
+               **score(prediction, example["answers"])}
+        if neighbors == "live":
+          row["retrievals"] = chunks
+        rows.append(row)
+        partial.write(json.dumps(row) + "\n")
+      partial.flush()
+      elapsed = time.perf_counter() - start_time
+      logging.info("%s: %d/%d questions (%.2f questions/s), EM so far %.3f", name,
+                   len(rows), len(examples), (len(rows) - done_before) / max(elapsed, 1e-9),
+                   summarize(rows)["exact_match"])
+  scores = dict(summarize(rows), settings=settings)
+  atomic_write_text(os.path.join(output_dir, f"{name}_predictions.jsonl"),
+                    "".join(json.dumps(r) + "\n" for r in rows))
+  atomic_write_json(os.path.join(output_dir, f"{name}_scores.json"), scores)
+  os.remove(partial_path)
+  os.remove(settings_path)
+  return scores
+
+
+def score_predictions(predictions: Iterable[str], examples: Sequence[Mapping[str, Any]]
+                      ) -> dict[str, float]:
+  """Scores ready-made predictions (e.g. another system's) against QA examples."""
+  rows = [score(postprocess_prediction(p), e["answers"])
+          for p, e in zip(predictions, examples)]
+  return summarize(rows)

@@ -1,0 +1,185 @@
+"""QA scoring against hand-computed cases, and the QA runner's files and resume."""
+
+import json
+import os
+
+import pytest
+
+from retro_jax.evaluation import qa
+
+
+# Normalisation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, squad, parlai", [
+    ("The  Quick, Brown fox!", "quick brown fox", "quick brown fox"),
+    # Articles are whole words only: not inside 'theater', 'banana', 'Athens', 'another'.
+    ("Theater of the Anarchy", "theater of anarchy", "theater of anarchy"),
+    ("a banana, an apple and another Athens", "banana apple and another athens",
+     "banana apple and another athens"),
+    # SQuAD deletes punctuation, ParlAI turns it into spaces.
+    ("U.S.", "us", "u s"),
+    ("rock'n'roll", "rocknroll", "rock n roll"),
+    ("snake_case-word", "snakecaseword", "snake case word"),
+    # Punctuation only.
+    ("!!!", "", ""),
+    # Unicode letters are kept and lower-cased; non-ASCII punctuation is not removed.
+    ("ZÜRICH.", "zürich", "zürich"),
+    ("Ça va — bien", "ça va — bien", "ça va — bien"),
+    ("", "", ""),
+])
+def test_normalisation(text, squad, parlai):
+  assert qa.normalize_answer(text) == squad
+  assert qa.normalize_answer_parlai(text) == parlai
+
+
+# Exact match and F1 -------------------------------------------------------------------
+
+
+def test_exact_match_cases():
+  assert qa.exact_match("The Vell.", ["vell"]) == 1.0
+  assert qa.exact_match("Vell river", ["vell"]) == 0.0
+  assert qa.exact_match("US", ["U.S."]) == 1.0          # SQuAD deletes the dots
+  assert qa.exact_match("zürich", ["Zürich!"]) == 1.0
+  assert qa.exact_match("zurich", ["Zürich"]) == 0.0     # no accent folding
+  assert qa.exact_match("Quenton", ["the vell", "QUENTON", "x"]) == 1.0  # max over golds
+  assert qa.exact_match("", ["x"]) == 0.0                # empty prediction
+  assert qa.exact_match("?", ["!!!"]) == 1.0             # both normalise to nothing
+  assert qa.exact_match("x", "x") == 1.0                 # a single gold string
+
+
+def test_token_f1_cases():
+  # pred [quenton, river] vs gold [quenton]: P = 1/2, R = 1, F1 = 2/3 (max over golds).
+  assert qa.token_f1("Quenton river", ["the Vell", "Quenton"]) == pytest.approx(2 / 3)
+  # Repeated tokens count with multiplicity: pred [x y y z], gold [y y y]:
+  # common y:2, P = 2/4, R = 2/3, F1 = 4/7.
+  assert qa.token_f1("x y y z", ["y y y"]) == pytest.approx(4 / 7)
+  # ParlAI splits 'U.S.' into 'u s': no common token with 'us'.
+  assert qa.token_f1("us", ["U.S."]) == 0.0
+  assert qa.token_f1("u.s. army", ["U.S."]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+  assert qa.token_f1("", ["x"]) == 0.0                   # empty prediction
+  assert qa.token_f1("the", ["a"]) == 1.0                # every gold is empty, so is pred
+  assert qa.token_f1("x", ["!!!"]) == 0.0
+  assert qa.token_f1("x", ["!!!", "x"]) == 1.0           # empty golds are skipped
+  assert qa.score("The Vell", ["vell"]) == {"exact_match": 1.0, "f1": 1.0}
+
+
+def test_gold_answers_must_be_strings():
+  with pytest.raises(ValueError, match="non-empty list of strings"):
+    qa.exact_match("x", [])
+  with pytest.raises(ValueError, match="non-empty list of strings"):
+    qa.token_f1("x", [3])
+
+
+@pytest.mark.parametrize("raw, answer", [
+    (" Quenton.", "Quenton."),
+    ("Answer: Quenton\nQuestion: next", "Quenton"),
+    (" A: the Vell river <|endoftext|> junk", "the Vell river"),
+    ("\n\n Vell \n more", "Vell"),
+    ("Answer: A: x", "x"),
+    ("", ""),
+])
+def test_postprocess_prediction(raw, answer):
+  assert qa.postprocess_prediction(raw) == answer
+
+
+# Reading ------------------------------------------------------------------------------
+
+
+def test_read_qa_jsonl_and_errors(tmp_path):
+  path = tmp_path / "nq.jsonl"
+  path.write_text(json.dumps({"question": "q1", "answers": ["a"], "ctxs": [
+      {"title": "T", "text": "body"}]}) + "\n\n" + json.dumps(
+          {"question": "q2", "answer": "b"}) + "\n")
+  examples = qa.read_qa_jsonl(str(path))
+  assert [e["id"] for e in examples] == [f"{path}:1", f"{path}:3"]
+  assert examples[1]["answers"] == ["b"] and examples[1]["ctxs"] == []
+  assert examples[0]["ctxs"] == [{"title": "T", "text": "body"}]
+  assert len(qa.read_qa_jsonl(str(path), max_examples=1)) == 1
+  path.write_text(json.dumps({"question": "q"}) + "\n")
+  with pytest.raises(ValueError, match=r"nq.jsonl:1: missing field 'answer'"):
+    qa.read_qa_jsonl(str(path))
+  path.write_text(json.dumps({"question": "q", "answers": []}) + "\n")
+  with pytest.raises(ValueError, match=r"nq.jsonl:1: gold answers must be a non-empty"):
+    qa.read_qa_jsonl(str(path))
+
+
+# The runner ---------------------------------------------------------------------------
+
+
+class _Config:
+  num_neighbors = 2
+
+
+class _Result:
+
+  def __init__(self, texts):
+    self.texts = texts
+    self.retrievals = [[] for _ in texts]
+
+
+class FakeGenerator:
+  """Answers with the first word after 'source: ' in its prompt; records its calls."""
+
+  config = _Config()
+  retriever = None
+
+  def __init__(self, fail_after=None):
+    self.calls, self.fail_after = [], fail_after
+
+  def generate(self, prompts, *, max_new_tokens, sampling, passages, retrieval):
+    if self.fail_after is not None and len(self.calls) >= self.fail_after:
+      raise RuntimeError("killed")
+    self.calls.append({"prompts": prompts, "passages": passages, "retrieval": retrieval})
+    texts = []
+    for p in prompts:
+      words = p.split("source: ")[1].split() if "source: " in p else ["nothing"]
+      texts.append(" " + words[0].strip(",") + ".\nUser: more")
+    return _Result(texts)
+
+
+EXAMPLES = [
+    {"question": "What river?", "answers": ["the Vell"],
+     "ctxs": [{"title": "Zorbia", "text": "Vell flows"}, {"title": "b", "text": "x"}]},
+    {"question": "Which city?", "answers": ["Quenton", "Q"],
+     "ctxs": [{"title": "Zorbia", "text": "Tessel is near"}]},
+    {"question": "No context?", "answers": ["nothing"], "ctxs": []},
+]
+
+
+def test_run_qa_writes_predictions_and_scores(tmp_path):
+  generator = FakeGenerator()
+  scores = qa.run_qa(generator, EXAMPLES, output_dir=str(tmp_path), name="nq",
+                     num_passages=1, neighbors="passages", batch_size=2)
+  assert scores["count"] == 3
+  assert scores["exact_match"] == pytest.approx(2 / 3)  # Vell, nothing right; Tessel wrong
+  assert scores["f1"] == pytest.approx(2 / 3)
+  rows = [json.loads(l) for l in open(tmp_path / "nq_predictions.jsonl")]
+  assert [r["prediction"] for r in rows] == ["Vell.", "Tessel.", "nothing."]
+  assert rows[0]["raw"].startswith(" Vell.") and rows[1]["exact_match"] == 0.0
+  assert json.load(open(tmp_path / "nq_scores.json"))["settings"]["neighbors"] == "passages"
+  # Prompts are InstructRetro's; the top k=2 contexts are the encoder's neighbors.
+  first = generator.calls[0]
+  assert first["prompts"][0].endswith("Answer the following question with a short span. "
+                                      "What river?\n\nAssistant: The answer is")
+  assert "title: Zorbia, source: Vell flows" in first["prompts"][0]
+  assert first["passages"][0] == ["title: Zorbia, source: Vell flows", "title: b, source: x"]
+  assert generator.calls[1]["passages"] is None and not generator.calls[1]["retrieval"]
+  assert sorted(os.listdir(tmp_path)) == ["nq_predictions.jsonl", "nq_scores.json"]
+
+
+def test_run_qa_resumes_after_a_kill(tmp_path):
+  with pytest.raises(RuntimeError, match="killed"):
+    qa.run_qa(FakeGenerator(fail_after=1), EXAMPLES, output_dir=str(tmp_path),
+              num_passages=1, batch_size=2)
+  assert len(open(tmp_path / "qa_predictions.partial.jsonl").readlines()) == 2
+  resumed = FakeGenerator()
+  scores = qa.run_qa(resumed, EXAMPLES, output_dir=str(tmp_path), num_passages=1,
+                     batch_size=2)
+  assert len(resumed.calls) == 1 and resumed.calls[0]["prompts"][0].endswith(
+      "No context?\n\nAssistant: The answer is")
+  fresh = qa.run_qa(FakeGenerator(), EXAMPLES, output_dir=str(tmp_path / "b"),
+                    num_passages=1, batch_size=2)
+  assert scores == fresh
+  with pytest.raises(ValueError, match="neighbors='retrieve'"):
+    qa.run_qa(FakeGenerator(), EXAMPLES, output_dir=str(tmp_path), neighbors="retrieve")
