@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from retro_jax.bench.embedding import prose_chunks
+from retro_jax.bench.embedding import prose_chunks, run_embedding_bench
 from retro_jax.data import vocab as vocab_lib
 from retro_jax.retrieval import embedders
 from retro_jax.retrieval.embedders import (ChunkEmbedder, FlaxSentenceEmbedder, load_embedder,
@@ -203,3 +203,13 @@ def test_chunk_embedder_drops_pad_and_eod(flax_embedder, tmp_path):
                              atol=1e-6)
   with pytest.raises(ValueError, match=r"\[n, m\]"):
     chunk_embedder(tokens[0])
+
+
+def test_embedding_bench_runs_both_sides():
+  lines = []
+  rows = run_embedding_bench(TEXTS[-4:], repeats=1, print_fn=lines.append,
+                             embedder_options={"buckets": BUCKETS})
+  assert [r["name"].split(" ")[0] for r in rows] == ["retro_jax", "sentence-transformers"]
+  assert rows[0]["min_cosine"] >= 0.999 and rows[1]["ratio"] == 1.0
+  assert rows[0]["ratio"] == rows[0]["chunks_per_s"] / rows[1]["chunks_per_s"]
+  assert lines[1].startswith("| embedder |") and len(lines) == 4

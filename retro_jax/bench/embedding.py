@@ -1,16 +1,17 @@
 r"""Chunk-embedding throughput: our Flax encoder vs sentence-transformers (PyTorch).
 
-    python -m retro_jax.bench.embedding                        # 2048 chunks of prose
-    python -m retro_jax.bench.embedding --num_texts=8192 --dtype=bfloat16
+    python -m retro_jax.bench.embedding                        # 512 chunks of prose
+    python -m retro_jax.bench.embedding --num_texts=8192 --dtype=bfloat16   # accelerator
 
 Both embed the same texts on the same machine, end to end (tokenisation, padding,
 encoder, pooling, normalisation; output on the host): ``FlaxSentenceEmbedder.embed_texts``
 and ``SentenceTransformer.encode`` (its default batch of 32, sorted by length). Texts
-default to chunk-sized pieces (~300 characters, about 64 SentencePiece / 50-80
+default to chunk-sized pieces (~256 characters, about 64 SentencePiece / 70
 WordPiece tokens, the length of a RETRO chunk) of real English prose: the Python
 documentation topics shipped with the standard library (``pydoc_data.topics``).
-Each side gets one untimed warm-up pass (jit compiles, allocator warm-up), then the
-best of ``repeats`` timed passes. PyTorch gets as many threads as JAX's CPU backend
+Each side gets an untimed warm-up (the Flax side over all texts, so that every
+padded shape is compiled; sentence-transformers over 64 texts), then the best of
+``repeats`` timed passes. PyTorch gets as many threads as JAX's CPU backend
 uses (the cores this process may run on). The rows also report the smallest cosine
 between the two sides' vectors (a sanity check; parity is tested in
 tests/test_embedders.py).
@@ -31,7 +32,7 @@ HEADER = ("| embedder | device | dtype | texts | mean tokens | seconds | chunks/
           "vs sentence-transformers | min cosine |\n|---|---|---|---|---|---|---|---|---|")
 
 
-def prose_chunks(num_texts: int = 2048, chars: int = 300) -> list[str]:
+def prose_chunks(num_texts: int = 512, chars: int = 256) -> list[str]:
   """``num_texts`` pieces of about ``chars`` characters of English prose, cut at word
   boundaries from the Python documentation topics (deterministic)."""
   from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
@@ -56,9 +57,10 @@ def cpu_threads() -> int:
     return os.cpu_count() or 1
 
 
-def _best_time(fn: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
-  out = fn()                                   # warm-up: compiles, caches
-  best = float("inf")
+def _best_time(fn: Callable[[], np.ndarray], repeats: int,
+               warm_up: Callable[[], object]) -> tuple[float, np.ndarray]:
+  warm_up()
+  best, out = float("inf"), None
   for _ in range(repeats):
     start = time.perf_counter()
     out = fn()
@@ -66,8 +68,8 @@ def _best_time(fn: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.nd
   return best, out
 
 
-def run_embedding_bench(texts: Optional[Sequence[str]] = None, *, num_texts: int = 2048,
-                        chunk_chars: int = 300, embedder: str = "all-MiniLM-L6-v2",
+def run_embedding_bench(texts: Optional[Sequence[str]] = None, *, num_texts: int = 512,
+                        chunk_chars: int = 256, embedder: str = "all-MiniLM-L6-v2",
                         dtype: str = "float32", repeats: int = 2,
                         sentence_transformers: bool = True, st_batch_size: int = 32,
                         threads: Optional[int] = None,
@@ -90,6 +92,8 @@ def run_embedding_bench(texts: Optional[Sequence[str]] = None, *, num_texts: int
     chunks_per_s, ratio (chunks/s over sentence-transformers', None without it),
     min_cosine (against sentence-transformers, None without it).
   """
+  if repeats < 1:
+    raise ValueError(f"repeats={repeats} must be at least 1")
   import jax  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.embedders import load_embedder  # pylint: disable=g-import-not-at-top
   texts = list(texts) if texts is not None else prose_chunks(num_texts, chunk_chars)
@@ -97,7 +101,9 @@ def run_embedding_bench(texts: Optional[Sequence[str]] = None, *, num_texts: int
   mean_tokens = float(np.mean([len(x) for x in flax_embedder.tokenize(texts)]))
   device = jax.devices()[0]
   device_name = f"{device.device_kind} x{len(flax_embedder.devices)}"
-  seconds, flax_vectors = _best_time(lambda: flax_embedder.embed_texts(texts), repeats)
+  embed = lambda: flax_embedder.embed_texts(texts)
+  load_before = os.getloadavg()[0]
+  seconds, flax_vectors = _best_time(embed, repeats, warm_up=embed)
   rows = [dict(name="retro_jax Flax", device=device_name, dtype=dtype, texts=len(texts),
                mean_tokens=mean_tokens, seconds=seconds, chunks_per_s=len(texts) / seconds,
                ratio=None, min_cosine=None)]
@@ -107,9 +113,10 @@ def run_embedding_bench(texts: Optional[Sequence[str]] = None, *, num_texts: int
     torch.set_num_threads(threads or cpu_threads())
     model = SentenceTransformer(flax_embedder.spec.model_dir, device="cpu")
     model.max_seq_length = flax_embedder.spec.max_seq_length
-    st_seconds, st_vectors = _best_time(
-        lambda: model.encode(texts, batch_size=st_batch_size, convert_to_numpy=True,
-                             show_progress_bar=False), repeats)
+    encode = lambda batch: model.encode(batch, batch_size=st_batch_size,
+                                        convert_to_numpy=True, show_progress_bar=False)
+    st_seconds, st_vectors = _best_time(lambda: encode(texts), repeats,
+                                        warm_up=lambda: encode(texts[:64]))
     st_vectors = np.asarray(st_vectors, np.float32)
     cosine = np.sum(flax_vectors * st_vectors, axis=1) / np.maximum(
         np.linalg.norm(flax_vectors, axis=1) * np.linalg.norm(st_vectors, axis=1), 1e-12)
@@ -122,7 +129,9 @@ def run_embedding_bench(texts: Optional[Sequence[str]] = None, *, num_texts: int
                    min_cosine=float(cosine.min()))
     rows.append(st_row)
   print_fn(f"embedding bench: {len(texts)} texts, {mean_tokens:.1f} WordPiece tokens on "
-           f"average, {cpu_threads()} CPU threads, best of {repeats} after a warm-up")
+           f"average, {cpu_threads()} CPU threads, best of {repeats} after a warm-up; "
+           f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}; "
+           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print_fn(HEADER)
   for r in rows:
     print_fn(format_row(r))
@@ -153,8 +162,8 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags as _flags  # pylint: disable=g-import-not-at-top
-  _flags.DEFINE_integer("num_texts", 2048, "Chunk texts to embed.")
-  _flags.DEFINE_integer("chunk_chars", 300, "Characters per text (cut at word boundaries).")
+  _flags.DEFINE_integer("num_texts", 512, "Chunk texts to embed.")
+  _flags.DEFINE_integer("chunk_chars", 256, "Characters per text (cut at word boundaries).")
   _flags.DEFINE_string("embedder", "all-MiniLM-L6-v2", "Known name or local directory.")
   _flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Flax compute dtype.")
   _flags.DEFINE_integer("repeats", 2, "Timed passes after a warm-up (best reported).")

@@ -79,6 +79,8 @@ _LEGACY_POOLING_KEYS = (("pooling_mode_cls_token", "cls"), ("pooling_mode_max_to
                         ("pooling_mode_weightedmean_tokens", "weightedmean"),
                         ("pooling_mode_lasttoken", "lasttoken"))
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Padded tokens per batch by platform (measured with retro_jax.bench.embedding on CPU).
+DEFAULT_TOKENS_PER_BATCH = {"cpu": 1024, "gpu": 32768, "tpu": 32768}
 
 
 # ------------------------------------------------------------------------------------
@@ -105,7 +107,6 @@ def _field(cfg: Mapping[str, Any], key: str, path: str, kind=int) -> Any:
     raise ValueError(f"{path}: field {key!r} = {cfg[key]!r} is not a {kind.__name__}") from e
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
   """A BERT encoder's hyper-parameters (the fields of a Hugging Face ``config.json``)."""
@@ -409,10 +410,18 @@ def default_buckets(max_seq_length: int) -> tuple[int, ...]:
 
 
 def _round_rows(n: int, rows: int, multiple: int) -> int:
-  """Rows a batch of n texts is padded to: the next power of two (<= rows), a multiple
-  of the device count, so that few batch shapes are compiled."""
-  padded = min(rows, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-  return -(-padded // multiple) * multiple
+  """Rows a batch of n texts is padded to (a multiple of the device count, <= rows).
+
+  Small batches round up to a power of two, larger ones to a multiple of rows/8: at
+  most ~log2(rows) + 8 batch shapes per length are compiled, and a batch's padding
+  rows stay under an eighth of it (or under a power of two for tiny batches).
+  """
+  granule = max(1, 1 << max(0, (rows // 8).bit_length() - 1))     # a power of two <= rows/8
+  if n <= granule:
+    padded = 1 << max(0, math.ceil(math.log2(max(n, 1))))
+  else:
+    padded = -(-n // granule) * granule
+  return min(-(-rows // multiple) * multiple, -(-padded // multiple) * multiple)
 
 
 def plan_batches(lengths: Sequence[int], buckets: Sequence[int], tokens_per_batch: int,
@@ -463,7 +472,8 @@ class FlaxSentenceEmbedder:
     dtype: 'float32' (default; parity with sentence-transformers) or 'bfloat16'
       (weights and matmuls; norms, pooling and the output stay float32).
     tokens_per_batch: Padded tokens per jitted call; a batch of length-L texts has
-      ``tokens_per_batch // L`` rows.
+      ``tokens_per_batch // L`` rows. Default ``DEFAULT_TOKENS_PER_BATCH`` of the
+      devices' platform (small on CPU, where cache-sized batches run fastest).
     max_batch_size: Upper bound on the rows of a batch.
     buckets: Padded lengths (default ``default_buckets(max_seq_length)``).
     max_seq_length: Override of the checkpoint's truncation length (in WordPiece
@@ -476,7 +486,7 @@ class FlaxSentenceEmbedder:
   """
 
   def __init__(self, model_dir: str, *, dtype: str = "float32",
-               tokens_per_batch: int = 8192, max_batch_size: int = 256,
+               tokens_per_batch: Optional[int] = None, max_batch_size: int = 256,
                buckets: Optional[Sequence[int]] = None,
                max_seq_length: Optional[int] = None,
                devices: Optional[Sequence[jax.Device]] = None,
@@ -495,7 +505,13 @@ class FlaxSentenceEmbedder:
       spec = dataclasses.replace(spec, max_seq_length=int(max_seq_length))
     self.spec, self.dim, self.dtype = spec, spec.dim, dtype
     self.name = name or spec.model_dir
+    self.devices = list(devices or jax.local_devices())
+    if tokens_per_batch is None:
+      tokens_per_batch = DEFAULT_TOKENS_PER_BATCH.get(self.devices[0].platform, 32768)
     self.tokens_per_batch, self.max_batch_size = int(tokens_per_batch), int(max_batch_size)
+    if self.tokens_per_batch <= 0 or self.max_batch_size <= 0:
+      raise ValueError(f"tokens_per_batch={tokens_per_batch} and max_batch_size="
+                       f"{max_batch_size} must be positive")
     self.buckets = tuple(sorted(set(
         min(int(b), spec.max_seq_length)
         for b in (buckets or default_buckets(spec.max_seq_length)))))
@@ -517,12 +533,10 @@ class FlaxSentenceEmbedder:
     params = jax.tree_util.tree_map(lambda x: np.asarray(x, compute), params)
     self.model = BertEncoder(spec.bert, dtype=compute, param_dtype=compute)
 
-    self.devices = list(devices or jax.local_devices())
     self.mesh = partitioning.make_mesh({"data": -1}, devices=self.devices)
     replicated = NamedSharding(self.mesh, PartitionSpec())
     rows = NamedSharding(self.mesh, PartitionSpec("data"))
     self.params = jax.device_put(params, replicated)
-    self._rows_sharding = rows
     self._encode = jax.jit(
         functools.partial(_encode, self.model, spec.pooling, spec.normalize),
         in_shardings=(replicated, rows, rows), out_shardings=rows)

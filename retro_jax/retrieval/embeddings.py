@@ -286,10 +286,11 @@ class Embeddings:
             f"dim={self.dim}, dtype={self.dtype}, shards={len(self._shards)})")
 
   def get(self, start: int, end: int, dtype=np.float32) -> np.ndarray:
-    """Vectors of chunk ids ``[start, end)``: ``[end - start, dim]`` of ``dtype``."""
+    """Vectors of chunk ids ``[start, end)``: ``[end - start, dim]`` of ``dtype``
+    (None: the stored dtype)."""
     if not 0 <= start <= end <= self.num_vectors:
       raise IndexError(f"chunk range [{start}, {end}) outside [0, {self.num_vectors})")
-    out = np.empty((end - start, self.dim), dtype)
+    out = np.empty((end - start, self.dim), self.dtype if dtype is None else dtype)
     s = int(np.searchsorted(self._ends, start, side="right"))
     position = start
     while position < end:
@@ -342,6 +343,7 @@ def _define_flags():
   flags.DEFINE_bool("progress", None, "Show a progress bar (default true).")
   flags.DEFINE_multi_string("gin_file", [], "gin files (searched in gin/ too).")
   flags.DEFINE_multi_string("gin_bindings", [], "gin bindings KEY=VALUE.")
+  flags.mark_flags_as_required(["db", "vocab", "output_dir"])
 
 
 def main(argv: Sequence[str]) -> None:
@@ -351,9 +353,6 @@ def main(argv: Sequence[str]) -> None:
   from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   gin_utils.parse_gin(f.gin_file, f.gin_bindings)
-  for required in ("db", "vocab", "output_dir"):
-    if f[required].value is None:
-      raise flags.ValidationError(f"--{required} is required")
   kwargs = {k: f[k].value for k in _FLAG_ARGS if f[k].value is not None}
   result = build_embeddings(f.db, f.vocab, f.output_dir, **kwargs)
   print(json.dumps(dataclasses.asdict(result), indent=2, sort_keys=True))
