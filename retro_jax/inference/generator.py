@@ -188,6 +188,13 @@ class GenerationResult:
 # Helpers ----------------------------------------------------------------------------
 
 
+def _tokenizer_size(vocab: Any, default: int) -> int:
+  """Ids the tokenizer can decode: SentencePiece's piece count, seqio's vocab_size."""
+  size = getattr(vocab, "get_piece_size", None) or getattr(vocab, "vocab_size", None)
+  size = size() if callable(size) else size
+  return int(size) if size else default
+
+
 def _has_retro_params(params: Any) -> bool:
   paths = jax.tree_util.tree_flatten_with_path(params)[0]
   return any(getattr(key, "key", None) in RETRO_PARAM_NAMES
@@ -235,6 +242,7 @@ class Generator:
     self.eos_id = None if eos_id is None else int(eos_id)
     self.pad_id = int(pad_id)
     self.sync_every = sync_every
+    self._tokenizer_size = _tokenizer_size(vocab, config.vocab_size)
     # A GPT checkpoint (decoder only) can only generate with retrieval off.
     self.has_retro = _has_retro_params(params)
 
@@ -329,6 +337,9 @@ class Generator:
       t0 = time.perf_counter()
       chunk = cca.neighbor_chunk_of_token(positions, m)
       chunk_tokens = np.stack([seq[b, j * m:(j + 1) * m] for b, j in zip(rows, chunk)])
+      # Ids the tokenizer does not have (a vocabulary padded beyond it) have no text.
+      chunk_tokens = np.where(chunk_tokens < self._tokenizer_size, chunk_tokens,
+                              self.pad_id)
       tokens, mask, info = neighbors(rows, chunk_tokens, chunk)
       tokens = np.asarray(tokens, np.int32)
       if tokens.shape[-1] != r:
@@ -409,8 +420,11 @@ class Generator:
   def _eod_id(self) -> int:
     return vocab_lib.EOS_ID if self.eos_id is None else self.eos_id
 
-  def _decode_ids(self, ids: Sequence[int]) -> str:
-    ids = [int(i) for i in ids if i != self.pad_id and i != self._eod_id]
+  def _decode_ids(self, ids: Sequence[int], drop_special: bool = True) -> str:
+    """Text of ids, without ids the tokenizer lacks (and pad/EOD with drop_special)."""
+    ids = [int(i) for i in ids if 0 <= i < self._tokenizer_size]
+    if drop_special:
+      ids = [i for i in ids if i != self.pad_id and i != self._eod_id]
     return self.vocab.decode(ids)
 
   @staticmethod
@@ -432,7 +446,7 @@ class Generator:
       finished.append(bool(len(stop)))
       ids = ids[:stop[0]] if len(stop) else ids
       tokens.append(ids.astype(np.int32))
-      texts.append(self.vocab.decode([int(i) for i in ids]))
+      texts.append(self._decode_ids(ids, drop_special=False))
     logits = None
     if step_logits is not None:
       logits = np.stack([np.asarray(x) for x in step_logits], axis=1)
