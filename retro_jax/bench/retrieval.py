@@ -1,0 +1,486 @@
+r"""Retrieval pipeline speed and memory: embedding, index, neighbors, chunk-DB RSS.
+
+    python -m retro_jax.bench.retrieval                      # everything, 1M vectors
+    python -m retro_jax.bench.retrieval --num_vectors=100000 --sections=index
+
+Sections (``--sections``, comma-separated):
+
+* ``embedding``: chunks/s of the Flax MiniLM encoder vs sentence-transformers on the
+  same prose chunks (``retro_jax.bench.embedding.run_embedding_bench``).
+* ``index``: the neighbor-map workload at ``--num_vectors`` DB chunks: train the
+  default index (``retro_jax.retrieval.index.default_factory``, or ``--factory``), add
+  (vectors/s), then ``build_neighbor_map`` for ``--num_queries`` query chunks (queries/s,
+  the stage's own code path: search k + extra candidates, select, write the NeMo KNN
+  file) and recall@k of its rows against exact search (``IndexFlatIP``) on a seeded
+  subset of ``--recall_queries`` queries. The total (train + add + neighbors) is the
+  time to "neighbors for N chunks" once the chunks are embedded.
+* ``real_recall``: recall@k of the default IVF index at its default nprobe on the real
+  MiniLM embeddings alone (queries: held-out real chunks).
+* ``db_rss``: peak RSS of ``build_chunk_db`` at two corpus sizes, each in a fresh
+  subprocess (``resource.getrusage``): bounded, independent of the DB size.
+
+Vectors. Real vectors are MiniLM embeddings (the Flax embedder) of real English prose:
+``prose_documents()`` = the Python documentation topics (``pydoc_data.topics``) and
+the docstrings of the standard library's modules, cut into 40-word chunks (~64
+WordPiece tokens); about 8k chunks, deterministic, no download. They are cached in
+``--cache_dir``. Embedding a million chunks does not fit this benchmark's budget on a
+CPU (MiniLM embeds tens of chunks/s per core), so larger sets are made by a documented
+generator, ``synthetic_like(real, n)``: a smoothed bootstrap (kernel density sample) of
+the real embeddings. Each synthetic vector is a random real vector plus Gaussian noise
+with the real embeddings' covariance scaled by ``bandwidth^2``, renormalised to unit
+length; the bandwidth is set so that a synthetic vector's cosine to its parent equals
+the mean cosine of a real chunk to its nearest real neighbor. The result has the real
+data's anisotropy and topic clusters at the scale of real neighbor distances. Queries
+are drawn from the same generator independently of the DB (a query is never a DB
+vector). How the vectors were made is printed with the results.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import resource
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+WORDS_PER_CHUNK = 40
+_SKIP_DIRS = ("test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__",
+              "turtledemo", "ensurepip")
+
+
+# ----------------------------------------------------------------------------------
+# Real text and real vectors
+# ----------------------------------------------------------------------------------
+
+
+def _stdlib_docstring_documents() -> Iterator[tuple[str, str]]:
+  root = sysconfig.get_paths()["stdlib"]
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+    for filename in sorted(filenames):
+      if not filename.endswith(".py"):
+        continue
+      path = os.path.join(dirpath, filename)
+      try:
+        with open(path, encoding="utf-8") as f:
+          tree = ast.parse(f.read())
+      except (SyntaxError, UnicodeDecodeError, ValueError):
+        continue
+      parts = []
+      for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                             ast.AsyncFunctionDef)):
+          doc = ast.get_docstring(node)
+          if doc and len(doc.split()) >= 8:
+            parts.append(doc)
+      if parts:
+        yield os.path.relpath(path, root), "\n\n".join(parts)
+
+
+def prose_documents(max_documents: Optional[int] = None, *, stdlib: bool = True
+                    ) -> list[tuple[str, str]]:
+  """Real English prose shipped with Python, as ``(title, text)`` documents.
+
+  The documentation topics (``pydoc_data.topics``, sorted by name), then (``stdlib``)
+  the docstrings of each standard-library module (sorted by path). Deterministic for a
+  Python version; no download.
+  """
+  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
+  docs = [(f"pydoc:{name}", topics[name]) for name in sorted(topics)]
+  if stdlib:
+    docs.extend(_stdlib_docstring_documents())
+  return docs[:max_documents] if max_documents is not None else docs
+
+
+def prose_chunk_texts(documents: Sequence[tuple[str, str]],
+                      words_per_chunk: int = WORDS_PER_CHUNK
+                      ) -> tuple[list[str], np.ndarray]:
+  """Documents cut into chunks of ``words_per_chunk`` words: (texts, doc index [n])."""
+  texts, docs = [], []
+  for i, (_, text) in enumerate(documents):
+    words = text.split()
+    for start in range(0, len(words), words_per_chunk):
+      texts.append(" ".join(words[start:start + words_per_chunk]))
+      docs.append(i)
+  return texts, np.asarray(docs, np.int64)
+
+
+def real_embeddings(embedder: Any = None, *, max_chunks: Optional[int] = None,
+                    cache_dir: Optional[str] = None, progress: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """MiniLM embeddings of ``prose_documents()``'s chunks: (float32 [n, dim], docs [n]).
+
+  Args:
+    embedder: An embedder (``embed_texts``); default ``load_embedder()`` (Flax MiniLM).
+    max_chunks: Keep the first chunks only.
+    cache_dir: Cache the vectors there (keyed by the texts and the embedder).
+  """
+  texts, docs = prose_chunk_texts(prose_documents())
+  if max_chunks is not None:
+    texts, docs = texts[:max_chunks], docs[:max_chunks]
+  if embedder is None:
+    from retro_jax.retrieval.embedders import load_embedder  # pylint: disable=g-import-not-at-top
+    embedder = load_embedder()
+  key = hashlib.sha256()
+  key.update("\n".join(texts).encode())
+  key.update(str(getattr(embedder, "fingerprint", type(embedder).__name__)).encode())
+  with contextlib.suppress(TypeError, OSError):     # the embedder's code, too
+    with open(inspect.getsourcefile(type(embedder)), "rb") as f:
+      key.update(f.read())
+  key = key.hexdigest()[:16]
+  path = os.path.join(cache_dir, f"prose_{len(texts)}_{key}.npy") if cache_dir else None
+  if path and os.path.exists(path):
+    return np.load(path), docs
+  began = time.time()
+  out = []
+  block = 512
+  for lo in range(0, len(texts), block):
+    out.append(np.asarray(embedder.embed_texts(texts[lo:lo + block]), np.float32))
+    if progress:
+      done = min(len(texts), lo + block)
+      print(f"\rembedding real chunks: {done}/{len(texts)} "
+            f"({done / max(time.time() - began, 1e-9):.0f} chunks/s)", end="",
+            file=sys.stderr, flush=True)
+  if progress:
+    print(file=sys.stderr)
+  vectors = np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)
+  if path:
+    os.makedirs(cache_dir, exist_ok=True)
+    from retro_jax.utils.io import atomic_path  # pylint: disable=g-import-not-at-top
+    with atomic_path(path) as tmp:
+      with open(tmp, "wb") as f:
+        np.save(f, vectors)
+  return vectors, docs
+
+
+# ----------------------------------------------------------------------------------
+# The generator
+# ----------------------------------------------------------------------------------
+
+
+def nearest_neighbor_cosine(real: np.ndarray, docs: Optional[np.ndarray] = None) -> float:
+  """Mean cosine of a real vector to its nearest other vector (of another document)."""
+  import faiss  # pylint: disable=g-import-not-at-top
+  index = faiss.IndexFlatIP(real.shape[1])
+  index.add(real)
+  scores, ids = index.search(real, 16)
+  best = []
+  for row in range(len(real)):
+    for score, j in zip(scores[row], ids[row]):
+      if j != row and (docs is None or docs[j] != docs[row]):
+        best.append(score)
+        break
+  return float(np.mean(best))
+
+
+def synthetic_like(real: np.ndarray, n: int, *, seed: int = 0,
+                   target_cosine: Optional[float] = None, block: int = 65536
+                   ) -> tuple[np.ndarray, dict]:
+  """``n`` unit vectors from a smoothed bootstrap of ``real`` (see the module docstring).
+
+  Returns:
+    (float32 [n, dim], a description dict: parents, bandwidth, target cosine).
+  """
+  rng = np.random.default_rng(seed)
+  real = np.asarray(real, np.float32)
+  mean = real.mean(axis=0)
+  centered = real - mean
+  cov = centered.T @ centered / max(len(real) - 1, 1)
+  eigval, eigvec = np.linalg.eigh(cov.astype(np.float64))
+  root = (eigvec * np.sqrt(np.clip(eigval, 0, None))).astype(np.float32)  # cov = root root^T
+  target = nearest_neighbor_cosine(real) if target_cosine is None else target_cosine
+  # E|noise|^2 = h^2 tr(cov); a unit parent plus noise has cosine ~ 1/sqrt(1 + h^2 tr).
+  trace = float(np.trace(cov))
+  bandwidth = float(np.sqrt(max(1.0 / target ** 2 - 1.0, 1e-6) / trace))
+  out = np.empty((n, real.shape[1]), np.float32)
+  for lo in range(0, n, block):
+    hi = min(n, lo + block)
+    parents = real[rng.integers(0, len(real), hi - lo)]
+    noise = rng.standard_normal((hi - lo, real.shape[1]), dtype=np.float32) @ root.T
+    x = parents + bandwidth * noise
+    out[lo:hi] = x / np.linalg.norm(x, axis=1, keepdims=True)
+  description = {"generator": "smoothed bootstrap of real MiniLM embeddings",
+                 "real_vectors": int(len(real)), "bandwidth": bandwidth,
+                 "target_parent_cosine": target, "seed": seed}
+  return out, description
+
+
+# ----------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------
+
+
+def _write_random_db(prefix: str, num_chunks: int, *, retrieval_db: bool, seed: int,
+                     chunks_per_doc: int = 16, chunk_size: int = 64) -> None:
+  """A chunk DB of ``num_chunks`` chunks of random tokens (the neighbor workload reads
+  its documents for alignment only; the vectors come from the generator)."""
+  from retro_jax.retrieval import formats  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  with formats.ChunkDBWriter(prefix, dtype=np.uint16, pad_id=0, chunk_size=chunk_size,
+                             retrieval_db=retrieval_db) as writer:
+    left = num_chunks
+    while left:
+      count = min(chunks_per_doc, left)
+      writer.add_document(rng.integers(2, 30000, count * chunk_size).astype(np.uint16))
+      left -= count
+
+
+def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int = 2,
+                  extra: int = 8, factory: Optional[str] = None,
+                  nprobe: Optional[int] = None, ef_search: Optional[int] = None,
+                  recall_queries: int = 2000, workdir: Optional[str] = None,
+                  progress: bool = True, seed: int = 0) -> dict:
+  """Train + add + ``build_neighbor_map`` over ``query_vectors``; recall on a subset."""
+  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import formats
+  from retro_jax.retrieval import index as index_lib
+  from retro_jax.retrieval.neighbors import build_neighbor_map
+  # pylint: enable=g-import-not-at-top
+  n, dim = db_vectors.shape
+  workdir = workdir or tempfile.mkdtemp(prefix="bench_retrieval_")
+  factory = factory or index_lib.default_factory(n, dim)
+  began = time.perf_counter()
+  built = index_lib.build_index(db_vectors, os.path.join(workdir, "index"), factory=factory,
+                                seed=seed, progress=progress, use_gpu="auto")
+  build_seconds = time.perf_counter() - began
+  with open(os.path.join(workdir, "index", "manifest.json"), encoding="utf-8") as f:
+    done = json.load(f)["done"]
+  train_seconds = done["trained"]["info"]["seconds"]
+  add_seconds = done[index_lib.shard_name(0, 1)]["info"]["seconds"]
+  searcher = index_lib.load_index(built.index_path, nprobe=nprobe, ef_search=ef_search)
+  _write_random_db(os.path.join(workdir, "db"), n, retrieval_db=True, seed=1)
+  _write_random_db(os.path.join(workdir, "queries"), len(query_vectors),
+                   retrieval_db=False, seed=2)
+  retrieval_db = formats.ChunkDB(os.path.join(workdir, "db"))
+  query_db = formats.ChunkDB(os.path.join(workdir, "queries"))
+  began = time.perf_counter()
+  path = build_neighbor_map(query_db, retrieval_db, None, searcher,
+                            os.path.join(workdir, "neighbors"), k=k, extra=extra,
+                            exclude_same_document=False, block_size=16384,
+                            progress=progress, query_embeddings=query_vectors)
+  neighbor_seconds = time.perf_counter() - began
+  rows = formats.NeighborMap(path)
+  subset = np.sort(np.random.default_rng(seed).choice(
+      len(query_vectors), min(recall_queries, len(query_vectors)), replace=False))
+  queries = np.asarray(query_vectors[subset], np.float32)
+  began = time.perf_counter()
+  _, exact = index_lib.exact_search(db_vectors, queries, k, built.metric)
+  exact_seconds = time.perf_counter() - began
+  recall = index_lib.recall_at_k(rows[subset], exact, k)
+  return {"factory": factory, "metric": built.metric, "db_vectors": n,
+          "queries": len(query_vectors), "k": k, "extra": extra, **searcher.parameters,
+          "train_seconds": train_seconds, "add_seconds": add_seconds,
+          "add_vectors_per_s": n / max(add_seconds, 1e-9),
+          "build_seconds": build_seconds, "neighbor_seconds": neighbor_seconds,
+          "queries_per_s": len(query_vectors) / max(neighbor_seconds, 1e-9),
+          "total_seconds": build_seconds + neighbor_seconds,
+          f"recall@{k}": recall, "recall_queries": len(subset),
+          "exact_queries_per_s": len(subset) / max(exact_seconds, 1e-9),
+          "on_gpu": searcher.on_gpu, "workdir": workdir}
+
+
+def real_recall_section(real: np.ndarray, *, ks: Sequence[int] = (2, 10)) -> dict:
+  """The default mid-size IVF index at its default nprobe on real vectors alone."""
+  from retro_jax.retrieval import index as index_lib  # pylint: disable=g-import-not-at-top
+  held_out = np.arange(len(real)) % 10 == 0
+  db, queries = real[~held_out], real[held_out]
+  factory = index_lib.default_factory(len(db), db.shape[1], exact_below=0)
+  with tempfile.TemporaryDirectory() as workdir:
+    built = index_lib.build_index(db, workdir, factory=factory, progress=False)
+    searcher = index_lib.load_index(built.index_path)
+    _, approx = searcher(queries, max(ks))
+  _, exact = index_lib.exact_search(db, queries, max(ks))
+  return {"factory": factory, "db_vectors": len(db), "queries": len(queries),
+          **searcher.parameters,
+          **{f"recall@{k}": index_lib.recall_at_k(approx, exact, k) for k in ks}}
+
+
+_RSS_CHILD = r"""
+import json, resource, sys, time
+from retro_jax.retrieval.chunk_db import build_chunk_db
+began = time.time()
+result = build_chunk_db(sys.argv[1], sys.argv[2], sys.argv[3], retrieval_db=True,
+                        progress=False)
+print(json.dumps({"seconds": time.time() - began, "info": result.info,
+                  "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def _write_corpus(path: str, documents: Sequence[tuple[str, str]], num_docs: int) -> int:
+  """``num_docs`` jsonl documents cycling over ``documents`` (each copy numbered)."""
+  written = 0
+  with open(path, "w", encoding="utf-8") as f:
+    for i in range(num_docs):
+      title, text = documents[i % len(documents)]
+      line = json.dumps({"text": f"[{i}] {title}\n{text}"}) + "\n"
+      f.write(line)
+      written += len(line.encode("utf-8"))
+  return written
+
+
+def db_rss_section(doc_counts: Sequence[int] = (5_000, 50_000), *,
+                   workdir: Optional[str] = None) -> list[dict]:
+  """Peak RSS of ``build_chunk_db`` (retrieval flavour) in a fresh process per size."""
+  from retro_jax.data.vocab import train_sentencepiece  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import formats  # pylint: disable=g-import-not-at-top
+  workdir = workdir or tempfile.mkdtemp(prefix="bench_db_rss_")
+  documents = prose_documents()
+  vocab = train_sentencepiece((text for _, text in documents[:200]),
+                              os.path.join(workdir, "spm"), 8000)
+  rows = []
+  for count in doc_counts:
+    corpus = os.path.join(workdir, f"corpus_{count}.jsonl")
+    corpus_bytes = _write_corpus(corpus, documents, count)
+    out = os.path.join(workdir, f"db_{count}")
+    child = subprocess.run([sys.executable, "-c", _RSS_CHILD, corpus, vocab, out],
+                           capture_output=True, text=True, check=True,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    report = json.loads(child.stdout.strip().splitlines()[-1])
+    db = formats.ChunkDB(os.path.join(out, "chunks"))
+    db_bytes = os.path.getsize(db.idx_path) + os.path.getsize(db.bin_path)
+    rows.append({"documents": count, "corpus_mib": corpus_bytes / 2**20,
+                 "chunks": db.num_chunks, "db_mib": db_bytes / 2**20,
+                 "seconds": report["seconds"], "peak_rss_mib": report["max_rss_kib"] / 1024})
+    db.close()
+  return rows
+
+
+# ----------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------
+
+SECTIONS = ("embedding", "index", "real_recall", "db_rss")
+
+
+def _default_cache_dir() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "retro_jax", "bench")
+
+
+def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
+        num_queries: Optional[int] = None, recall_queries: int = 2000, k: int = 2,
+        factory: Optional[str] = None, nprobe: Optional[int] = None,
+        ef_search: Optional[int] = None, embedding_texts: int = 1024,
+        db_docs: Sequence[int] = (5_000, 50_000), cache_dir: Optional[str] = None,
+        seed: int = 0, progress: bool = True, print_fn=print) -> dict:
+  """Runs the sections; prints markdown tables; returns the figures."""
+  import faiss  # pylint: disable=g-import-not-at-top
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown:
+    raise ValueError(f"unknown sections {unknown}; known: {SECTIONS}")
+  results: dict[str, Any] = {"machine": _machine()}
+  print_fn(f"machine: {results['machine']}; faiss {faiss.__version__}, "
+           f"{faiss.omp_get_max_threads()} threads, {index_gpus()} GPUs")
+  if "embedding" in sections:
+    from retro_jax.bench.embedding import run_embedding_bench  # pylint: disable=g-import-not-at-top
+    texts, _ = prose_chunk_texts(prose_documents())
+    results["embedding"] = run_embedding_bench(texts[:embedding_texts], print_fn=print_fn)
+  real = None
+  if {"index", "real_recall"} & set(sections):
+    real, _ = real_embeddings(cache_dir=cache_dir or _default_cache_dir(), progress=progress)
+  if "real_recall" in sections:
+    row = real_recall_section(real)
+    results["real_recall"] = row
+    print_fn(f"\nrecall of the default IVF index on {row['db_vectors']} real MiniLM "
+             f"embeddings ({row['queries']} held-out real queries)")
+    print_fn("| factory | nprobe | recall@2 | recall@10 |\n|---|---|---|---|")
+    print_fn(f"| {row['factory']} | {row.get('nprobe')} | {row['recall@2']:.3f} | "
+             f"{row['recall@10']:.3f} |")
+  if "index" in sections:
+    num_queries = num_vectors if num_queries is None else num_queries
+    began = time.perf_counter()
+    if num_vectors <= len(real) // 2 and num_queries <= len(real) - num_vectors:
+      db_vectors, query_vectors = real[:num_vectors], real[num_vectors:][:num_queries]
+      made = {"generator": None, "real_vectors": len(real)}
+    else:
+      db_vectors, made = synthetic_like(real, num_vectors, seed=seed)
+      query_vectors, _ = synthetic_like(real, num_queries, seed=seed + 1,
+                                        target_cosine=made["target_parent_cosine"])
+    generate_seconds = time.perf_counter() - began
+    row = index_section(db_vectors, query_vectors, k=k, factory=factory, nprobe=nprobe,
+                        ef_search=ef_search, recall_queries=recall_queries,
+                        progress=progress, seed=seed)
+    row["vectors"] = made
+    results["index"] = row
+    source = ("real MiniLM embeddings" if made["generator"] is None else
+              f"{made['generator']} ({made['real_vectors']} real vectors, bandwidth "
+              f"{made['bandwidth']:.3f}, parent cosine {made['target_parent_cosine']:.3f}; "
+              f"generated in {generate_seconds:.0f}s, not counted)")
+    print_fn(f"\nneighbors for {row['queries']:,} query chunks over {row['db_vectors']:,} "
+             f"DB chunks (k={k}, +{row['extra']} candidates; vectors: {source})")
+    print_fn("| factory | nprobe | efSearch | train s | add vectors/s | neighbor queries/s | "
+             f"total s (train+add+neighbors) | recall@{k} vs exact ({row['recall_queries']} "
+             "queries) |\n|---|---|---|---|---|---|---|---|")
+    print_fn(f"| {row['factory']} | {row.get('nprobe', '-')} | {row.get('ef_search', '-')} | "
+             f"{row['train_seconds']:.1f} | {row['add_vectors_per_s']:,.0f} | "
+             f"{row['queries_per_s']:,.0f} | {row['total_seconds']:.1f} | "
+             f"{row[f'recall@{k}']:.3f} |")
+  if "db_rss" in sections:
+    rows = db_rss_section(db_docs)
+    results["db_rss"] = rows
+    print_fn("\npeak RSS of a retrieval-DB build (fresh process each; tokenize + write "
+             "retmmap)\n| documents | corpus MiB | chunks | DB MiB | seconds | "
+             "peak RSS MiB |\n|---|---|---|---|---|---|")
+    for r in rows:
+      print_fn(f"| {r['documents']:,} | {r['corpus_mib']:.1f} | {r['chunks']:,} | "
+               f"{r['db_mib']:.1f} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} |")
+  return results
+
+
+def index_gpus() -> int:
+  from retro_jax.retrieval.index import _gpu_count  # pylint: disable=g-import-not-at-top
+  return _gpu_count()
+
+
+def _machine() -> str:
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:
+    cores = os.cpu_count() or 1
+  try:
+    with open("/proc/meminfo", encoding="utf-8") as f:
+      mem = int(f.readline().split()[1]) / 2**20
+    return f"{cores} vCPU, {mem:.0f} GiB"
+  except OSError:
+    return f"{cores} vCPU"
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  run(sections=[s for s in f.sections.split(",") if s], num_vectors=f.num_vectors,
+      num_queries=f.num_queries, recall_queries=f.recall_queries, k=f.k,
+      factory=f.factory, nprobe=f.nprobe, ef_search=f.ef_search,
+      embedding_texts=f.embedding_texts, db_docs=[int(x) for x in f.db_docs.split(",")],
+      cache_dir=f.cache_dir, seed=f.seed, progress=f.progress)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags as _flags  # pylint: disable=g-import-not-at-top
+  _flags.DEFINE_string("sections", ",".join(SECTIONS), f"Comma-separated: {SECTIONS}.")
+  _flags.DEFINE_integer("num_vectors", 1_000_000, "DB chunks of the index section.")
+  _flags.DEFINE_integer("num_queries", None, "Query chunks (default: num_vectors).")
+  _flags.DEFINE_integer("recall_queries", 2000, "Queries checked against exact search.")
+  _flags.DEFINE_integer("k", 2, "Neighbors per chunk.")
+  _flags.DEFINE_string("factory", None, "Faiss factory (default: by DB size).")
+  _flags.DEFINE_integer("nprobe", None, "IVF nprobe (default: by index size).")
+  _flags.DEFINE_integer("ef_search", None, "HNSW efSearch.")
+  _flags.DEFINE_integer("embedding_texts", 1024, "Texts for the embedding section.")
+  _flags.DEFINE_string("db_docs", "5000,50000", "Corpus sizes (documents) for db_rss.")
+  _flags.DEFINE_string("cache_dir", None, "Cache of the real embeddings (default "
+                       "~/.cache/retro_jax/bench).")
+  _flags.DEFINE_integer("seed", 0, "Generator and index seed.")
+  _flags.DEFINE_bool("progress", True, "Progress bars.")
+  app.run(main)
