@@ -19,6 +19,11 @@ checks this on the first chunk of each document it touches and fails otherwise.
 Rows keep the first k surviving candidates, best first; fewer than k survivors are
 padded with -1 (masked downstream, never wrapped to a real chunk).
 
+``query_embeddings`` (optional, ``[query chunks, dim]``, rows sliceable: an array, a
+memmap or an embeddings reader) replaces ``embed_chunks``: when the training documents
+are the first documents of the retrieval DB, query chunk i *is* DB chunk i, whose
+embedding the embedding stage already computed (``retro_jax.preprocess`` passes it).
+
 Output: ``output_dir/shard_XXXXX_of_YYYYY.knn`` per shard (NeMo 'KNNRETM' map with the
 shard's ``chunk_start_id``), ``output_dir/neighbors.knn`` (the merged map, start 0) and
 a manifest; finished shards are skipped on a re-run, and a killed shard leaves no file
@@ -97,10 +102,13 @@ def check_documents_align(query_db: formats.ChunkDB, retrieval_db: formats.Chunk
 
 
 def _neighbors_of_block(query_db, retrieval_db, start, end, embed_chunks, search, k,
-                        extra, exclude_same_document):
+                        extra, exclude_same_document, query_embeddings=None):
   ids = np.arange(start, end)
-  queries = query_db.get_chunks(ids, with_continuation=False)
-  embeddings = np.asarray(embed_chunks(queries), np.float32)
+  if query_embeddings is not None:
+    embeddings = np.asarray(query_embeddings[start:end], np.float32)
+  else:
+    queries = query_db.get_chunks(ids, with_continuation=False)
+    embeddings = np.asarray(embed_chunks(queries), np.float32)
   _, candidates = search(embeddings, k + extra)
   candidates = np.asarray(candidates, np.int64)
   if np.any(candidates >= retrieval_db.num_chunks):
@@ -121,12 +129,14 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
                        k: int = 2, extra: int = 8, exclude_same_document: bool = True,
                        shard_id: int = 0, num_shards: int = 1, block_size: int = 4096,
                        settings: Optional[dict] = None, merge: bool = True,
-                       progress: bool = True) -> Optional[str]:
+                       progress: bool = True, query_embeddings=None) -> Optional[str]:
   """Builds this shard's neighbor map (skipped when done); merges when all are done.
 
   Args:
     settings: extra values the outputs depend on (embedder, index, nprobe...): a re-run
       with different settings in the same directory is refused.
+    query_embeddings: ``[query_db.num_chunks, dim]`` precomputed query embeddings
+      (sliceable rows); then ``embed_chunks`` is not called.
   Returns:
     The merged map's path once every shard is finished, else None.
   """
@@ -136,6 +146,12 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
   if query_db.chunk_size != retrieval_db.chunk_size:
     raise ValueError(f"chunk sizes differ: {query_db.idx_path} has m={query_db.chunk_size}, "
                      f"{retrieval_db.idx_path} has m={retrieval_db.chunk_size}")
+  if query_embeddings is not None:
+    rows = getattr(query_embeddings, "shape", (None,))[0]
+    rows = len(query_embeddings) if rows is None else rows
+    if rows < query_db.num_chunks:
+      raise ValueError(f"query_embeddings: {rows} rows for the {query_db.num_chunks} "
+                       f"chunks of {query_db.idx_path}")
   manifest = Manifest(output_dir, dict(
       settings or {}, k=k, extra=extra, exclude_same_document=exclude_same_document,
       num_shards=num_shards, query_chunks=query_db.num_chunks,
@@ -152,7 +168,7 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
         block_end = min(end, block_start + block_size)
         writer.write(_neighbors_of_block(query_db, retrieval_db, block_start, block_end,
                                          embed_chunks, search, k, extra,
-                                         exclude_same_document))
+                                         exclude_same_document, query_embeddings))
         bar.update(block_end - block_start)
       bar.close()
     seconds = time.time() - began
