@@ -13,7 +13,9 @@ A ``Retriever`` bundles an embedder, a Faiss index and a chunk store:
   attribution.
 
 Chunk stores: a memory-mapped NeMo retrieval DB (``retro_jax.retrieval.formats.ChunkDB``)
-built offline, or a ``DocumentStore`` that keeps documents added at run time in memory
+built offline (``Retriever.from_layout(root)`` / ``load_retriever(root)`` load one with its
+embedder, vocabulary and Faiss index from a directory ``python -m retro_jax.preprocess``
+prepared), or a ``DocumentStore`` that keeps documents added at run time in memory
 (the retrieval service's "dynamic retrieval"). A ``DocumentStore`` owns its own exact
 inner-product Faiss index; adds, resets and searches are serialised by a lock, so
 concurrent requests never see a half-updated store.
@@ -24,12 +26,14 @@ from __future__ import annotations
 import threading
 from typing import Any, Optional, Protocol, Sequence
 
+from absl import logging
 import faiss
 import gin
 import numpy as np
 
 from retro_jax.retrieval.embedders import Embedder
 from retro_jax.retrieval.formats import pad_document
+from retro_jax.retrieval.layout import RetrievalLayout
 
 
 class Vocabulary(Protocol):
@@ -215,3 +219,59 @@ class Retriever:
     texts = [chunk_text(self.vocab, row, self.pad_id, self.eod_id)
              for row in np.asarray(chunk_tokens)]
     return self.query_texts(texts)
+
+  @classmethod
+  def from_layout(cls, root: "str | RetrievalLayout", *, nprobe: Optional[int] = None,
+                  ef_search: Optional[int] = None, num_neighbors: Optional[int] = None,
+                  embedder: Optional[Embedder] = None, use_gpu="auto") -> "Retriever":
+    """A retriever over a prepared retrieval directory (``RetrievalLayout``).
+
+    Reads ``retrieval.json`` for the embedder, k, pad/EOD ids and search parameters;
+    opens the vocabulary, the memory-mapped retrieval DB and the Faiss index, checking
+    the index against the embedder's dimension and the DB's chunk count.
+
+    Args:
+      root: The directory (or its layout).
+      nprobe, ef_search: Override the build's search parameters.
+      num_neighbors: Override k.
+      embedder: An already loaded embedder (default: ``load_embedder`` of the build's).
+      use_gpu: Search on a GPU copy of the index when faiss has GPUs ('auto').
+    """
+    # pylint: disable=g-import-not-at-top
+    from retro_jax.data.vocab import load_sentencepiece
+    from retro_jax.retrieval import formats
+    from retro_jax.retrieval.index import load_index
+    # pylint: enable=g-import-not-at-top
+    layout = root if isinstance(root, RetrievalLayout) else RetrievalLayout(root)
+    config = layout.read_config()
+    missing = [key for key in ("embedder", "num_neighbors") if key not in config]
+    if missing:
+      raise ValueError(f"{layout.config_path}: missing settings {missing}")
+    if embedder is None:
+      from retro_jax.retrieval.embedders import load_embedder  # pylint: disable=g-import-not-at-top
+      embedder = load_embedder(config["embedder"])
+    want = config.get("embedder_fingerprint")
+    have = getattr(embedder, "fingerprint", None)
+    if want and have and want != have:
+      logging.warning("%s: the index was built with embedder fingerprint %s, this embedder "
+                      "has %s; neighbors may be worse", layout.config_path, want[:12],
+                      have[:12])
+    store = formats.ChunkDB(layout.retrieval_db_prefix)
+    searcher = load_index(layout.index_path,
+                          nprobe=nprobe if nprobe is not None else config.get("nprobe"),
+                          ef_search=(ef_search if ef_search is not None
+                                     else config.get("ef_search")),
+                          use_gpu=use_gpu, expected_dim=embedder.dim,
+                          expected_ntotal=store.num_chunks)
+    return cls(embedder, load_sentencepiece(layout.vocab_path), store, index=searcher,
+               num_neighbors=num_neighbors or int(config["num_neighbors"]),
+               pad_id=int(config.get("pad_id", 0)), eod_id=config.get("eod_id", 1))
+
+
+@gin.configurable
+def load_retriever(root: str, *, nprobe: Optional[int] = None,
+                   ef_search: Optional[int] = None, num_neighbors: Optional[int] = None,
+                   use_gpu="auto") -> Retriever:
+  """``Retriever.from_layout`` for gin and command lines."""
+  return Retriever.from_layout(root, nprobe=nprobe, ef_search=ef_search,
+                               num_neighbors=num_neighbors, use_gpu=use_gpu)
