@@ -117,7 +117,7 @@ def test_killed_shard_resumes_to_the_same_index(real, tmp_path, monkeypatch):
 def test_default_factory_follows_the_faiss_guidelines():
   assert index.default_factory(5_000, 384) == "Flat"
   assert index.default_factory(100_000, 384) == "IVF1024,SQ8"           # ~4 sqrt(N)
-  assert index.default_factory(1_000_000, 384) == "IVF4096_HNSW32,SQ8"
+  assert index.default_factory(1_000_000, 384) == "IVF4096,PQ192x4fs"
   assert index.default_factory(50_000_000, 384) == "OPQ64_256,IVF65536_HNSW32,PQ64"
   for n in (20_000, 300_000, 5_000_000):
     k = index.ivf_num_centroids(index.default_factory(n, 768))
@@ -210,3 +210,23 @@ def test_embeddings_directory_source_and_command_line(real, tmp_path):
     assert json.load(f)["settings"]["train_size"] == 400
   np.testing.assert_array_equal(index.load_index(result["index_path"])(queries, 5)[1],
                                 index.load_index(from_array.index_path)(queries, 5)[1])
+
+
+def test_fast_scan_tier_reranks_with_the_stored_vectors(real, tmp_path):
+  """The 1M..10M tier (fast-scan PQ + exact re-ranking from the embeddings), forced here."""
+  db, queries = _db_and_queries(real[0])
+  factory = index.default_factory(len(db), db.shape[1], exact_below=0, fast_scan_from=0)
+  assert factory.endswith(",PQ192x4fs")
+  built = index.build_index(db, str(tmp_path), factory=factory, progress=False)
+  with pytest.raises(ValueError, match="pass refine="):
+    index.load_index(built.index_path)
+  np.save(tmp_path / "db.npy", db.astype(np.float16))           # as the embedding stage
+  searcher = index.load_index(built.index_path, refine=str(tmp_path / "db.npy"))
+  assert searcher.k_factor == index.DEFAULT_K_FACTOR
+  scores, approx = searcher(queries, 10)
+  exact_scores, exact = index.exact_search(db, queries, 10)
+  assert index.recall_at_k(approx, exact, 2) >= 0.9
+  codes_only = index.load_index(built.index_path, refine=False)(queries, 10)[1]
+  assert index.recall_at_k(codes_only, exact, 2) < index.recall_at_k(approx, exact, 2)
+  hit = approx[:, 0] == exact[:, 0]                              # re-ranked scores are exact
+  np.testing.assert_allclose(scores[hit, 0], exact_scores[hit, 0], atol=2e-3)

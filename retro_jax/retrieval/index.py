@@ -29,12 +29,20 @@ N                             factory                                     memory
 N < 10k                       ``Flat`` (exact: few searches, no training)  4d bytes
 10k <= N < 1M                 ``IVF{K},SQ8``, K = 4*sqrt(N) as a power    d bytes
                               of two (the guideline's 4..16*sqrt(N))
-1M <= N < 10M                 ``IVF{K}_HNSW32,SQ8`` (HNSW coarse           d bytes
-                              quantizer: cheap assignment of N vectors)
+1M <= N < 10M                 ``IVF{K},PQ{d/2}x4fs`` + exact re-ranking    d/4 bytes
+                              (the guideline's ``IVF...,PQNx4fs,RFlat``)   (+ the stored
+                                                                          embeddings)
 N >= 10M                      ``OPQ{M}_{4M},IVF{K}_HNSW32,PQ{M}``,         M bytes
                               K = 65536 / 262144 / 1048576 below 100M /    (M = 64 for
                               1B / above (the guideline's table)           d >= 256)
 ============================  ==========================================  =============
+
+Re-ranking (``refine=``): a fast-scan PQ index (4-bit codes scanned with SIMD, several
+times faster than SQ8 on a CPU) returns ``k_factor * k`` candidates, whose exact scores
+are computed from the embedding stage's vectors (memory-mapped float16 files) before
+the top k are kept: Faiss' ``RFlat`` refinement, without a second copy of the vectors
+in RAM and without breaking shard merging. ``needs_refine(index)`` says when an index
+should be searched that way (``load_index(..., refine=embeddings)``).
 
 K is always capped so that the training sample holds at least 39 vectors per centroid
 (Faiss' own minimum); the lower end of the guideline's K range is used because k-means
@@ -51,8 +59,9 @@ ranking; the scores differ (IP: higher is closer; L2: lower is closer).
 Search (``load_index`` -> ``IndexSearcher``): ``nprobe`` (IVF lists visited; default
 ``default_nprobe(K)``, chosen so that recall@2 against exact search is >= 0.9 on real
 MiniLM embeddings, see tests/test_index.py and ``python -m retro_jax.bench.retrieval``)
-and ``ef_search`` (HNSW: the graph's efSearch; IVF with an HNSW quantizer: the
-quantizer's efSearch), set through ``faiss.ParameterSpace``.
+``ef_search`` (HNSW: the graph's efSearch; IVF with an HNSW quantizer: the
+quantizer's efSearch), set through ``faiss.ParameterSpace``, and ``refine`` /
+``k_factor`` (re-ranking, above).
 
 GPU: with a faiss build that has GPUs (``faiss.get_num_gpus() > 0``) and
 ``use_gpu='auto'``, k-means training runs on the GPUs (the IVF's ``clustering_index``)
@@ -62,8 +71,9 @@ falls back to the CPU with a warning. CPU-only faiss builds never touch that cod
 Python::
 
     result = build_index(embeddings, "/data/retro/index", expected_num_vectors=db.num_chunks)
-    searcher = load_index(result.index_path, nprobe=64)
-    scores, ids = searcher(queries, k)         # [n, k] each; ids = DB chunk ids, -1 = none
+    searcher = load_index(result.index_path, nprobe=64)    # + refine=embeddings if
+    scores, ids = searcher(queries, k)         # needs_refine; [n, k] each; ids = DB
+                                               # chunk ids, -1 = none
 """
 
 from __future__ import annotations
@@ -78,7 +88,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -100,7 +109,8 @@ MERGED_UNIT = "merged"
 
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 EXACT_BELOW = 10_000
-HNSW_QUANTIZER_FROM = 1_000_000
+FAST_SCAN_FROM = 1_000_000
+DEFAULT_K_FACTOR = 4                  # re-ranked candidates per result (fast-scan)
 COMPRESSED_FROM = 10_000_000
 MIN_POINTS_PER_CENTROID = 39          # below this Faiss' k-means warns
 TRAIN_POINTS_PER_CENTROID = 40        # default sample: 40 * K
@@ -142,7 +152,7 @@ def _pq_size(dim: int) -> tuple[int, int]:
 
 @gin.configurable
 def default_factory(num_vectors: int, dim: int, *, exact_below: int = EXACT_BELOW,
-                    hnsw_quantizer_from: int = HNSW_QUANTIZER_FROM,
+                    fast_scan_from: int = FAST_SCAN_FROM,
                     compressed_from: int = COMPRESSED_FROM,
                     train_size: Optional[int] = None) -> str:
   """The Faiss factory string for ``num_vectors`` embeddings of ``dim`` (see the table
@@ -151,9 +161,10 @@ def default_factory(num_vectors: int, dim: int, *, exact_below: int = EXACT_BELO
   if num_vectors < exact_below:
     return "Flat"
   k = default_num_centroids(num_vectors, train_size=train_size)
+  if num_vectors < fast_scan_from:
+    return f"IVF{k},SQ8"
   if num_vectors < compressed_from:
-    quantizer = "_HNSW32" if num_vectors >= hnsw_quantizer_from else ""
-    return f"IVF{k}{quantizer},SQ8"
+    return f"IVF{k},PQ{max(1, dim // 2)}x4fs"
   m, d_out = _pq_size(dim)
   if dim % m or d_out > dim:
     return f"IVF{k}_HNSW32,PQ{m}"
@@ -220,7 +231,8 @@ class VectorSource:
     if isinstance(source, (str, os.PathLike)):
       path = os.fspath(source)
       if os.path.isdir(path):
-        from retro_jax.retrieval import embeddings as embeddings_lib  # pylint: disable=g-import-not-at-top
+        # pylint: disable-next=g-import-not-at-top
+        from retro_jax.retrieval import embeddings as embeddings_lib
         source = embeddings_lib.Embeddings(path)
       elif path.endswith(".npy"):
         if not os.path.exists(path):
@@ -643,6 +655,12 @@ def merge_index_shards(output_dir: str, *, on_disk: Optional[bool] = None) -> Op
 # ----------------------------------------------------------------------------------
 
 
+def needs_refine(index: faiss.Index) -> bool:
+  """True for indexes whose codes are too coarse to rank alone (fast-scan PQ)."""
+  ivf = _ivf_of(index)
+  return ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQFastScan)
+
+
 def open_index(path: str, *, expected_dim: Optional[int] = None,
                expected_ntotal: Optional[int] = None, mmap: bool = False,
                what_dim: str = "the embeddings", what_ntotal: str = "the retrieval DB"
@@ -749,6 +767,9 @@ class IndexSearcher:
   Args:
     index: A Faiss index (CPU).
     nprobe, ef_search: Search parameters (see ``set_search_parameters``).
+    refine: The indexed vectors (anything ``VectorSource`` takes, e.g. the embeddings
+      directory): candidates are re-ranked by their exact scores.
+    k_factor: Candidates per result when re-ranking (default 4).
     use_gpu: ``'auto'``: search on a GPU copy when faiss sees GPUs.
     path: Where it was read from (for messages).
 
@@ -758,11 +779,22 @@ class IndexSearcher:
   """
 
   def __init__(self, index: faiss.Index, *, nprobe: Optional[int] = None,
-               ef_search: Optional[int] = None, use_gpu: Union[bool, str] = "auto",
+               ef_search: Optional[int] = None, refine: Any = None,
+               k_factor: Optional[int] = None, use_gpu: Union[bool, str] = "auto",
                path: Optional[str] = None):
     self.index, self.path = index, path
     self.parameters = set_search_parameters(index, nprobe=nprobe, ef_search=ef_search)
     self.metric = "ip" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "l2"
+    self.refine = None
+    if refine is not None:
+      self.refine = refine if isinstance(refine, VectorSource) else VectorSource(refine)
+      if (self.refine.num_vectors, self.refine.dim) != (index.ntotal, index.d):
+        raise ValueError(f"refine vectors {self.refine.description} are "
+                         f"[{self.refine.num_vectors}, {self.refine.dim}], the index "
+                         f"{path or ''} holds [{index.ntotal}, {index.d}]")
+      self.parameters["k_factor"] = int(k_factor or DEFAULT_K_FACTOR)
+    elif k_factor is not None:
+      raise ValueError("k_factor re-ranks with the stored vectors: pass refine=")
     self._search_index = index
     self.on_gpu = False
     if _use_gpu(use_gpu):
@@ -789,6 +821,10 @@ class IndexSearcher:
   def ef_search(self) -> Optional[int]:
     return self.parameters.get("ef_search")
 
+  @property
+  def k_factor(self) -> Optional[int]:
+    return self.parameters.get("k_factor")
+
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     queries = np.ascontiguousarray(queries, np.float32)
     if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -796,8 +832,12 @@ class IndexSearcher:
                        f"(index {self.path or type(self.index).__name__})")
     if k < 1:
       raise ValueError(f"k must be >= 1, got {k}")
-    scores, ids = self._search_index.search(queries, k)
-    return scores, ids.astype(np.int64, copy=False)
+    if self.refine is None:
+      scores, ids = self._search_index.search(queries, k)
+      return scores, ids.astype(np.int64, copy=False)
+    _, candidates = self._search_index.search(queries, k * self.k_factor)
+    return rerank(queries, candidates.astype(np.int64, copy=False), self.refine, k,
+                  self.metric)
 
   __call__ = search
 
@@ -807,15 +847,59 @@ class IndexSearcher:
             f"{', gpu' if self.on_gpu else ''})")
 
 
+def rerank(queries: np.ndarray, candidates: np.ndarray, vectors: VectorSource, k: int,
+           metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+  """Exact top-k among candidate ids (-1 = none) using the stored ``vectors``.
+
+  Args:
+    queries: float32 [n, dim]; candidates: int64 [n, c].
+  Returns:
+    (scores [n, k] float32: inner products, or squared L2 distances; ids [n, k]).
+  """
+  block = 2048                                  # bounds the gathered rows' memory
+  if len(queries) > block:
+    parts = [rerank(queries[lo:lo + block], candidates[lo:lo + block], vectors, k, metric)
+             for lo in range(0, len(queries), block)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+  present = candidates >= 0
+  unique, inverse = np.unique(candidates[present], return_inverse=True)
+  rows = vectors.take(unique)                                  # [u, dim]
+  scores = np.full(candidates.shape, -np.inf, np.float32)
+  flat_query = np.repeat(np.arange(len(queries)), present.sum(axis=1))
+  if metric == "ip":
+    scores[present] = np.einsum("nd,nd->n", queries[flat_query], rows[inverse])
+  else:
+    diff = queries[flat_query] - rows[inverse]
+    scores[present] = -np.einsum("nd,nd->n", diff, diff)
+  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  best = np.take_along_axis(scores, order, axis=1)
+  ids = np.where(np.isfinite(best), np.take_along_axis(candidates, order, axis=1), -1)
+  if ids.shape[1] < k:
+    pad = k - ids.shape[1]
+    ids = np.pad(ids, [(0, 0), (0, pad)], constant_values=-1)
+    best = np.pad(best, [(0, 0), (0, pad)], constant_values=-np.inf)
+  return (best if metric == "ip" else -best), ids.astype(np.int64)
+
+
 @gin.configurable
 def load_index(path: str, *, nprobe: Optional[int] = None, ef_search: Optional[int] = None,
+               refine: Any = None, k_factor: Optional[int] = None,
                use_gpu: Union[bool, str] = "auto", expected_dim: Optional[int] = None,
                expected_ntotal: Optional[int] = None, mmap: bool = False) -> IndexSearcher:
-  """Opens ``path`` (validated, see ``open_index``) and sets its search parameters."""
+  """Opens ``path`` (validated, see ``open_index``) and sets its search parameters.
+
+  ``refine``: the indexed vectors, for re-ranking (a fast-scan index is refused without
+  them unless ``refine=False``: its codes alone rank poorly).
+  """
   index = open_index(path, expected_dim=expected_dim, expected_ntotal=expected_ntotal,
                      mmap=mmap)
-  return IndexSearcher(index, nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu,
-                       path=path)
+  if refine is None and needs_refine(index):
+    raise ValueError(f"{path}: a fast-scan PQ index ranks by re-scoring its candidates "
+                     "with the stored vectors: pass refine=<embeddings> (or "
+                     "refine=False to search the codes alone)")
+  return IndexSearcher(index, nprobe=nprobe, ef_search=ef_search,
+                       refine=refine if refine is not False else None, k_factor=k_factor,
+                       use_gpu=use_gpu, path=path)
 
 
 def search_in_blocks(searcher, queries: Any, k: int, *, block_size: int = 16384,
