@@ -56,6 +56,8 @@ import numpy as np
 from retro_jax.data import corpus as corpus_lib
 from retro_jax.data import vocab as vocab_lib
 from retro_jax.retrieval import chunk_db as chunk_db_lib
+from retro_jax.retrieval import embedders as embedders_lib
+from retro_jax.retrieval import embeddings as embeddings_lib
 from retro_jax.retrieval import formats
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import neighbors as neighbors_lib
@@ -221,7 +223,6 @@ def documents_are_prefix(query_db: formats.ChunkDB, retrieval_db: formats.ChunkD
 
 def _embeddings_stage(layout: RetrievalLayout, embedder: Any, *, dtype: str, shard_id: int,
                       num_shards: int, progress: bool, wait_for: Callable) -> StageReport:
-  from retro_jax.retrieval import embeddings as embeddings_lib  # pylint: disable=g-import-not-at-top
   began = time.time()
   result = embeddings_lib.build_embeddings(
       layout.retrieval_db_prefix, layout.vocab_path, layout.embeddings_dir,
@@ -236,7 +237,6 @@ def _embeddings_stage(layout: RetrievalLayout, embedder: Any, *, dtype: str, sha
 
 
 def _embeddings_complete(directory: str) -> bool:
-  from retro_jax.retrieval import embeddings as embeddings_lib  # pylint: disable=g-import-not-at-top
   try:
     embeddings_lib.Embeddings(directory)
   except (FileNotFoundError, ValueError):
@@ -340,7 +340,6 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
                           num_shards=num_shards, progress=progress, wait_for=wait_for))
 
     logging.info("preprocess: stage index")
-    from retro_jax.retrieval import embeddings as embeddings_lib  # pylint: disable=g-import-not-at-top
     embeddings = embeddings_lib.Embeddings(layout.embeddings_dir)
     retrieval_db = formats.ChunkDB(layout.retrieval_db_prefix)
     stage_began = time.time()
@@ -352,12 +351,13 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
              f"the merged index {layout.index_path}")
     log(StageReport("index", time.time() - stage_began, built.skipped,
                     f"{built.factory} ({built.metric}), {built.num_vectors} vectors"))
-    searcher = index_lib.load_index(layout.index_path, nprobe=nprobe, ef_search=ef_search,
-                                    use_gpu=use_gpu, expected_dim=embedder_obj.dim,
-                                    expected_ntotal=retrieval_db.num_chunks)
+    index = index_lib.open_index(layout.index_path, expected_dim=embedder_obj.dim,
+                                 expected_ntotal=retrieval_db.num_chunks)
+    searcher = index_lib.IndexSearcher(
+        index, nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu, path=layout.index_path,
+        refine=embeddings if index_lib.needs_refine(index) else None)
 
-    from retro_jax.retrieval.embedders import ChunkEmbedder  # pylint: disable=g-import-not-at-top
-    embed_chunks = ChunkEmbedder(embedder_obj, layout.vocab_path)
+    embed_chunks = embedders_lib.ChunkEmbedder(embedder_obj, layout.vocab_path)
     split_settings = {}
     for split in query_inputs:
       logging.info("preprocess: stage %s neighbors", split)
@@ -405,6 +405,7 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
       "embedding_dim": embedder_obj.dim, "embedding_dtype": embedding_dtype,
       "index_factory": built.factory, "metric": built.metric,
       "nprobe": searcher.nprobe, "ef_search": searcher.ef_search,
+      "k_factor": searcher.k_factor,
       "train_size": _manifest_settings(layout.index_dir).get("train_size"),
       "seed": seed, "num_shards": num_shards,
       "retrieval_db": {"num_docs": retrieval_db.num_docs,
@@ -429,8 +430,7 @@ def _manifest_settings(directory: str) -> dict:
 def _load_embedder(embedder: Any) -> Any:
   if not isinstance(embedder, (str, os.PathLike)):
     return embedder
-  from retro_jax.retrieval.embedders import load_embedder  # pylint: disable=g-import-not-at-top
-  return load_embedder(os.fspath(embedder))
+  return embedders_lib.load_embedder(os.fspath(embedder))
 
 
 def _embedder_name(embedder_obj: Any, given: Any) -> str:

@@ -236,3 +236,17 @@ def test_help_explains_the_flags():
   for flag in ("--input", "--output_dir", "--train_input", "--split", "--vocab_size",
                "--factory", "--nprobe", "--shard_id", "--exclude_same_document"):
     assert flag in result.stdout, flag
+
+
+def test_gin_files_bind_the_stages():
+  import gin
+  from retro_jax.preprocess import preprocess
+  from retro_jax.utils import gin_utils
+  try:
+    gin_utils.parse_gin(["preprocess/large_gpu.gin"], ["preprocess.num_neighbors = 4"])
+    assert gin.query_parameter("preprocess.num_neighbors") == 4
+    assert gin.query_parameter("preprocess.extra_neighbors") == 8      # included default
+    assert gin.query_parameter("merge_index_shards.on_disk") is True
+    assert callable(preprocess)
+  finally:
+    gin.clear_config()

@@ -240,7 +240,7 @@ class Retriever:
     # pylint: disable=g-import-not-at-top
     from retro_jax.data.vocab import load_sentencepiece
     from retro_jax.retrieval import formats
-    from retro_jax.retrieval.index import load_index
+    from retro_jax.retrieval import index as index_lib
     # pylint: enable=g-import-not-at-top
     layout = root if isinstance(root, RetrievalLayout) else RetrievalLayout(root)
     config = layout.read_config()
@@ -257,12 +257,17 @@ class Retriever:
                       "has %s; neighbors may be worse", layout.config_path, want[:12],
                       have[:12])
     store = formats.ChunkDB(layout.retrieval_db_prefix)
-    searcher = load_index(layout.index_path,
-                          nprobe=nprobe if nprobe is not None else config.get("nprobe"),
-                          ef_search=(ef_search if ef_search is not None
-                                     else config.get("ef_search")),
-                          use_gpu=use_gpu, expected_dim=embedder.dim,
-                          expected_ntotal=store.num_chunks)
+    index = index_lib.open_index(layout.index_path, expected_dim=embedder.dim,
+                                 expected_ntotal=store.num_chunks)
+    refine = None
+    if index_lib.needs_refine(index):       # fast-scan codes: re-rank with the vectors
+      from retro_jax.retrieval.embeddings import Embeddings  # pylint: disable=g-import-not-at-top
+      refine = Embeddings(layout.embeddings_dir)
+    searcher = index_lib.IndexSearcher(
+        index, nprobe=nprobe if nprobe is not None else config.get("nprobe"),
+        ef_search=ef_search if ef_search is not None else config.get("ef_search"),
+        refine=refine, k_factor=config.get("k_factor") if refine is not None else None,
+        use_gpu=use_gpu, path=layout.index_path)
     return cls(embedder, load_sentencepiece(layout.vocab_path), store, index=searcher,
                num_neighbors=num_neighbors or int(config["num_neighbors"]),
                pad_id=int(config.get("pad_id", 0)), eod_id=config.get("eod_id", 1))
