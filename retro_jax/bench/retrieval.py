@@ -43,7 +43,6 @@ import hashlib
 import inspect
 import json
 import os
-import resource
 import subprocess
 import sys
 import sysconfig
@@ -238,26 +237,46 @@ def _write_random_db(prefix: str, num_chunks: int, *, retrieval_db: bool, seed: 
 def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int = 2,
                   extra: int = 8, factory: Optional[str] = None,
                   nprobe: Optional[int] = None, ef_search: Optional[int] = None,
+                  k_factor: Optional[int] = None, train_size: Optional[int] = None,
                   recall_queries: int = 2000, workdir: Optional[str] = None,
                   progress: bool = True, seed: int = 0) -> dict:
-  """Train + add + ``build_neighbor_map`` over ``query_vectors``; recall on a subset."""
+  """Train + add + ``build_neighbor_map`` over ``query_vectors``; recall on a subset.
+
+  Works in ``workdir`` (default: a temporary directory, removed afterwards).
+  """
+  if workdir is None:
+    with tempfile.TemporaryDirectory(prefix="bench_retrieval_") as tmp:
+      return index_section(db_vectors, query_vectors, k=k, extra=extra, factory=factory,
+                           nprobe=nprobe, ef_search=ef_search, k_factor=k_factor,
+                           train_size=train_size, recall_queries=recall_queries,
+                           workdir=tmp, progress=progress, seed=seed)
   # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval import formats
   from retro_jax.retrieval import index as index_lib
   from retro_jax.retrieval.neighbors import build_neighbor_map
   # pylint: enable=g-import-not-at-top
   n, dim = db_vectors.shape
-  workdir = workdir or tempfile.mkdtemp(prefix="bench_retrieval_")
+  # Stored as the embedding stage stores them: float16 .npy files, memory-mapped.
+  for name, array in (("db.npy", db_vectors), ("queries.npy", query_vectors)):
+    np.save(os.path.join(workdir, name), np.asarray(array, np.float16))
+  db_vectors = np.load(os.path.join(workdir, "db.npy"), mmap_mode="r")
+  query_vectors = np.load(os.path.join(workdir, "queries.npy"), mmap_mode="r")
   factory = factory or index_lib.default_factory(n, dim)
   began = time.perf_counter()
   built = index_lib.build_index(db_vectors, os.path.join(workdir, "index"), factory=factory,
-                                seed=seed, progress=progress, use_gpu="auto")
+                                train_size=train_size, seed=seed, progress=progress,
+                                use_gpu="auto")
   build_seconds = time.perf_counter() - began
   with open(os.path.join(workdir, "index", "manifest.json"), encoding="utf-8") as f:
-    done = json.load(f)["done"]
+    manifest = json.load(f)
+  done, built_settings = manifest["done"], manifest["settings"]
   train_seconds = done["trained"]["info"]["seconds"]
   add_seconds = done[index_lib.shard_name(0, 1)]["info"]["seconds"]
-  searcher = index_lib.load_index(built.index_path, nprobe=nprobe, ef_search=ef_search)
+  index = index_lib.open_index(built.index_path)
+  refine = db_vectors if index_lib.needs_refine(index) else None
+  searcher = index_lib.IndexSearcher(index, nprobe=nprobe, ef_search=ef_search,
+                                     refine=refine, k_factor=k_factor if refine is not None
+                                     else None, path=built.index_path)
   _write_random_db(os.path.join(workdir, "db"), n, retrieval_db=True, seed=1)
   _write_random_db(os.path.join(workdir, "queries"), len(query_vectors),
                    retrieval_db=False, seed=2)
@@ -279,6 +298,7 @@ def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int =
   recall = index_lib.recall_at_k(rows[subset], exact, k)
   return {"factory": factory, "metric": built.metric, "db_vectors": n,
           "queries": len(query_vectors), "k": k, "extra": extra, **searcher.parameters,
+          "train_size": built_settings["train_size"],
           "train_seconds": train_seconds, "add_seconds": add_seconds,
           "add_vectors_per_s": n / max(add_seconds, 1e-9),
           "build_seconds": build_seconds, "neighbor_seconds": neighbor_seconds,
@@ -286,7 +306,7 @@ def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int =
           "total_seconds": build_seconds + neighbor_seconds,
           f"recall@{k}": recall, "recall_queries": len(subset),
           "exact_queries_per_s": len(subset) / max(exact_seconds, 1e-9),
-          "on_gpu": searcher.on_gpu, "workdir": workdir}
+          "on_gpu": searcher.on_gpu}
 
 
 def real_recall_section(real: np.ndarray, *, ks: Sequence[int] = (2, 10)) -> dict:
@@ -311,8 +331,13 @@ from retro_jax.retrieval.chunk_db import build_chunk_db
 began = time.time()
 result = build_chunk_db(sys.argv[1], sys.argv[2], sys.argv[3], retrieval_db=True,
                         progress=False)
-print(json.dumps({"seconds": time.time() - began, "info": result.info,
-                  "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:   # ru_maxrss survives exec (a big parent inflates it); VmHWM is this image's own
+  with open("/proc/self/status") as f:
+    peak = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+except (OSError, StopIteration):
+  pass
+print(json.dumps({"seconds": time.time() - began, "info": result.info, "max_rss_kib": peak}))
 """
 
 
@@ -333,7 +358,9 @@ def db_rss_section(doc_counts: Sequence[int] = (5_000, 50_000), *,
   """Peak RSS of ``build_chunk_db`` (retrieval flavour) in a fresh process per size."""
   from retro_jax.data.vocab import train_sentencepiece  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval import formats  # pylint: disable=g-import-not-at-top
-  workdir = workdir or tempfile.mkdtemp(prefix="bench_db_rss_")
+  if workdir is None:
+    with tempfile.TemporaryDirectory(prefix="bench_db_rss_") as tmp:
+      return db_rss_section(doc_counts, workdir=tmp)
   documents = prose_documents()
   vocab = train_sentencepiece((text for _, text in documents[:200]),
                               os.path.join(workdir, "spm"), 8000)
@@ -370,7 +397,8 @@ def _default_cache_dir() -> str:
 def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
         num_queries: Optional[int] = None, recall_queries: int = 2000, k: int = 2,
         factory: Optional[str] = None, nprobe: Optional[int] = None,
-        ef_search: Optional[int] = None, embedding_texts: int = 1024,
+        ef_search: Optional[int] = None, k_factor: Optional[int] = None,
+        train_size: Optional[int] = None, embedding_texts: int = 1024,
         db_docs: Sequence[int] = (5_000, 50_000), cache_dir: Optional[str] = None,
         seed: int = 0, progress: bool = True, print_fn=print) -> dict:
   """Runs the sections; prints markdown tables; returns the figures."""
@@ -381,6 +409,15 @@ def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
   results: dict[str, Any] = {"machine": _machine()}
   print_fn(f"machine: {results['machine']}; faiss {faiss.__version__}, "
            f"{faiss.omp_get_max_threads()} threads, {index_gpus()} GPUs")
+  if "db_rss" in sections:
+    rows = db_rss_section(db_docs)
+    results["db_rss"] = rows
+    print_fn("\npeak RSS of a retrieval-DB build (fresh process each; tokenize + write "
+             "retmmap)\n| documents | corpus MiB | chunks | DB MiB | seconds | "
+             "peak RSS MiB |\n|---|---|---|---|---|---|")
+    for r in rows:
+      print_fn(f"| {r['documents']:,} | {r['corpus_mib']:.1f} | {r['chunks']:,} | "
+               f"{r['db_mib']:.1f} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} |")
   if "embedding" in sections:
     from retro_jax.bench.embedding import run_embedding_bench  # pylint: disable=g-import-not-at-top
     texts, _ = prose_chunk_texts(prose_documents())
@@ -408,7 +445,8 @@ def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
                                         target_cosine=made["target_parent_cosine"])
     generate_seconds = time.perf_counter() - began
     row = index_section(db_vectors, query_vectors, k=k, factory=factory, nprobe=nprobe,
-                        ef_search=ef_search, recall_queries=recall_queries,
+                        ef_search=ef_search, k_factor=k_factor, train_size=train_size,
+                        recall_queries=recall_queries,
                         progress=progress, seed=seed)
     row["vectors"] = made
     results["index"] = row
@@ -418,22 +456,16 @@ def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
               f"generated in {generate_seconds:.0f}s, not counted)")
     print_fn(f"\nneighbors for {row['queries']:,} query chunks over {row['db_vectors']:,} "
              f"DB chunks (k={k}, +{row['extra']} candidates; vectors: {source})")
-    print_fn("| factory | nprobe | efSearch | train s | add vectors/s | neighbor queries/s | "
-             f"total s (train+add+neighbors) | recall@{k} vs exact ({row['recall_queries']} "
-             "queries) |\n|---|---|---|---|---|---|---|---|")
-    print_fn(f"| {row['factory']} | {row.get('nprobe', '-')} | {row.get('ef_search', '-')} | "
+    print_fn("| factory | train size | nprobe | efSearch | re-rank k_factor | train s | "
+             "add vectors/s | "
+             "neighbor queries/s | total s (train+add+neighbors) | "
+             f"recall@{k} vs exact ({row['recall_queries']} queries) |\n"
+             "|---|---|---|---|---|---|---|---|---|---|")
+    print_fn(f"| {row['factory']} | {row['train_size']:,} | {row.get('nprobe', '-')} | "
+             f"{row.get('ef_search', '-')} | {row.get('k_factor', '-')} | "
              f"{row['train_seconds']:.1f} | {row['add_vectors_per_s']:,.0f} | "
              f"{row['queries_per_s']:,.0f} | {row['total_seconds']:.1f} | "
              f"{row[f'recall@{k}']:.3f} |")
-  if "db_rss" in sections:
-    rows = db_rss_section(db_docs)
-    results["db_rss"] = rows
-    print_fn("\npeak RSS of a retrieval-DB build (fresh process each; tokenize + write "
-             "retmmap)\n| documents | corpus MiB | chunks | DB MiB | seconds | "
-             "peak RSS MiB |\n|---|---|---|---|---|---|")
-    for r in rows:
-      print_fn(f"| {r['documents']:,} | {r['corpus_mib']:.1f} | {r['chunks']:,} | "
-               f"{r['db_mib']:.1f} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} |")
   return results
 
 
@@ -461,7 +493,8 @@ def main(argv):
   f = flags.FLAGS
   run(sections=[s for s in f.sections.split(",") if s], num_vectors=f.num_vectors,
       num_queries=f.num_queries, recall_queries=f.recall_queries, k=f.k,
-      factory=f.factory, nprobe=f.nprobe, ef_search=f.ef_search,
+      factory=f.factory, nprobe=f.nprobe, ef_search=f.ef_search, k_factor=f.k_factor,
+      train_size=f.train_size,
       embedding_texts=f.embedding_texts, db_docs=[int(x) for x in f.db_docs.split(",")],
       cache_dir=f.cache_dir, seed=f.seed, progress=f.progress)
 
@@ -477,6 +510,9 @@ if __name__ == "__main__":
   _flags.DEFINE_string("factory", None, "Faiss factory (default: by DB size).")
   _flags.DEFINE_integer("nprobe", None, "IVF nprobe (default: by index size).")
   _flags.DEFINE_integer("ef_search", None, "HNSW efSearch.")
+  _flags.DEFINE_integer("k_factor", None, "Re-ranked candidates per result (fast-scan).")
+  _flags.DEFINE_integer("train_size", None, "Index training sample (default 40 per "
+                        "centroid).")
   _flags.DEFINE_integer("embedding_texts", 1024, "Texts for the embedding section.")
   _flags.DEFINE_string("db_docs", "5000,50000", "Corpus sizes (documents) for db_rss.")
   _flags.DEFINE_string("cache_dir", None, "Cache of the real embeddings (default "
