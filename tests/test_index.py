@@ -118,7 +118,7 @@ def test_default_factory_follows_the_faiss_guidelines():
   assert index.default_factory(5_000, 384) == "Flat"
   assert index.default_factory(100_000, 384) == "IVF1024,SQ8"           # ~4 sqrt(N)
   assert index.default_factory(1_000_000, 384) == "IVF4096,PQ192x4fs"
-  assert index.default_factory(50_000_000, 384) == "OPQ64_256,IVF65536_HNSW32,PQ64"
+  assert index.default_factory(50_000_000, 384) == "OPQ64_256,IVF262144_HNSW32,PQ64"
   for n in (20_000, 300_000, 5_000_000):
     k = index.ivf_num_centroids(index.default_factory(n, 768))
     assert 2 * np.sqrt(n) <= k <= 16 * np.sqrt(n)

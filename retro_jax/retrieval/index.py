@@ -33,8 +33,8 @@ N < 10k                       ``Flat`` (exact: few searches, no training)  4d by
                               (the guideline's ``IVF...,PQNx4fs,RFlat``)   (+ the stored
                                                                           embeddings)
 N >= 10M                      ``OPQ{M}_{4M},IVF{K}_HNSW32,PQ{M}``,         M bytes
-                              K = 65536 / 262144 / 1048576 below 100M /    (M = 64 for
-                              1B / above (the guideline's table)           d >= 256)
+                              K = 262144 below 100M, else 1048576 (the     (M = 64 for
+                              guideline's table; GPU training advised)     d >= 256)
 ============================  ==========================================  =============
 
 Re-ranking (``refine=``): a fast-scan PQ index (4-bit codes scanned with SIMD, several
@@ -139,7 +139,7 @@ def default_num_centroids(num_vectors: int, *, train_size: Optional[int] = None)
   if n < COMPRESSED_FROM:
     k = _pow2(4 * math.sqrt(n))
   else:
-    k = 65536 if n < 100_000_000 else 262144 if n < 1_000_000_000 else 1048576
+    k = 262144 if n < 100_000_000 else 1048576    # the guideline's 10M-100M, 100M-1B
   sample = n if train_size is None else min(n, int(train_size))
   return max(1, min(k, _pow2_floor(sample / MIN_POINTS_PER_CENTROID)))
 
