@@ -51,19 +51,28 @@ def test_same_seed_identical_bytes_other_seed_differs(corpus, tmp_path):
   for key in enc.FILES:
     assert read_bytes(first[key]) == read_bytes(again[key]), key
   other = enc.generate_corpus(tmp_path / "other", scale=SCALE, seed=1)["paths"]
-  for key in ("pretrain", "retrieval", "kb", "sft_qa"):
+  for key in ("pretrain", "retrofit", "retrieval", "kb", "sft_qa"):
     assert read_bytes(first[key]) != read_bytes(other[key]), key
 
 
-def test_retrieval_starts_with_pretrain_then_db_only_without_heldout(corpus):
+def test_retrieval_is_retrofit_pretrain_then_db_only_without_heldout(corpus):
   pretrain, retrieval, heldout = corpus["pretrain"], corpus["retrieval"], corpus["heldout"]
+  retrofit = corpus["retrofit"]
   entities, held = corpus["entities"], corpus["kb"]["heldout_template"]
-  assert retrieval[:len(pretrain)] == pretrain
+  assert retrieval[:len(retrofit)] == retrofit      # training documents come first
+  assert retrieval[len(retrofit):len(retrofit) + len(pretrain)] == pretrain
   seen = [e for e in entities.values() if e["split"] == "seen"]
   db_only = [e for e in entities.values() if e["split"] == "db_only"]
-  assert sorted(d["id"] for d in pretrain) == sorted(
+  assert sorted(d["id"] for d in pretrain + retrofit) == sorted(
       f"{e['id']}:{t}" for e in seen for t in enc.TEMPLATES)
-  assert sorted(d["id"] for d in retrieval[len(pretrain):]) == sorted(
+  pretrain_entities = {d["entity"] for d in pretrain}
+  retrofit_entities = {d["entity"] for d in retrofit}
+  assert not pretrain_entities & retrofit_entities   # the GPT never reads retrofit text
+  for kind in enc.TYPES:   # about half of every type, at least one on each side
+    fresh = sum(entities[e]["type"] == kind for e in retrofit_entities)
+    total = sum(e["type"] == kind for e in seen)
+    assert 1 <= fresh <= total - 1 and abs(fresh - total / 2) <= 1, kind
+  assert sorted(d["id"] for d in retrieval[len(pretrain) + len(retrofit):]) == sorted(
       f"{e['id']}:{t}" for e in db_only for t in enc.TEMPLATES if t != held)
   assert sorted(d["id"] for d in heldout) == sorted(f"{e['id']}:{held}" for e in db_only)
   retrieval_texts = {d["text"] for d in retrieval}
@@ -83,8 +92,9 @@ def test_db_only_facts_and_names_never_in_pretraining_text(corpus):
     holders[e["name"]].add(e["id"])
     for value in e["facts"].values():
       holders[value].add(e["id"])
-  pretrain = "\n".join(d["text"] for d in corpus["pretrain"])
-  retrieval_db_part = "\n".join(d["text"] for d in corpus["retrieval"][len(corpus["pretrain"]):])
+  pretrain = "\n".join(d["text"] for d in corpus["pretrain"] + corpus["retrofit"])
+  training = len(corpus["pretrain"]) + len(corpus["retrofit"])
+  retrieval_db_part = "\n".join(d["text"] for d in corpus["retrieval"][training:])
   checked = 0
   for e in entities:
     if e["split"] != "db_only":
@@ -209,11 +219,14 @@ def test_scale_changes_counts(corpus, tmp_path):
     for kind in enc.TYPES:
       assert larger["entities"][split][kind] >= small["entities"][split][kind]
     assert larger["entities"][split]["total"] > 1.6 * small["entities"][split]["total"]
-  assert larger["pretrain"]["documents"] == 4 * larger["entities"]["seen"]["total"]
+  assert (larger["pretrain"]["documents"] + larger["retrofit"]["documents"]
+          == 4 * larger["entities"]["seen"]["total"])
   assert small["pretrain"]["documents"] == len(corpus["pretrain"])
   assert small["heldout"]["documents"] == small["entities"]["db_only"]["total"]
   with pytest.raises(ValueError, match="scale"):
     enc.generate_corpus(tmp_path / "bad", scale=0.0)
+  with pytest.raises(ValueError, match="retrofit_fraction"):
+    enc.generate_corpus(tmp_path / "bad", retrofit_fraction=1.0)
 
 
 def test_templates_never_contain_pool_values():

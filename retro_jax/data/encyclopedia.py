@@ -28,11 +28,16 @@ fact-free or fact-repeating sentences up to 124-140 words per document; every se
 **Splits and files** (jsonl, one object per line with ``text`` plus ``id``, ``title``,
 ``entity``, ``type``, ``template``, ``split``):
 
-* ``pretrain.jsonl``: every template of every *seen* entity (the training text).
-* ``retrieval.jsonl``: the retrieval corpus: all of ``pretrain.jsonl`` first, in the
+* ``pretrain.jsonl``: every template of the *seen* entities outside the retro-fitting
+  part (GPT pretraining text).
+* ``retrofit.jsonl``: every template of the other seen entities (``retrofit_fraction``,
+  half by default, stratified by type): text the GPT has not read, for retro-fitting
+  and GPT-fitting, so that the retro-fit model gains from its neighbors rather than
+  from what the decoder already memorised.
+* ``retrieval.jsonl``: the retrieval corpus: all of ``retrofit.jsonl`` first, in the
   same order (the neighbor stage needs the training documents to be the first
-  documents of the DB), then the *db-only* entities in every template but the
-  held-out one. Facts of db-only entities exist only here.
+  documents of the DB), then ``pretrain.jsonl``, then the *db-only* entities in every
+  template but the held-out one. Facts of db-only entities exist only here.
 * ``heldout.jsonl``: the db-only entities in the held-out template (validation text
   whose facts are in the DB but whose own text is not).
 * ``sft_qa.jsonl`` / ``qa_test.jsonl``: short-answer questions about seen / db-only
@@ -69,12 +74,13 @@ import gin
 
 from retro_jax.utils.io import Manifest, atomic_path
 
-VERSION = 1
+VERSION = 2
 TYPES = ("person", "city", "river", "mountain", "organisation")
 TEMPLATES = ("article", "profile", "factsheet", "note")
 SPLITS = ("seen", "db_only")
 FILES = {
     "pretrain": "pretrain.jsonl",
+    "retrofit": "retrofit.jsonl",
     "retrieval": "retrieval.jsonl",
     "heldout": "heldout.jsonl",
     "sft_qa": "sft_qa.jsonl",
@@ -1284,7 +1290,8 @@ def _text_stats(docs: Sequence[Mapping[str, str]]) -> dict[str, int]:
 @gin.configurable
 def generate_corpus(output_dir: str | os.PathLike, *, scale: float = 1.0, seed: int = 0,
                     heldout_template: str = "article", update_fraction: float = 0.22,
-                    questions_per_fact: int = 1, overwrite: bool = False
+                    retrofit_fraction: float = 0.5, questions_per_fact: int = 1,
+                    overwrite: bool = False
                     ) -> dict[str, Any]:
   """Writes the fictional-encyclopedia corpus to ``output_dir`` (see the module doc).
 
@@ -1294,6 +1301,8 @@ def generate_corpus(output_dir: str | os.PathLike, *, scale: float = 1.0, seed: 
     seed: All randomness derives from it; same (seed, scale) -> identical files.
     heldout_template: The template of db-only entities kept out of the DB.
     update_fraction: Fraction of db-only entities the knowledge update changes.
+    retrofit_fraction: Fraction of the seen entities whose documents form
+      ``retrofit.jsonl`` instead of ``pretrain.jsonl``.
     questions_per_fact: Question phrasings per (entity, attribute), 1-3.
     overwrite: Regenerate even if the manifest says the corpus is complete.
   Returns:
@@ -1306,10 +1315,13 @@ def generate_corpus(output_dir: str | os.PathLike, *, scale: float = 1.0, seed: 
     raise ValueError(f"questions_per_fact must be 1, 2 or 3, got {questions_per_fact}")
   if not 0 < update_fraction <= 1:
     raise ValueError(f"update_fraction must be in (0, 1], got {update_fraction}")
+  if not 0 < retrofit_fraction < 1:
+    raise ValueError(f"retrofit_fraction must be in (0, 1), got {retrofit_fraction}")
   output_dir = os.fspath(output_dir)
   paths = corpus_paths(output_dir)
   settings = {"version": VERSION, "scale": scale, "seed": seed,
               "heldout_template": heldout_template, "update_fraction": update_fraction,
+              "retrofit_fraction": retrofit_fraction,
               "questions_per_fact": questions_per_fact}
   manifest = Manifest(output_dir, settings)
   if manifest.is_done("corpus") and not overwrite:
@@ -1324,12 +1336,20 @@ def generate_corpus(output_dir: str | os.PathLike, *, scale: float = 1.0, seed: 
           for key, plan in plans.items()}
   seen = [e for e in kb.entities if e.split == "seen"]
   db_only = [e for e in kb.entities if e.split == "db_only"]
+  # A seeded, type-stratified part of the seen entities is the retro-fitting text.
+  fresh = set()
+  for kind in TYPES:
+    of_kind = [e.id for e in seen if e.type == kind]
+    count = min(len(of_kind) - 1, max(1, round(retrofit_fraction * len(of_kind))))
+    fresh.update(random.Random(f"{seed}:retrofit:{kind}").sample(of_kind, count))
   # Shuffled so that the documents of one entity are far apart in the training stream.
-  pretrain = [docs[e.id, t] for e in seen for t in TEMPLATES]
+  pretrain = [docs[e.id, t] for e in seen if e.id not in fresh for t in TEMPLATES]
   random.Random(f"{seed}:order:pretrain").shuffle(pretrain)
+  retrofit = [docs[e.id, t] for e in seen if e.id in fresh for t in TEMPLATES]
+  random.Random(f"{seed}:order:retrofit").shuffle(retrofit)
   db_extra = [docs[e.id, t] for e in db_only for t in TEMPLATES if t != heldout_template]
   random.Random(f"{seed}:order:retrieval").shuffle(db_extra)
-  retrieval = pretrain + db_extra
+  retrieval = retrofit + pretrain + db_extra
   heldout = [docs[e.id, heldout_template] for e in db_only]
   sft = [row for e in seen for row in _qa(e, seed, questions_per_fact)]
   qa_test = [row for e in db_only for row in _qa(e, seed, questions_per_fact)]
@@ -1360,6 +1380,7 @@ def generate_corpus(output_dir: str | os.PathLike, *, scale: float = 1.0, seed: 
                     "facts": e.facts, "links": e.links} for e in kb.entities],
   }
   _write_jsonl(paths["pretrain"], pretrain)
+  _write_jsonl(paths["retrofit"], retrofit)
   _write_jsonl(paths["retrieval"], retrieval)
   _write_jsonl(paths["heldout"], heldout)
   _write_jsonl(paths["sft_qa"], sft)
@@ -1378,6 +1399,7 @@ def generate_corpus(output_dir: str | os.PathLike, *, scale: float = 1.0, seed: 
       "facts": {split: sum(len(e.facts) for e in kb.entities if e.split == split)
                 for split in SPLITS},
       "pretrain": _text_stats(pretrain),
+      "retrofit": _text_stats(retrofit),
       "retrieval": _text_stats(retrieval),
       "heldout": _text_stats(heldout),
       "sft_qa": len(sft), "qa_test": len(qa_test),
@@ -1409,7 +1431,7 @@ def format_summary(result: Mapping[str, Any]) -> str:
                  + f" | {row['total']} |")
   lines += ["", "| file | documents | words | characters | words/doc (min-max) |",
             "|---|---:|---:|---:|---|"]
-  for key in ("pretrain", "retrieval", "heldout"):
+  for key in ("pretrain", "retrofit", "retrieval", "heldout"):
     s = c[key]
     lines.append(f"| {FILES[key]} | {s['documents']} | {s['words']} | "
                  f"{s['characters']} | {s['min_words']}-{s['max_words']} |")
@@ -1419,7 +1441,7 @@ def format_summary(result: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
-_FLAG_ARGS = ("scale", "seed", "heldout_template", "update_fraction",
+_FLAG_ARGS = ("scale", "seed", "heldout_template", "update_fraction", "retrofit_fraction",
               "questions_per_fact", "overwrite")
 
 
@@ -1431,6 +1453,8 @@ def _define_flags() -> None:
   flags.DEFINE_enum("heldout_template", None, list(TEMPLATES),
                     "Template kept out of the DB for db-only entities (default article).")
   flags.DEFINE_float("update_fraction", None, "Fraction of db-only entities updated.")
+  flags.DEFINE_float("retrofit_fraction", None, "Fraction of seen entities in "
+                     "retrofit.jsonl instead of pretrain.jsonl (default 0.5).")
   flags.DEFINE_integer("questions_per_fact", None, "Question phrasings per fact (1-3).")
   flags.DEFINE_bool("overwrite", None, "Regenerate even if complete.")
   flags.DEFINE_multi_string("gin_file", [], "gin files (searched in gin/ too).")
