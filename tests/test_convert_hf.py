@@ -81,3 +81,58 @@ def test_unsupported_and_contradicting_inputs_are_named():
     from_hf((state, hf_config), chunk_length=8)
   with pytest.raises(ValueError, match="model_type='bert'"):
     from_hf((state, {"model_type": "bert"}))
+
+
+def test_import_local_dir_as_gpt_checkpoint_for_the_recipes(tmp_path):
+  """A saved HF Llama (safetensors, bf16 on disk) -> the command line -> a GPT
+  checkpoint + model.gin that the training/eval loaders read back with HF logits."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from retro_jax.models import RetroConfig  # pylint: disable=g-import-not-at-top
+  from retro_jax.training import checkpoints, partitioning  # pylint: disable=g-import-not-at-top
+  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+  model = transformers.LlamaForCausalLM(hf_config).eval()
+  hf_dir = tmp_path / "hf"
+  model.to(torch.bfloat16).save_pretrained(hf_dir, safe_serialization=True)
+  model = model.float()       # the bf16-rounded weights, as the import reads them
+  (hf_dir / "tokenizer.model").write_bytes(b"not a real spm, copied as is")
+  out = tmp_path / "gpt"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "retro_jax.convert.hf", f"--hf_dir={hf_dir}",
+       f"--model_dir={out}", "--retro=chunk_length=8", "--retro=cca_layers=(2,)"],
+      cwd=repo, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "retrofit.gin" in proc.stdout
+  assert (out / "vocab" / "spm.model").read_bytes().startswith(b"not a real spm")
+  with open(out / "checkpoints" / "0" / "meta" / "metadata", encoding="utf-8") as f:
+    assert json.load(f)["model_type"] == "llama"
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin([str(out / "model.gin")])
+    config = RetroConfig()
+  finally:
+    gin.clear_config()
+  assert (config.num_layers, config.num_kv_heads, config.chunk_length,
+          config.cca_layers) == (2, 2, 8, (2,))
+  mesh = partitioning.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  params, _, has_retro = checkpoints.load_model_params(str(out), config, mesh)
+  assert not has_retro        # a GPT checkpoint: retro-fitting adds encoder and CCA
+  tokens = _tokens(97)
+  ours = np.asarray(Retro(config).apply({"params": params}, tokens))
+  assert np.abs(ours - _hf_logits(model, tokens)).max() < 1e-4
+  proc = subprocess.run(
+      [sys.executable, "-m", "retro_jax.convert.hf", f"--hf_dir={hf_dir}",
+       f"--model_dir={out}"], cwd=repo, capture_output=True, text=True, check=False)
+  assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    from retro_jax.convert.hf import load_hf_dir  # pylint: disable=g-import-not-at-top
+    load_hf_dir(str(tmp_path))

@@ -12,6 +12,14 @@ set the retrieval fields of ``RetroConfig`` (and ``dtype``/``remat_policy`` etc.
 
 Nothing is downloaded here: load the HF model from a local directory yourself
 (``AutoModelForCausalLM.from_pretrained(path)``), or pass its state dict.
+
+To retro-fit a local HF decoder with the training recipes, write it as a GPT checkpoint
+(no torch needed: config.json + safetensors are read directly)::
+
+    python -m retro_jax.convert.hf --hf_dir=/models/llama --model_dir=/runs/llama_gpt \
+        --retro=cca_layers="(6, 9, 12)"
+    python -m retro_jax.train --gin_file=gin/recipes/retrofit.gin \
+        --gin_file=/runs/llama_gpt/model.gin --gin.INIT_CHECKPOINT=/runs/llama_gpt ...
 """
 
 from __future__ import annotations
@@ -221,3 +229,121 @@ def from_hf(model: Any, *, rng: jax.Array | int = 0, **retro_overrides
                        f"checkpoint, expected {fresh[key].shape}")
     fresh[key] = value.astype(fresh[key].dtype)
   return config, traverse_util.unflatten_dict(fresh)
+
+
+# A local Hugging Face directory -> a GPT checkpoint the training recipes start from ----
+
+
+def load_hf_dir(hf_dir: str) -> tuple[dict[str, np.ndarray], dict]:
+  """``(state_dict, config)`` of a local HF checkpoint directory, without torch.
+
+  Reads ``config.json`` and every ``*.safetensors`` file (sharded checkpoints too);
+  bf16 / fp16 tensors are widened to float32.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  config_path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{hf_dir}: no config.json (a Hugging Face checkpoint "
+                            "directory has config.json and *.safetensors)")
+  with open(config_path, encoding="utf-8") as f:
+    config = json.load(f)
+  files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+  if not files:
+    raise FileNotFoundError(f"{hf_dir}: no *.safetensors files (save the model with "
+                            "save_pretrained(..., safe_serialization=True))")
+  state_dict = {}
+  for path in files:
+    with safe_open(path, framework="flax") as f:
+      for name in f.keys():
+        state_dict[name] = np.asarray(f.get_tensor(name).astype(np.float32))
+  return state_dict, config
+
+
+def config_gin(config: RetroConfig) -> str:
+  """gin bindings of every ``RetroConfig`` field that differs from its default."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  default = RetroConfig()
+  lines = []
+  for field in dataclasses.fields(RetroConfig):
+    value = getattr(config, field.name)
+    if value != getattr(default, field.name):
+      lines.append(f"RetroConfig.{field.name} = {value!r}")
+  return "\n".join(lines) + "\n"
+
+
+def import_checkpoint(hf_dir: str, model_dir: str, **retro_overrides) -> RetroConfig:
+  """Writes a local HF decoder as a GPT checkpoint that the recipes start from.
+
+  ``MODEL_DIR/checkpoints/0/params`` holds the decoder (a GPT checkpoint: retro-fitting
+  adds a fresh encoder and CCA, ``gin/recipes/retrofit.gin``), ``MODEL_DIR/model.gin``
+  the architecture (``RetroConfig`` bindings, with ``retro_overrides`` applied), and
+  ``MODEL_DIR/vocab/spm.model`` the SentencePiece tokenizer when the HF directory has
+  one (``tokenizer.model``, Llama family), for ``preprocess --vocab``.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from retro_jax.training import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.utils.io import atomic_write_text  # pylint: disable=g-import-not-at-top
+  state_dict, hf_config = load_hf_dir(hf_dir)
+  config, params = from_hf((state_dict, hf_config), **retro_overrides)
+  decoder, _ = ckpt_lib.split_retro_params(params)
+  decoder = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in decoder.items()})
+  directory = ckpt_lib.checkpoint_dir(model_dir)
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise FileExistsError(f"{directory} already holds checkpoints; import into an empty "
+                          "MODEL_DIR")
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=False))
+  manager.save(0, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(decoder),
+      meta=ocp.args.JsonSave({"step": 0, "imported_from": os.path.abspath(hf_dir),
+                              "model_type": hf_config.get("model_type")})))
+  manager.wait_until_finished()
+  manager.close()
+  atomic_write_text(os.path.join(model_dir, "model.gin"),
+                    f"# Imported from {os.path.abspath(hf_dir)} by retro_jax.convert.hf\n"
+                    + config_gin(config))
+  tokenizer = os.path.join(hf_dir, "tokenizer.model")
+  if os.path.isfile(tokenizer):
+    os.makedirs(os.path.join(model_dir, "vocab"), exist_ok=True)
+    shutil.copyfile(tokenizer, os.path.join(model_dir, "vocab", "spm.model"))
+  return config
+
+
+def main(argv) -> None:
+  """``python -m retro_jax.convert.hf --hf_dir=DIR --model_dir=OUT [--retro=k=v ...]``."""
+  import ast  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  del argv
+  f = flags.FLAGS
+  overrides = {}
+  for item in f.retro:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--retro={item!r}: expected FIELD=VALUE (e.g. cca_layers=(6,9,12))")
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value
+  config = import_checkpoint(f.hf_dir, f.model_dir, **overrides)
+  print(f"wrote {f.model_dir}/checkpoints/0 and {f.model_dir}/model.gin "
+        f"({config.num_layers} layers, width {config.hidden_size}, vocab "
+        f"{config.vocab_size}); retro-fit it with:\n  python -m retro_jax.train "
+        f"--gin_file=gin/recipes/retrofit.gin --gin_file={f.model_dir}/model.gin "
+        f"--gin.INIT_CHECKPOINT={f.model_dir} --gin.MODEL_DIR=... "
+        "--gin.RETRIEVAL_DIR=... --gin.TRAIN_STEPS=...")
+
+
+if __name__ == "__main__":
+  from absl import app, flags as _flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  _flags.DEFINE_string("hf_dir", None, "Local Hugging Face checkpoint directory "
+                       "(config.json + *.safetensors).", required=True)
+  _flags.DEFINE_string("model_dir", None, "Where to write the GPT checkpoint.",
+                       required=True)
+  _flags.DEFINE_multi_string("retro", [], "RetroConfig retrieval field FIELD=VALUE "
+                             "(chunk_length, num_neighbors, cca_layers, encoder_*...).")
+  app.run(main)
