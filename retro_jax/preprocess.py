@@ -12,10 +12,12 @@ writes a ``RetrievalLayout`` directory (``retro_jax.retrieval.layout``)::
     2. retrieval_db/          the retrieval DB (NeMo retmmap, retrieval flavour)
     3. <split>_db/            the query DB of every split (training flavour): 'train'
                               (the retrieval corpus itself unless --train_input), plus
-                              each --split=NAME=FILES
+                              each --split=NAME=FILES and --lm_split=NAME=FILES
     4. embeddings/            the retrieval DB's chunk embeddings (--embedder, MiniLM)
     5. index/                 the Faiss index (factory by DB size unless --factory)
-    6. neighbors/<split>/     the k nearest DB chunks of every query chunk (NeMo KNN map)
+    6. neighbors/<split>/     the k nearest DB chunks of every query chunk (NeMo KNN map);
+                              not for --lm_split splits (text for a decoder alone, e.g.
+                              GPT pretraining text that nothing retrieves for)
     7. retrieval.json         the settings, read by the seqio tasks, the Retriever,
                               generation and the service
 
@@ -124,17 +126,17 @@ def _single(inputs: Inputs) -> Inputs:
   return items[0] if len(items) == 1 else items
 
 
-def parse_splits(specs: Sequence[str]) -> dict[str, list[str]]:
+def parse_splits(specs: Sequence[str], flag: str = "split") -> dict[str, list[str]]:
   """``['valid=heldout.jsonl', 'test=a.jsonl,b.jsonl']`` -> {split: [inputs]}."""
   out: dict[str, list[str]] = {}
   for spec in specs:
     name, sep, files = spec.partition("=")
     if not sep or not name or not files:
-      raise ValueError(f"--split={spec!r}: expected NAME=FILES (e.g. valid=heldout.jsonl)")
+      raise ValueError(f"--{flag}={spec!r}: expected NAME=FILES (e.g. valid=heldout.jsonl)")
     if name == TRAIN_SPLIT:
-      raise ValueError("--split=train=...: use --train_input for the training split")
+      raise ValueError(f"--{flag}=train=...: use --train_input for the training split")
     if name in out:
-      raise ValueError(f"--split: split {name!r} given twice")
+      raise ValueError(f"--{flag}: split {name!r} given twice")
     RetrievalLayout("/").split_db_dir(name)        # validates the name
     out[name] = files.split(",")
   return out
@@ -254,6 +256,7 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
                vocab: Optional[str] = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
                train_input: Optional[Inputs] = None,
                splits: Optional[Mapping[str, Inputs]] = None,
+               lm_splits: Optional[Mapping[str, Inputs]] = None,
                input_format: str = "auto", text_key: str = "text", text_unit: str = "file",
                tfds_split: str = "train", tfds_data_dir: Optional[str] = None,
                chunk_size: int = 64, num_neighbors: int = 2, extra_neighbors: int = 8,
@@ -276,6 +279,8 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
       ``vocab_size`` pieces (fewer on a small corpus: the limit is soft).
     train_input: The training corpus; None: the retrieval corpus.
     splits: Extra query splits ``{name: inputs}`` (e.g. ``{'valid': 'heldout.jsonl'}``).
+    lm_splits: Splits that get a query DB but no neighbor map ``{name: inputs}``: text
+      for a decoder alone (e.g. GPT pretraining text), read by the GPT tasks.
     input_format, text_key, text_unit, tfds_split, tfds_data_dir: Corpus options (see
       ``retro_jax.data.corpus.open_corpus``), for every corpus.
     chunk_size: m.
@@ -305,6 +310,11 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
     if name == TRAIN_SPLIT:
       raise ValueError("splits: 'train' is the training split; pass train_input")
     query_inputs[name] = _as_list(files)
+  lm_inputs = {}
+  for name, files in (lm_splits or {}).items():
+    if name == TRAIN_SPLIT or name in query_inputs:
+      raise ValueError(f"lm_splits: split {name!r} is also a split with neighbors")
+    lm_inputs[name] = _as_list(files)
   if exclude_same_document not in ("auto", True, False):
     raise ValueError(f"exclude_same_document must be 'auto', True or False, got "
                      f"{exclude_same_document!r}")
@@ -327,7 +337,7 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
                   corpus_options, retrieval_db=True, chunk_size=chunk_size,
                   shard_id=shard_id, num_shards=num_shards, progress=progress,
                   wait_for=wait_for))
-    for split, files in query_inputs.items():
+    for split, files in {**query_inputs, **lm_inputs}.items():
       logging.info("preprocess: stage %s DB", split)
       log(_db_stage(split, files, layout.split_db_dir(split), layout.vocab_path,
                     corpus_options, retrieval_db=False, chunk_size=chunk_size,
@@ -385,6 +395,10 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
       split_settings[split] = {"inputs": query_inputs[split], "num_docs": query_db.num_docs,
                                "num_chunks": query_db.num_chunks,
                                "exclude_same_document": exclude}
+    for split, files in lm_inputs.items():
+      query_db = formats.ChunkDB(layout.split_db_prefix(split))
+      split_settings[split] = {"inputs": files, "num_docs": query_db.num_docs,
+                               "num_chunks": query_db.num_chunks, "neighbors": False}
   except _NotReady as e:
     logging.info("preprocess: shard %d/%d stops here: waiting for %s (--nowait); re-run "
                  "to continue", shard_id, num_shards, e)
@@ -467,6 +481,9 @@ def _define_flags():
                             "retrieval corpus; then same-document exclusion is on).")
   flags.DEFINE_multi_string("split", [], "An extra query split NAME=FILES (comma-"
                             "separated), e.g. --split=valid=heldout.jsonl; repeatable.")
+  flags.DEFINE_multi_string("lm_split", [], "A split NAME=FILES that gets a query DB "
+                            "but no neighbor map (text for a decoder alone, e.g. GPT "
+                            "pretraining text); repeatable.")
   flags.DEFINE_enum("input_format", None, list(corpus_lib.FORMATS), "Corpus format "
                     "(default auto: jsonl by suffix, else text).")
   flags.DEFINE_string("text_key", None, "jsonl key / TFDS feature of the text (default "
@@ -532,6 +549,8 @@ def main(argv: Sequence[str]) -> None:
     kwargs["train_input"] = _single(f.train_input)
   if f.split:
     kwargs["splits"] = parse_splits(f.split)
+  if f.lm_split:
+    kwargs["lm_splits"] = parse_splits(f.lm_split, "lm_split")
   for name in ("exclude_same_document", "use_gpu"):
     if f[name].value is not None:
       kwargs[name] = _TRI_STATE[f[name].value]

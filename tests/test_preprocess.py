@@ -34,12 +34,14 @@ def corpus(tmp_path_factory):
   docs = prose_documents(stdlib=False)
   _write_jsonl(root / "docs.jsonl", docs[:NUM_DOCS])
   _write_jsonl(root / "heldout.jsonl", docs[NUM_DOCS:NUM_DOCS + 3])
+  _write_jsonl(root / "lm.jsonl", docs[NUM_DOCS + 3:NUM_DOCS + 5])
   return root
 
 
 def _command(corpus, output_dir):
   return [sys.executable, "-m", "retro_jax.preprocess", f"--input={corpus / 'docs.jsonl'}",
           f"--output_dir={output_dir}", f"--split=valid={corpus / 'heldout.jsonl'}",
+          f"--lm_split=lm={corpus / 'lm.jsonl'}",
           "--text_key=body", "--vocab_size=1000", "--noprogress",
           "--gin.preprocess.extra_neighbors=6", "--use_gpu=false"]
 
@@ -88,7 +90,11 @@ def test_every_output_opens_with_its_reader(uninterrupted):
   assert config["embedder"] == "all-MiniLM-L6-v2" and config["index_factory"] == "Flat"
   assert config["splits"]["train"]["exclude_same_document"] is True
   assert config["splits"]["valid"]["exclude_same_document"] is False
-  assert layout.splits() == ["train", "valid"]
+  assert layout.splits() == ["lm", "train", "valid"]
+  # An --lm_split gets its query DB and no neighbor map (nothing retrieves for it).
+  assert config["splits"]["lm"]["neighbors"] is False
+  assert formats.ChunkDB(layout.split_db_prefix("lm")).num_docs == 2
+  assert not os.path.exists(layout.neighbor_map_path("lm"))
   db = formats.ChunkDB(layout.retrieval_db_prefix)
   db.verify()
   assert db.is_retrieval_db and db.num_docs == NUM_DOCS and db.num_chunks >= 3 * NUM_DOCS
