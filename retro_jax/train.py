@@ -60,6 +60,7 @@ def _init_state(trainer: trainer_lib.Trainer, init_checkpoint: Optional[str],
 def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           train_source: Any = gin.REQUIRED, model_config: Optional[RetroConfig] = None,
           optimizer_config: Optional[OptimizerConfig] = None, retrieval: bool = True,
+          retro_params: Optional[bool] = None,
           mesh_shape: Optional[dict] = None, init_checkpoint: Optional[str] = None,
           init_mode: str = "retrofit", eval_source: Any = None, eval_every: int = 0,
           eval_batches: int = 1, checkpoint_every: int = 1000, keep_checkpoints: int = 3,
@@ -75,6 +76,11 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     model_config: The architecture; default ``RetroConfig()`` as bound by gin.
     optimizer_config: default ``OptimizerConfig()`` as bound by gin.
     retrieval: False trains the decoder alone (GPT pretraining, GPT-fitting).
+    retro_params: Whether the parameters include the Retro encoder and CCA; default
+      ``retrieval``. True with ``retrieval=False`` is InstructRetro's SFT: a Retro
+      checkpoint's decoder trained with retrieval off (no neighbor features needed, the
+      decoder's cost); the encoder and CCA are kept (freeze them with
+      ``OptimizerConfig.trainable='decoder'``).
     mesh_shape: e.g. {'data': -1, 'fsdp': 1, 'tensor': 1}.
     init_checkpoint: Checkpoint (MODEL_DIR or step dir) to start from when MODEL_DIR has
       none; ``init_mode`` 'retrofit' (decoder only) or 'params' (everything).
@@ -94,7 +100,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
 
   mesh = partitioning.make_mesh(mesh_shape)
   trainer = trainer_lib.Trainer(model_config, optimizer_config, train_steps=train_steps,
-                                mesh=mesh, retrieval=retrieval, z_loss=z_loss,
+                                mesh=mesh, retrieval=retrieval,
+                                retro_params=retro_params, z_loss=z_loss,
                                 grad_accum_steps=grad_accum_steps, seed=seed)
   checkpointer = ckpt_lib.Checkpointer(model_dir, keep=keep_checkpoints,
                                        async_save=async_checkpointing)
@@ -167,17 +174,17 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   return last
 
 
-FLAGS = flags.FLAGS
-_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "gin files (searched in gin/ too).")
-_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "gin bindings KEY=VALUE.")
+def _define_flags() -> None:
+  gin_utils.define_gin_flags()
 
 
 def main(argv) -> None:
   del argv
-  gin_utils.parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value)
+  gin_utils.parse_gin(flags.FLAGS.gin_file, flags.FLAGS.gin_bindings)
   partitioning.initialize_distributed()
   train()
 
 
 if __name__ == "__main__":
+  _define_flags()
   gin_utils.run_with_gin_flags(main)

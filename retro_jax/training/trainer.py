@@ -169,6 +169,7 @@ class Trainer:
 
   def __init__(self, model_config: RetroConfig, optimizer_config: OptimizerConfig, *,
                train_steps: int, mesh: jax.sharding.Mesh, retrieval: bool = True,
+               retro_params: Optional[bool] = None,
                z_loss: float = 0.0, grad_accum_steps: int = 1, seed: int = 0,
                rules=partitioning.LOGICAL_AXIS_RULES):
     self.config = model_config
@@ -176,6 +177,12 @@ class Trainer:
     self.mesh = mesh
     self.rules = rules
     self.retrieval = retrieval
+    # The parameter tree holds the encoder and CCA (a Retro model) even when the steps
+    # run without retrieval: InstructRetro's SFT trains the decoder of a Retro model
+    # with retrieval off, at the cost of its GPT decoder.
+    self.retro_params = retrieval if retro_params is None else retro_params
+    if retrieval and not self.retro_params:
+      raise ValueError("Trainer: retrieval=True needs retro_params (encoder and CCA)")
     self.z_loss = z_loss
     self.grad_accum_steps = grad_accum_steps
     self.seed = seed
@@ -193,7 +200,7 @@ class Trainer:
 
   def _init_boxed(self, rng: jax.Array) -> TrainState:
     tokens, neighbors = dummy_inputs(self.config)
-    variables = self.model.init(rng, tokens, neighbors if self.retrieval else None)
+    variables = self.model.init(rng, tokens, neighbors if self.retro_params else None)
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.optimizer.init(params))
