@@ -168,8 +168,7 @@ def format_record(record: dict) -> str:
 
 
 def _define_flags() -> None:
-  flags.DEFINE_multi_string("gin_file", [], "gin files (searched in gin/ too).")
-  flags.DEFINE_multi_string("gin_bindings", [], "gin bindings KEY=VALUE.")
+  gin_utils.define_gin_flags()
   flags.DEFINE_string("checkpoint", None, "MODEL_DIR or a step directory.")
   flags.DEFINE_string("vocab", None, "SentencePiece model (default: the retrieval "
                       "directory's).")

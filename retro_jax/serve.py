@@ -100,8 +100,7 @@ def build_service(checkpoint: str = gin.REQUIRED, vocab_path: str = gin.REQUIRED
 
 
 def _define_flags() -> None:
-  flags.DEFINE_multi_string("gin_file", [], "gin files (searched in gin/ too).")
-  flags.DEFINE_multi_string("gin_bindings", [], "gin bindings KEY=VALUE.")
+  gin_utils.define_gin_flags()
   flags.DEFINE_string("checkpoint", None, "MODEL_DIR or a step directory.")
   flags.DEFINE_string("vocab", None, "The model's SentencePiece model.")
   flags.DEFINE_string("embedder", "all-MiniLM-L6-v2", "Sentence embedder (name or "

@@ -1457,8 +1457,8 @@ def _define_flags() -> None:
                      "retrofit.jsonl instead of pretrain.jsonl (default 0.5).")
   flags.DEFINE_integer("questions_per_fact", None, "Question phrasings per fact (1-3).")
   flags.DEFINE_bool("overwrite", None, "Regenerate even if complete.")
-  flags.DEFINE_multi_string("gin_file", [], "gin files (searched in gin/ too).")
-  flags.DEFINE_multi_string("gin_bindings", [], "gin bindings KEY=VALUE.")
+  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
+  gin_utils.define_gin_flags()
 
 
 def main(argv: Sequence[str]) -> None:

@@ -196,7 +196,8 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir: str,
            name: str = "qa", num_passages: int = 5, neighbors: str = "none",
            num_neighbor_passages: Optional[int] = None, max_new_tokens: int = 32,
-           batch_size: int = 16, sampling: Any = None) -> dict[str, Any]:
+           batch_size: int = 16, sampling: Any = None,
+           align_prompts: bool = False) -> dict[str, Any]:
   """Generates an answer per question, scores it, writes predictions and scores.
 
   Args:
@@ -208,6 +209,10 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
     num_neighbor_passages: contexts used as neighbors with 'passages' (default: the
       model's k).
     max_new_tokens, batch_size, sampling: generation settings (greedy by default).
+    align_prompts: left-pad each prompt to a multiple of m, so that its last chunk
+      (the question) is complete, and retrieved from, before the first answer token
+      (``Generator.generate``); with 'live' neighbors this lets the answer read the
+      neighbors of the question itself.
   Returns:
     ``{"exact_match", "f1", "count", "settings"}`` (fractions in [0, 1]).
   """
@@ -220,7 +225,7 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
   settings = {"num_passages": num_passages, "neighbors": neighbors,
               "num_neighbor_passages": k if neighbors == "passages" else 0,
               "max_new_tokens": max_new_tokens, "sampling": repr(sampling),
-              "examples": len(examples)}
+              "align_prompts": align_prompts, "examples": len(examples)}
   os.makedirs(output_dir, exist_ok=True)
   partial_path = os.path.join(output_dir, f"{name}_predictions.partial.jsonl")
   settings_path = os.path.join(output_dir, f"{name}_predictions.partial.settings.json")
@@ -245,7 +250,8 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
           passages = None  # no contexts in the whole batch: the decoder alone
       result = generator.generate(prompts, max_new_tokens=max_new_tokens,
                                   sampling=sampling, passages=passages,
-                                  retrieval=neighbors == "live" or passages is not None)
+                                  retrieval=neighbors == "live" or passages is not None,
+                                  align_prompts=align_prompts)
       for example, raw, chunks in zip(batch, result.texts, result.retrievals):
         prediction = postprocess_prediction(raw)
         row = {"id": example["id"], "question": example["question"],

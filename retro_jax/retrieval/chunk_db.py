@@ -357,8 +357,8 @@ def _define_flags():
   flags.DEFINE_bool("merge", None, "Merge the shards once all are complete "
                     "(default true).")
   flags.DEFINE_bool("merge_only", False, "Only merge the shards of --output_dir.")
-  flags.DEFINE_multi_string("gin_file", [], "gin files (searched in gin/ too).")
-  flags.DEFINE_multi_string("gin_bindings", [], "gin bindings KEY=VALUE.")
+  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
+  gin_utils.define_gin_flags()
 
 
 def main(argv: Sequence[str]) -> None:

@@ -341,8 +341,8 @@ def _define_flags():
   flags.DEFINE_integer("pad_id", None, "Pad id (default: the vocabulary's).")
   flags.DEFINE_integer("eod_id", None, "End-of-document id (default: the vocabulary's EOS).")
   flags.DEFINE_bool("progress", None, "Show a progress bar (default true).")
-  flags.DEFINE_multi_string("gin_file", [], "gin files (searched in gin/ too).")
-  flags.DEFINE_multi_string("gin_bindings", [], "gin bindings KEY=VALUE.")
+  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
+  gin_utils.define_gin_flags()
   flags.mark_flags_as_required(["db", "vocab", "output_dir"])
 
 

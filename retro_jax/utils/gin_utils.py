@@ -77,6 +77,19 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return rest, bindings
 
 
+def define_gin_flags() -> None:
+  """The ``--gin_file`` / ``--gin_bindings`` flags every entry point takes (define them
+  in ``__main__`` only, so that entry points can import each other)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  caller = sys._getframe(1).f_globals.get("__name__")  # pylint: disable=protected-access
+  module = sys.argv[0] if caller == "__main__" else caller   # so --helpshort lists them
+  flags.DEFINE_multi_string("gin_file", [], "gin files (searched in gin/ too).",
+                            module_name=module)
+  flags.DEFINE_multi_string("gin_bindings", [], "gin bindings KEY=VALUE (or "
+                            "--gin.KEY=VALUE).", module_name=module)
+
+
 def run_with_gin_flags(main) -> None:
   """``absl.app.run(main)`` after turning ``--gin.KEY=VALUE`` into ``--gin_bindings``."""
   import sys  # pylint: disable=g-import-not-at-top
