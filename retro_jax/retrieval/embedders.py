@@ -643,6 +643,42 @@ def _as_vocabulary(vocab: Any) -> Any:
   return vocab
 
 
+class MemoizedEmbedder:
+  """An ``Embedder`` that looks texts up in a table of known vectors first.
+
+  For rebuilding a retrieval DB after an edit (the recipe's knowledge update): the
+  unchanged chunks reuse the vectors the DB already had (exactly, as stored), only the
+  changed texts are embedded. It presents the wrapped embedder's name and fingerprint,
+  since its vectors are that embedder's.
+
+  Args:
+    embedder: The ``Embedder`` for texts not in the table.
+    known: text -> vector ``[dim]`` (e.g. the old DB's chunk texts and embeddings).
+  """
+
+  def __init__(self, embedder: Embedder, known: Mapping[str, np.ndarray]):
+    self.embedder = embedder
+    self.known = known
+    self.dim = embedder.dim
+    self.name = getattr(embedder, "name", None)
+    self.fingerprint = getattr(embedder, "fingerprint", None)
+    self.calls = self.misses = 0
+
+  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    """texts -> float32 ``[n, dim]``; only unknown texts reach the wrapped embedder."""
+    texts = list(texts)
+    out = np.empty((len(texts), self.dim), np.float32)
+    missing = [i for i, text in enumerate(texts) if text not in self.known]
+    for i, text in enumerate(texts):
+      if text in self.known:
+        out[i] = self.known[text]
+    if missing:
+      out[missing] = self.embedder.embed_texts([texts[i] for i in missing])
+    self.calls += len(texts)
+    self.misses += len(missing)
+    return out
+
+
 @gin.configurable
 class ChunkEmbedder:
   """Chunk tokens -> vectors: detokenise (dropping pad and EOD ids), then embed the text.
