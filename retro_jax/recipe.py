@@ -1,81 +1,626 @@
-r"""The miniature InstructRetro recipe (issue 7): not assembled yet.
+r"""The InstructRetro recipe end to end, in miniature: the main job of retro_jax.
 
-    python -m retro_jax.recipe
+    python -m retro_jax.recipe                        # embedded corpus, ~15 min on 2 cores
+    python -m retro_jax.recipe --run_dir=runs/big --scale=3 --gin.TRAIN_STEPS=2000
+    python -m retro_jax.recipe --documents=my_docs.jsonl --run_dir=runs/mine
 
-Until the end-to-end driver lands, this entry point reports which stages of the recipe
-exist in this checkout and runs the part that does: it builds the tiny Retro model from
-``gin/models/tiny.gin`` and checks its contract (retrieval off equals the GPT decoder;
-retrieval on changes the logits only from the first causal token on).
+Steps (each one gin file in ``gin/miniature/``; the driver runs them in order, records
+every finished step in ``RUN_DIR/recipe.json`` and skips it on a re-run; a training
+step killed midway resumes from its last checkpoint):
+
+ 1. ``corpus``     the embedded fictional encyclopedia (``retro_jax.data.encyclopedia``)
+                   or ``--documents`` (any jsonl with a ``text`` key, split by the
+                   driver into GPT pretraining / retro-fitting / held-out documents);
+ 2. ``retrieval``  ``retro_jax.preprocess``: SentencePiece vocabulary, NeMo chunk DBs,
+                   all-MiniLM-L6-v2 embeddings (Flax), Faiss index, NeMo neighbor maps;
+ 3. ``gpt``        pretrain a small GPT (``gpt_pretraining.gin``);
+ 4. ``retro``      retro-fit it, decoder unfrozen (``retro_fitting.gin``), and
+    ``gptfit``     GPT-fit it on the same tokens with equal steps (``gpt_fitting.gin``);
+ 5. ``sft_data``   instruction data: short-answer QA about the retro-fitting corpus with
+                   the top retrieved passages in the prompt, plus the project's chat set;
+    ``instructretro`` / ``gpt_instruct``  instruction-tune both (decoder only);
+ 6. ``eval``       held-out perplexity (Retro with retrieval, encoder ablated, GPT-fit),
+                   zero-shot QA (exact match / F1) of GPT-Instruct and InstructRetro
+                   with and without retrieval, and the knowledge update: the facts of
+                   some entities are changed in the retrieval DB (re-embedding only the
+                   changed chunks, no training) and the answers are checked against the
+                   new facts;
+ 7. ``report``     loss and perplexity plots (PNG) and ``RUN_DIR/report.md``.
+
+``--gin.KEY=VALUE`` bindings apply to every step (e.g. ``--gin.RetroConfig.hidden_size=192``,
+``--gin.TRAIN_STEPS=400`` for all training steps, or a step's own macro such as
+``--gin.GPT_STEPS=500``; see ``gin/miniature/*.gin``).
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
+import dataclasses
+import json
+import os
+import random
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-from absl import app
-import jax
+from absl import flags
+from absl import logging
+import gin
 import numpy as np
 
-STAGES = (
-    ("vocabulary + chunk DB (NeMo retmmap)", "retro_jax.retrieval.chunk_db"),
-    ("chunk embeddings (Flax MiniLM)", "retro_jax.retrieval.embedders"),
-    ("Faiss index", "retro_jax.retrieval.index"),
-    ("neighbor map (NeMo KNN map)", "retro_jax.retrieval.neighbors"),
-    ("seqio tasks", "retro_jax.data.tasks"),
-    ("trainer (pretrain / retro-fit / SFT)", "retro_jax.train"),
-    ("generation with live retrieval", "retro_jax.generate"),
-    ("evaluation (perplexity, QA)", "retro_jax.eval"),
-)
+from retro_jax.utils import gin_utils
+from retro_jax.utils.io import Manifest, atomic_write_json, atomic_write_text
+
+RECIPE_VERSION = 1
+STEP_GIN = {
+    "gpt": "miniature/gpt_pretraining.gin",
+    "retro": "miniature/retro_fitting.gin",
+    "gptfit": "miniature/gpt_fitting.gin",
+    "instructretro": "miniature/instruction_tuning.gin",
+    "gpt_instruct": "miniature/instruction_tuning_gpt.gin",
+}
+EVAL_GIN = "miniature/evaluation.gin"
+RETRIEVAL_GIN = "miniature/retrieval.gin"
+STEPS = ("corpus", "retrieval", "gpt", "retro", "gptfit", "sft_data", "instructretro",
+         "gpt_instruct", "eval_perplexity", "eval_qa", "knowledge_update", "report")
 
 
-def _exists(module: str) -> bool:
-  try:
-    importlib.import_module(module)
-    return True
-  except ImportError:
-    return False
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+  """Where every artifact of a recipe run goes."""
+
+  root: str
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.root, *parts)
+
+  @property
+  def corpus_dir(self) -> str:
+    return self.path("corpus")
+
+  @property
+  def retrieval_dir(self) -> str:
+    return self.path("retrieval")
+
+  @property
+  def updated_retrieval_dir(self) -> str:
+    return self.path("retrieval_updated")
+
+  def model_dir(self, name: str) -> str:
+    return self.path("models", name)
+
+  @property
+  def sft_dir(self) -> str:
+    return self.path("sft")
+
+  @property
+  def eval_dir(self) -> str:
+    return self.path("eval")
+
+  @property
+  def plots_dir(self) -> str:
+    return self.path("plots")
+
+  @property
+  def report_path(self) -> str:
+    return self.path("report.md")
 
 
-def model_check() -> str:
-  from retro_jax.models import Retro, RetroConfig, init_params  # pylint: disable=g-import-not-at-top
-  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
-  gin_utils.parse_gin(["tiny.gin"])
-  config = RetroConfig()
-  params = init_params(config, jax.random.PRNGKey(0))
-  rng = np.random.RandomState(0)
-  n, m = 4 * config.chunk_length, config.chunk_length
-  tokens = rng.randint(0, config.vocab_size, (1, n)).astype(np.int32)
-  neighbors = rng.randint(0, config.vocab_size,
-                          (1, n // m, config.num_neighbors, config.neighbor_length)
-                          ).astype(np.int32)
-  model = Retro(config)
-  gpt = np.asarray(model.apply({"params": params}, tokens))
-  off = np.asarray(model.apply({"params": params}, tokens, neighbors,
-                               neighbor_mask=np.zeros((1,), bool)))
-  on = np.asarray(model.apply({"params": params}, tokens, neighbors))
-  changed = np.abs(on - gpt).max(axis=-1)[0] > 0
-  first = int(np.argmax(changed))
-  return (f"tiny Retro ({config.num_layers} layers, CCA at {list(config.retro_layers)}): "
-          f"retrieval off == GPT decoder: {bool((off == gpt).all())}; retrieval changes "
-          f"logits from token {first} on (m - 1 = {m - 1})")
+# ----------------------------------------------------------------------------------
+# Steps 1-2: corpus and retrieval
+# ----------------------------------------------------------------------------------
+
+CORPUS_FILES = ("pretrain", "retrofit", "retrieval", "heldout", "sft_qa", "qa_test",
+                "updates", "retrieval_updated")
 
 
-def main(argv):
+def _read_jsonl(path: str) -> list[dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+  atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def corpus_files(corpus_dir: str) -> dict[str, Optional[str]]:
+  """The recipe's corpus files (None where a user corpus has no such file)."""
+  out = {}
+  for key in CORPUS_FILES:
+    path = os.path.join(corpus_dir, f"{key}.jsonl")
+    out[key] = path if os.path.exists(path) else None
+  return out
+
+
+@gin.configurable
+def split_documents(documents: str, output_dir: str, *, text_key: str = "text",
+                    pretrain_fraction: float = 0.4, heldout_fraction: float = 0.05,
+                    seed: int = 0) -> dict[str, Optional[str]]:
+  """A user corpus for the recipe: a seeded split of one jsonl into GPT pretraining,
+  retro-fitting and held-out documents; the retrieval DB is the retro-fitting documents
+  (first, so that same-document exclusion applies) followed by the pretraining ones.
+  QA, instruction tuning on the corpus and the knowledge update need QA files, which a
+  plain corpus does not have: those steps are skipped.
+  """
+  rows = _read_jsonl(documents)
+  for i, row in enumerate(rows):
+    if not isinstance(row.get(text_key), str):
+      raise ValueError(f"{documents}:{i + 1}: no string field {text_key!r}")
+  order = list(range(len(rows)))
+  random.Random(seed).shuffle(order)
+  n_held = max(1, int(len(rows) * heldout_fraction))
+  n_pre = int(len(rows) * pretrain_fraction)
+  if len(rows) - n_held - n_pre < 1 or n_pre < 1:
+    raise ValueError(f"{documents}: {len(rows)} documents are too few to split into "
+                     "pretraining, retro-fitting and held-out parts")
+  pick = lambda idx: [{"text": rows[i][text_key], **{k: v for k, v in rows[i].items()  # pylint: disable=g-long-lambda
+                                                     if k != text_key}} for i in idx]
+  held, pre, fit = (order[:n_held], order[n_held:n_held + n_pre], order[n_held + n_pre:])
+  os.makedirs(output_dir, exist_ok=True)
+  _write_jsonl(os.path.join(output_dir, "heldout.jsonl"), pick(held))
+  _write_jsonl(os.path.join(output_dir, "pretrain.jsonl"), pick(pre))
+  _write_jsonl(os.path.join(output_dir, "retrofit.jsonl"), pick(fit))
+  _write_jsonl(os.path.join(output_dir, "retrieval.jsonl"), pick(fit) + pick(pre))
+  return corpus_files(output_dir)
+
+
+@gin.configurable
+def build_retrieval(files: Mapping[str, Optional[str]], output_dir: str, *,
+                    vocab_size: int = 4000, embedder: str = "all-MiniLM-L6-v2",
+                    num_neighbors: int = 2) -> dict:
+  """``retro_jax.preprocess`` over the corpus: the retro-fitting text is the 'train'
+  split (neighbors, same-document exclusion), the held-out text 'valid' (neighbors),
+  the GPT pretraining text 'pretrain' (a query DB only)."""
+  from retro_jax import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
+  splits = {"valid": files["heldout"]} if files.get("heldout") else {}
+  lm_splits = {"pretrain": files["pretrain"]} if files.get("pretrain") else {}
+  return preprocess_lib.preprocess(files["retrieval"], output_dir,
+                                   train_input=files["retrofit"], splits=splits,
+                                   lm_splits=lm_splits, vocab_size=vocab_size,
+                                   embedder=embedder, num_neighbors=num_neighbors)
+
+
+# ----------------------------------------------------------------------------------
+# Steps 3-5: training (gin recipes)
+# ----------------------------------------------------------------------------------
+
+
+def _parse_step_gin(gin_file: str, bindings: Sequence[str], overrides: Sequence[str]) -> None:
+  gin.clear_config()
+  import retro_jax.data.tasks  # pylint: disable=g-import-not-at-top,unused-import
+  import retro_jax.eval  # pylint: disable=g-import-not-at-top,unused-import
+  import retro_jax.train  # pylint: disable=g-import-not-at-top,unused-import
+  gin_utils.parse_gin([gin_file], list(bindings) + list(overrides))
+
+
+def run_training(step: str, layout: RunLayout, bindings: Mapping[str, Any],
+                 overrides: Sequence[str]) -> dict:
+  """Runs one training step's gin file with the run's directories bound."""
+  from retro_jax.train import train  # pylint: disable=g-import-not-at-top
+  values = {"MODEL_DIR": layout.model_dir(step), "RETRIEVAL_DIR": layout.retrieval_dir,
+            **bindings}
+  _parse_step_gin(STEP_GIN[step], [f"{k} = {v!r}" for k, v in values.items()], overrides)
+  return train()
+
+
+def qa_rows_with_passages(rows: Sequence[Mapping[str, Any]], retriever: Any,
+                          num_passages: int, batch: int = 256) -> list[dict]:
+  """QA rows with their top retrieved DB passages as ``ctxs``."""
+  from retro_jax.eval import retrieved_contexts  # pylint: disable=g-import-not-at-top
+  out = []
+  for start in range(0, len(rows), batch):
+    part = rows[start:start + batch]
+    contexts = retrieved_contexts(retriever, [r["question"] for r in part], num_passages)
+    out += [dict(r, ctxs=c) for r, c in zip(part, contexts)]
+  return out
+
+
+@gin.configurable
+def build_sft_data(qa_file: str, retriever: Any, output_path: str, *,
+                   num_passages: int = 2) -> str:
+  """Short-answer QA as chat records that render exactly as the evaluation prompt.
+
+  Each question gets its top ``num_passages`` retrieved DB passages; the record renders
+  (``retro_jax.data.chat``) as the zero-shot QA prompt ``qa_prompt`` followed by the
+  answer, so the model is tuned on the prompt it is evaluated with.
+  """
+  from retro_jax.data import chat  # pylint: disable=g-import-not-at-top
+  rows = qa_rows_with_passages(_read_jsonl(qa_file), retriever, num_passages)
+  records = []
+  for row in rows:
+    answer = row["answers"][0]
+    records.append({
+        "messages": [{"role": "system", "content": chat.QA_SYSTEM},
+                     {"role": "user", "content": f"{chat.QA_EVAL_INSTRUCTION} "
+                                                 f"{row['question']}"},
+                     {"role": "assistant",
+                      "content": f"{chat.SHORT_ANSWER_PREFIX.strip()} {answer}"}],
+        "passages": row["ctxs"]})
+  _write_jsonl(output_path, records)
+  return output_path
+
+
+# ----------------------------------------------------------------------------------
+# Step 6: evaluation
+# ----------------------------------------------------------------------------------
+
+
+@gin.configurable
+def sample_questions(qa_file: str, output_path: str, *, max_questions: int = 200,
+                     seed: int = 0) -> str:
+  """A seeded sample of a QA file, spread over entity types and attributes."""
+  rows = _read_jsonl(qa_file)
+  rng = random.Random(seed)
+  order = list(range(len(rows)))
+  rng.shuffle(order)
+  _write_jsonl(output_path, [rows[i] for i in sorted(order[:max_questions])])
+  return output_path
+
+
+@gin.configurable
+def qa_settings(*, num_passages: int = 2,
+                gpt_modes: Mapping[str, Mapping[str, Any]] = gin.REQUIRED,
+                retro_modes: Mapping[str, Mapping[str, Any]] = gin.REQUIRED) -> dict:
+  """The QA evaluation of the recipe (``gin/miniature/evaluation.gin``): passages per
+  prompt and the ``eval_qa.modes`` of GPT-Instruct and InstructRetro."""
+  if "retrieval" not in retro_modes:
+    raise ValueError("qa_settings.retro_modes needs a 'retrieval' mode (the knowledge "
+                     f"update uses it); got {sorted(retro_modes)}")
+  return {"num_passages": num_passages, "gpt_modes": dict(gpt_modes),
+          "retro_modes": dict(retro_modes)}
+
+
+def knowledge_update_scores(predictions_path: str, updates: Sequence[Mapping[str, Any]]
+                            ) -> dict[str, float]:
+  """How often answers follow the new facts (and how often they keep the old ones)."""
+  from retro_jax.evaluation import qa as qa_lib  # pylint: disable=g-import-not-at-top
+  rows = _read_jsonl(predictions_path)
+  if len(rows) != len(updates):
+    raise ValueError(f"{predictions_path}: {len(rows)} predictions for {len(updates)} "
+                     "updated facts")
+  new = [qa_lib.exact_match(r["prediction"], u["new_answers"]) for r, u in zip(rows, updates)]
+  old = [qa_lib.exact_match(r["prediction"], u["old_answers"]) for r, u in zip(rows, updates)]
+  return {"follows_new": float(np.mean(new)), "keeps_old": float(np.mean(old)),
+          "count": len(rows)}
+
+
+# ----------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------
+
+
+class Recipe:
+  """Runs the steps in order; finished steps are recorded and skipped."""
+
+  def __init__(self, run_dir: str, *, scale: float = 1.0, seed: int = 0,
+               documents: Optional[str] = None, overrides: Sequence[str] = (),
+               print_fn: Callable[[str], None] = print):
+    self.layout = RunLayout(os.path.abspath(run_dir))
+    self.scale, self.seed, self.documents = scale, seed, documents
+    self.overrides = list(overrides)
+    self.print = print_fn
+    os.makedirs(self.layout.root, exist_ok=True)
+    # The settings that define the corpus; gin overrides may change between runs (a
+    # re-run with new evaluation settings re-runs nothing that is done: delete a step's
+    # entry from recipe's manifest, or use a fresh run_dir, to redo it).
+    self.manifest = Manifest(self.layout.root, {
+        "recipe_version": RECIPE_VERSION, "scale": scale, "seed": seed,
+        "documents": os.path.abspath(documents) if documents else None})
+    self._retriever = None
+
+  # -- bookkeeping -------------------------------------------------------------------
+
+  def _done(self, step: str) -> bool:
+    return self.manifest.is_done(step)
+
+  def _record(self, step: str, outputs: Sequence[str], info: Mapping[str, Any]) -> None:
+    rel = [os.path.relpath(p, self.layout.root) for p in outputs]
+    self.manifest.mark_done(step, rel, dict(info))
+
+  def info(self, step: str) -> dict:
+    return self.manifest.info(step) if self._done(step) else {}
+
+  def run(self, steps: Sequence[str] = STEPS) -> dict:
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+      raise ValueError(f"unknown steps {unknown}; steps are {STEPS}")
+    for step in STEPS:
+      if step not in steps:
+        continue
+      if self._done(step) and step != "report":    # the report is always rewritten
+        self.print(f"[recipe] {step}: done (skipped)")
+        continue
+      runner = getattr(self, f"step_{step}")
+      began = time.time()
+      self.print(f"[recipe] {step}: running")
+      outputs, info = runner()
+      if outputs is None:
+        self.print(f"[recipe] {step}: skipped ({info.get('reason')})")
+        continue
+      info = dict(info, seconds=round(time.time() - began, 1), gin_overrides=self.overrides)
+      self._record(step, outputs, info)
+      self.print(f"[recipe] {step}: finished in {info['seconds']:.0f}s")
+    return {s: self.info(s) for s in STEPS}
+
+  @property
+  def files(self) -> dict[str, Optional[str]]:
+    return corpus_files(self.layout.corpus_dir)
+
+  def retriever(self):
+    if self._retriever is None:
+      from retro_jax.retrieval.retriever import load_retriever  # pylint: disable=g-import-not-at-top
+      self._retriever = load_retriever(self.layout.retrieval_dir)
+    return self._retriever
+
+  def _eval_gin(self, bindings: Sequence[str] = ()) -> None:
+    _parse_step_gin(EVAL_GIN, bindings, self.overrides)
+
+  # -- steps ---------------------------------------------------------------------------
+
+  def step_corpus(self):
+    if self.documents:
+      files = split_documents(self.documents, self.layout.corpus_dir, seed=self.seed)
+      counts = {k: len(_read_jsonl(p)) for k, p in files.items() if p}
+    else:
+      from retro_jax.data import encyclopedia  # pylint: disable=g-import-not-at-top
+      result = encyclopedia.generate_corpus(self.layout.corpus_dir, scale=self.scale,
+                                            seed=self.seed)
+      counts = result["counts"]
+    files = self.files
+    return [p for p in files.values() if p], {"counts": counts}
+
+  def step_retrieval(self):
+    _parse_step_gin(RETRIEVAL_GIN, (), self.overrides)
+    summary = build_retrieval(self.files, self.layout.retrieval_dir)
+    return [os.path.join(self.layout.retrieval_dir, "retrieval.json")], {
+        "retrieval_db": summary["retrieval_db"], "splits": summary["splits"],
+        "index": summary["index_factory"], "vocab_size": summary["vocab_size"],
+        "stages": {s["stage"]: s["seconds"] for s in summary["stages"]}}
+
+  def _train(self, step: str, **bindings) -> tuple[list[str], dict]:
+    metrics = run_training(step, self.layout, bindings, self.overrides)
+    return [os.path.join(self.layout.model_dir(step), "checkpoints")], {"metrics": metrics}
+
+  def step_gpt(self):
+    return self._train("gpt")
+
+  def step_retro(self):
+    return self._train("retro", INIT_CHECKPOINT=self.layout.model_dir("gpt"))
+
+  def step_gptfit(self):
+    return self._train("gptfit", INIT_CHECKPOINT=self.layout.model_dir("gpt"))
+
+  def step_sft_data(self):
+    if not self.files.get("sft_qa"):
+      return None, {"reason": "the corpus has no sft_qa.jsonl"}
+    self._eval_gin()
+    path = build_sft_data(self.files["sft_qa"], self.retriever(),
+                          os.path.join(self.layout.sft_dir, "qa_with_passages.jsonl"))
+    return [path], {"examples": len(_read_jsonl(path))}
+
+  def _sft(self, step: str, init: str):
+    qa = os.path.join(self.layout.sft_dir, "qa_with_passages.jsonl")
+    if not os.path.exists(qa):
+      return None, {"reason": "no instruction data (sft_data was skipped)"}
+    return self._train(step, INIT_CHECKPOINT=self.layout.model_dir(init), SFT_QA_FILE=qa)
+
+  def step_instructretro(self):
+    return self._sft("instructretro", "retro")
+
+  def step_gpt_instruct(self):
+    return self._sft("gpt_instruct", "gptfit")
+
+  def step_eval_perplexity(self):
+    from retro_jax.eval import eval_perplexity  # pylint: disable=g-import-not-at-top
+    if not self.files.get("heldout"):
+      return None, {"reason": "no held-out text"}
+    self._eval_gin()
+    rows = eval_perplexity(output_dir=self.layout.eval_dir, checkpoints={
+        "Retro": self.layout.model_dir("retro"), "GPT-fit": self.layout.model_dir("gptfit")},
+                           retrieval_dir=self.layout.retrieval_dir)
+    return [os.path.join(self.layout.eval_dir, "perplexity.json")], {"rows": rows}
+
+  def step_eval_qa(self):
+    from retro_jax.eval import eval_qa  # pylint: disable=g-import-not-at-top
+    if not self.files.get("qa_test") or not os.path.isdir(
+        self.layout.model_dir("instructretro")):
+      return None, {"reason": "no QA test set or no instruction-tuned models"}
+    self._eval_gin()
+    questions = sample_questions(self.files["qa_test"],
+                                 os.path.join(self.layout.eval_dir, "qa_questions.jsonl"))
+    questions_with_ctxs = os.path.join(self.layout.eval_dir, "qa_questions_ctxs.jsonl")
+    settings = qa_settings()
+    _write_jsonl(questions_with_ctxs, qa_rows_with_passages(
+        _read_jsonl(questions), self.retriever(), settings["num_passages"]))
+    rows = []
+    for name, model, modes in (
+        ("GPT-Instruct", "gpt_instruct", settings["gpt_modes"]),
+        ("InstructRetro", "instructretro", settings["retro_modes"])):
+      rows += eval_qa(output_dir=self.layout.eval_dir, checkpoint=self.layout.model_dir(model),
+                      qa_file=questions_with_ctxs, retrieval_dir=self.layout.retrieval_dir,
+                      model_name=name, modes=modes, retriever=self.retriever())
+    atomic_write_json(os.path.join(self.layout.eval_dir, "qa.json"), rows)
+    return [os.path.join(self.layout.eval_dir, "qa.json")], {"rows": rows}
+
+  def step_knowledge_update(self):
+    from retro_jax.eval import eval_qa  # pylint: disable=g-import-not-at-top
+    from retro_jax.retrieval.retriever import load_retriever  # pylint: disable=g-import-not-at-top
+    files = self.files
+    if not (files.get("updates") and files.get("retrieval_updated")
+            and os.path.isdir(self.layout.model_dir("instructretro"))):
+      return None, {"reason": "no knowledge-update files or no InstructRetro model"}
+    self._eval_gin()
+    began = time.time()
+    rebuild = build_updated_retrieval(self.layout.retrieval_dir, files["retrieval_updated"],
+                                      self.layout.updated_retrieval_dir)
+    updated = rebuild["retrieval_dir"]
+    rebuild_seconds = time.time() - began
+    updates = _read_jsonl(files["updates"])
+    settings = qa_settings()
+    num_passages = settings["num_passages"]
+    modes = {"retrieval": settings["retro_modes"]["retrieval"]}
+    out_dir = os.path.join(self.layout.eval_dir, "knowledge_update")
+    results = {}
+    for db_name, root in (("original DB", self.layout.retrieval_dir),
+                          ("updated DB", updated)):
+      retriever = load_retriever(root)
+      rows = [{"question": u["question"], "answers": u["new_answers"]} for u in updates]
+      path = os.path.join(out_dir, f"questions_{db_name.split()[0]}.jsonl")
+      _write_jsonl(path, qa_rows_with_passages(rows, retriever, num_passages))
+      name = f"InstructRetro_{db_name.split()[0]}"
+      eval_qa(output_dir=out_dir, checkpoint=self.layout.model_dir("instructretro"),
+              qa_file=path, retrieval_dir=root, model_name=name, modes=modes,
+              retriever=retriever)
+      results[db_name] = knowledge_update_scores(
+          os.path.join(out_dir, f"{name}_retrieval_predictions.jsonl"), updates)
+    info = {"results": results, "facts": len(updates),
+            "rebuild_seconds": round(rebuild_seconds, 1),
+            "embedded_anew": rebuild["embedded_anew"], "chunk_texts": rebuild["chunk_texts"]}
+    atomic_write_json(os.path.join(out_dir, "knowledge_update.json"), info)
+    return [os.path.join(out_dir, "knowledge_update.json")], info
+
+  def step_report(self):
+    paths = write_report(self)
+    self.print(open(self.layout.report_path, encoding="utf-8").read())  # pylint: disable=consider-using-with
+    return paths, {}
+
+
+# ----------------------------------------------------------------------------------
+# Knowledge update: a new retrieval DB without retraining, re-embedding changed chunks
+# ----------------------------------------------------------------------------------
+
+
+def build_updated_retrieval(original_dir: str, updated_corpus: str, output_dir: str
+                            ) -> dict[str, Any]:
+  """A retrieval directory for ``updated_corpus`` with the original's vocabulary,
+  embedder and settings; chunks whose text did not change reuse their embeddings."""
+  from retro_jax import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import embedders  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import formats  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.embeddings import Embeddings  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval.layout import RetrievalLayout  # pylint: disable=g-import-not-at-top
+  original = RetrievalLayout(original_dir)
+  config = original.read_config()
+  base = embedders.load_embedder(config["embedder"])
+  chunk_embedder = embedders.ChunkEmbedder(base, original.vocab_path)
+  db = formats.ChunkDB(original.retrieval_db_prefix)
+  vectors = Embeddings(original.embeddings_dir)
+  texts = chunk_embedder.texts(db.get_chunks(np.arange(db.num_chunks),
+                                             with_continuation=False))
+  cache = dict(zip(texts, vectors.get(0, db.num_chunks)))
+  embedder = embedders.MemoizedEmbedder(base, cache)
+  preprocess_lib.preprocess(updated_corpus, output_dir, vocab=original.vocab_path,
+                            embedder=embedder, num_neighbors=config["num_neighbors"],
+                            factory=config["index_factory"], metric=config["metric"],
+                            embedding_dtype=config["embedding_dtype"])
+  logging.info("knowledge update: %d of %d chunk texts embedded anew",
+               embedder.misses, embedder.calls)
+  return {"retrieval_dir": output_dir, "embedded_anew": embedder.misses,
+          "chunk_texts": embedder.calls}
+
+
+# ----------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------
+
+
+def write_report(recipe: Recipe) -> list[str]:
+  """Plots and ``report.md`` from what the steps wrote."""
+  from retro_jax.evaluation import report as report_lib  # pylint: disable=g-import-not-at-top
+  layout = recipe.layout
+  os.makedirs(layout.plots_dir, exist_ok=True)
+  outputs = []
+  lines = ["# InstructRetro in miniature", ""]
+  corpus = recipe.info("corpus").get("counts", {})
+  retrieval = recipe.info("retrieval")
+  lines += ["Run directory: `" + layout.root + "`", ""]
+  if retrieval:
+    lines += [f"Retrieval DB: {retrieval['retrieval_db']['num_chunks']} chunks of 64 tokens "
+              f"({retrieval['retrieval_db']['num_docs']} documents), index "
+              f"`{retrieval['index']}`, vocabulary {retrieval['vocab_size']} pieces.", ""]
+  if corpus:
+    lines += ["Corpus: `" + json.dumps(corpus.get("entities", corpus)) + "`", ""]
+  runs = {name: layout.model_dir(step) for name, step in (
+      ("GPT pretraining", "gpt"), ("Retro-fit", "retro"), ("GPT-fit", "gptfit"),
+      ("InstructRetro SFT", "instructretro"), ("GPT-Instruct SFT", "gpt_instruct"))
+          if os.path.isdir(layout.model_dir(step))}
+  if runs:
+    outputs.append(report_lib.plot_loss_curves(
+        {k: v for k, v in runs.items() if "SFT" not in k},
+        os.path.join(layout.plots_dir, "loss_pretraining.png"),
+        title="GPT pretraining, then retro-fitting vs GPT-fitting",
+        offsets={"Retro-fit": _last_step(runs.get("GPT pretraining")),
+                 "GPT-fit": _last_step(runs.get("GPT pretraining"))}))
+    sft_runs = {k: v for k, v in runs.items() if "SFT" in k}
+    if sft_runs:
+      outputs.append(report_lib.plot_loss_curves(
+          sft_runs, os.path.join(layout.plots_dir, "loss_sft.png"),
+          title="Instruction tuning (loss on the answers)"))
+    lines += ["## Training", "", "![loss](plots/loss_pretraining.png)", ""]
+    if sft_runs:
+      lines += ["![sft loss](plots/loss_sft.png)", ""]
+  ppl = recipe.info("eval_perplexity").get("rows")
+  if ppl:
+    outputs.append(report_lib.plot_perplexity(ppl, os.path.join(layout.plots_dir,
+                                                                "perplexity.png")))
+    lines += ["## Held-out perplexity", "",
+              "Held-out documents of entities whose facts exist only in the retrieval DB.",
+              "", report_lib.markdown_table(ppl, (
+                  ("model", "model"), ("mode", "mode"), ("loss", "loss"),
+                  ("perplexity", "perplexity"), ("accuracy", "token accuracy"),
+                  ("tokens", "tokens"))), "", "![perplexity](plots/perplexity.png)", ""]
+  qa = recipe.info("eval_qa").get("rows")
+  if qa:
+    lines += ["## Zero-shot QA on facts that are only in the retrieval DB", "",
+              report_lib.markdown_table(qa, (
+                  ("model", "model"), ("mode", "mode"), ("num_passages", "passages in prompt"),
+                  ("neighbors", "encoder reads"), ("exact_match", "exact match"),
+                  ("f1", "F1"), ("count", "questions"))), ""]
+  update = recipe.info("knowledge_update").get("results")
+  if update:
+    rows = [dict(db=name, **scores) for name, scores in update.items()]
+    lines += ["## Knowledge update (no retraining)", "",
+              f"{recipe.info('knowledge_update')['facts']} facts changed in the retrieval "
+              "DB; InstructRetro with retrieval answers the questions about them.", "",
+              report_lib.markdown_table(rows, (
+                  ("db", "retrieval DB"), ("follows_new", "answers = new fact"),
+                  ("keeps_old", "answers = old fact"), ("count", "questions"))), ""]
+  timings = [(s, recipe.info(s).get("seconds")) for s in STEPS if recipe.info(s)]
+  lines += ["## Time per step", "", "| step | seconds |", "|---|---|"]
+  lines += [f"| {s} | {t:.0f} |" for s, t in timings if t is not None]
+  atomic_write_text(layout.report_path, "\n".join(lines) + "\n")
+  return outputs + [layout.report_path]
+
+
+def _last_step(model_dir: Optional[str]) -> int:
+  if not model_dir:
+    return 0
+  from retro_jax.evaluation.report import loss_curve  # pylint: disable=g-import-not-at-top
+  steps, _ = loss_curve(model_dir)
+  return steps[-1] if steps else 0
+
+
+# ----------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------
+
+def _define_flags() -> None:
+  flags.DEFINE_string("run_dir", "runs/miniature", "Where the run's artifacts go.")
+  flags.DEFINE_float("scale", 1.0, "Size of the embedded corpus (entity count multiplier).")
+  flags.DEFINE_integer("seed", 0, "Corpus and split seed.")
+  flags.DEFINE_string("documents", None, "Use this jsonl corpus (a 'text' key per line) "
+                      "instead of the embedded one.")
+  flags.DEFINE_list("steps", list(STEPS), "Steps to run (finished ones are skipped).")
+  flags.DEFINE_multi_string("gin_bindings", [], "gin bindings for every step (or "
+                            "--gin.KEY=VALUE).")
+
+
+def main(argv) -> None:
   del argv
-  print("retro_jax miniature InstructRetro recipe: stages in this checkout")
-  missing = []
-  for name, module in STAGES:
-    ok = _exists(module)
-    print(f"  [{'x' if ok else ' '}] {name:42s} {module}")
-    if not ok:
-      missing.append(name)
-  print(model_check())
-  if missing:
-    print(f"The end-to-end recipe is not assembled yet ({len(missing)} stages missing); "
-          "see the open issues.")
-    sys.exit(0)
+  f = flags.FLAGS
+  recipe = Recipe(f.run_dir, scale=f.scale, seed=f.seed, documents=f.documents,
+                  overrides=f.gin_bindings)
+  recipe.run(f.steps)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _define_flags()
+  gin_utils.run_with_gin_flags(main)

@@ -61,10 +61,43 @@ def _run(recipe, layout, model_dir, steps, **macros):
   return metrics
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(RECIPES, "*.gin"))))
+REQUIRED = ["MODEL_DIR = '/m'", "RETRIEVAL_DIR = '/r'", "TRAIN_STEPS = 5",
+            "INIT_CHECKPOINT = '/c'", "OUTPUT_DIR = '/o'", "CHECKPOINT = '/c'",
+            "CHECKPOINTS = {'Retro': '/c'}", "QA_FILE = '/q.jsonl'",
+            "SFT_QA_FILE = '/s.jsonl'"]
+GIN_FILES = sorted(glob.glob(os.path.join(RECIPES, "*.gin"))
+                   + glob.glob(os.path.join(gin_utils.GIN_DIR, "miniature", "*.gin")))
+
+
+@pytest.mark.parametrize("path", GIN_FILES, ids=lambda p: os.path.relpath(
+    p, gin_utils.GIN_DIR))
 def test_every_recipe_parses(path):
-  _parse(path, ["MODEL_DIR = '/m'", "RETRIEVAL_DIR = '/r'", "TRAIN_STEPS = 5"])
-  assert gin.query_parameter("train.model_dir") is not None
+  import retro_jax.recipe  # pylint: disable=g-import-not-at-top,unused-import  (its configurables)
+  _parse(path, REQUIRED)
+  name = os.path.basename(path)
+  if name.startswith("eval_"):
+    assert gin.query_parameter("%OUTPUT_DIR") == "/o"
+  elif name in ("run.gin", "model.gin", "common.gin", "retrieval.gin", "evaluation.gin"):
+    assert RetroConfig().chunk_length == 64 or name == "retrieval.gin"
+  else:   # a training recipe
+    assert str(gin.query_parameter("train.model_dir")) == "%MODEL_DIR"
+
+
+def test_miniature_steps_share_data_and_compute():
+  from retro_jax.training.optimizers import OptimizerConfig  # pylint: disable=g-import-not-at-top
+  _parse("miniature/retro_fitting.gin", REQUIRED[:1] + REQUIRED[2:])
+  retro = RetroConfig(), gin.query_parameter("%FIT_STEPS"), gin.query_parameter("%SEQ_LEN")
+  assert OptimizerConfig().trainable == "retro"
+  _parse("miniature/gpt_fitting.gin", REQUIRED[:1] + REQUIRED[2:])
+  assert (RetroConfig(), gin.query_parameter("%FIT_STEPS"),
+          gin.query_parameter("%SEQ_LEN")) == retro
+  assert OptimizerConfig().trainable == "all"
+  _parse("miniature/gpt_pretraining.gin", REQUIRED[:1] + REQUIRED[2:])
+  assert gin.query_parameter("train_data/pretraining_batch_source.split") == "pretrain"
+  _parse("miniature/instruction_tuning_gpt.gin", REQUIRED[:1] + REQUIRED[2:])
+  assert gin.query_parameter("%RETRO_PARAMS") is False
+  [(name, path, rate)] = gin.query_parameter("%SFT_DATASETS")
+  assert (name, str(path), rate) == ("qa_with_passages", "%SFT_QA_FILE", 1.0)
 
 
 def test_recipe_bindings():
@@ -77,9 +110,11 @@ def test_recipe_bindings():
   assert gin.query_parameter("%RETRIEVAL") is False
   _parse("sft.gin")
   assert gin.query_parameter("OptimizerConfig.trainable") == "decoder"
-  assert gin.query_parameter("%RETRIEVAL") is True
+  assert gin.query_parameter("%RETRIEVAL") is False
+  assert gin.query_parameter("%RETRO_PARAMS") is True
   _parse("sft_gpt.gin")
   assert gin.query_parameter("%RETRIEVAL") is False
+  assert gin.query_parameter("%RETRO_PARAMS") is False
 
 
 def test_a_size_file_after_a_recipe_gives_exactly_that_size():
