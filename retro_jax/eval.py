@@ -45,6 +45,8 @@ DEFAULT_QA_MODES = {
     "question only": {"num_passages": 0, "neighbors": "none"},
     "retrieval": {"num_passages": 2, "neighbors": "live"},
 }
+CLASS_COLUMNS = (("class", "target tokens"), ("model", "model"), ("mode", "mode"),
+                 ("loss", "loss"), ("accuracy", "token accuracy"), ("tokens", "tokens"))
 QA_COLUMNS = (("model", "model"), ("mode", "mode"), ("exact_match", "exact match"),
               ("f1", "F1"), ("count", "questions"))
 
@@ -63,9 +65,16 @@ def eval_perplexity(*, output_dir: str, checkpoints: Mapping[str, str] = gin.REQ
                     retrieval_dir: str = gin.REQUIRED, split: str = "valid",
                     seq_len: int = gin.REQUIRED, batch_size: int = 16,
                     model_config: Optional[RetroConfig] = None,
-                    mesh_shape: Optional[dict] = None, name: str = "perplexity"
+                    mesh_shape: Optional[dict] = None, name: str = "perplexity",
+                    token_classes: Optional[Mapping[str, Any]] = None
                     ) -> list[dict[str, Any]]:
-  """Perplexity of each checkpoint on a split; returns the rows (see module doc)."""
+  """Perplexity of each checkpoint on a split; returns the rows (see module doc).
+
+  ``token_classes`` (name -> ``mask_fn(batch) -> bool [b, n]``, e.g.
+  ``perplexity.PhraseMatcher``) also writes ``{name}_by_class.json/.md``: the loss of
+  every row on each class of target tokens (and on the rest), i.e. where a retrieval
+  gain comes from.
+  """
   from retro_jax.data import tasks  # pylint: disable=g-import-not-at-top
   model_config = model_config or RetroConfig()
   source = tasks.pretraining_batch_source(
@@ -75,6 +84,14 @@ def eval_perplexity(*, output_dir: str, checkpoints: Mapping[str, str] = gin.REQ
                                          eval_batches(source), mesh_shape=mesh_shape)
   table = perplexity_lib.write_results(rows, output_dir, name)
   logging.info("perplexity on %s/%s:\n%s", retrieval_dir, split, table)
+  if token_classes:
+    by_class = perplexity_lib.token_class_table(model_config, checkpoints, source,
+                                                eval_batches(source), token_classes,
+                                                mesh_shape=mesh_shape)
+    atomic_write_json(os.path.join(output_dir, f"{name}_by_class.json"), by_class)
+    table = markdown_table(by_class, CLASS_COLUMNS)
+    atomic_write_text(os.path.join(output_dir, f"{name}_by_class.md"), table + "\n")
+    logging.info("loss by token class:\n%s", table)
   return rows
 
 

@@ -46,6 +46,7 @@ from absl import logging
 import gin
 import numpy as np
 
+from retro_jax.retrieval.layout import RetrievalLayout
 from retro_jax.utils import gin_utils
 from retro_jax.utils.io import Manifest, atomic_write_json, atomic_write_text
 
@@ -255,6 +256,23 @@ def sample_questions(qa_file: str, output_path: str, *, max_questions: int = 200
   return output_path
 
 
+def db_only_token_classes(kb_path: str, vocab_path: str) -> Optional[dict[str, Any]]:
+  """Token classes of the held-out text (the encyclopedia's db-only entities): the
+  values of their facts, and their names; None for a corpus without ``kb.json``."""
+  if not os.path.exists(kb_path):
+    return None
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  from retro_jax.evaluation.perplexity import PhraseMatcher  # pylint: disable=g-import-not-at-top
+  with open(kb_path, encoding="utf-8") as f:
+    entities = [e for e in json.load(f)["entities"] if e["split"] == "db_only"]
+  processor = spm.SentencePieceProcessor(model_file=vocab_path)
+  values = {v for e in entities for v in e["facts"].values()}
+  names = {e["name"] for e in entities} | {w for e in entities for w in e["name"].split()
+                                           if len(w) > 3}
+  return {"fact values": PhraseMatcher(processor.encode, sorted(values)),
+          "entity names": PhraseMatcher(processor.encode, sorted(names))}
+
+
 @gin.configurable
 def qa_settings(*, num_passages: int = 2,
                 gpt_modes: Mapping[str, Mapping[str, Any]] = gin.REQUIRED,
@@ -413,10 +431,18 @@ class Recipe:
     if not self.files.get("heldout"):
       return None, {"reason": "no held-out text"}
     self._eval_gin()
+    classes = db_only_token_classes(os.path.join(self.layout.corpus_dir, "kb.json"),
+                                    RetrievalLayout(self.layout.retrieval_dir).vocab_path)
     rows = eval_perplexity(output_dir=self.layout.eval_dir, checkpoints={
         "Retro": self.layout.model_dir("retro"), "GPT-fit": self.layout.model_dir("gptfit")},
-                           retrieval_dir=self.layout.retrieval_dir)
-    return [os.path.join(self.layout.eval_dir, "perplexity.json")], {"rows": rows}
+                           retrieval_dir=self.layout.retrieval_dir, token_classes=classes)
+    outputs = [os.path.join(self.layout.eval_dir, "perplexity.json")]
+    info = {"rows": rows}
+    if classes:
+      outputs.append(os.path.join(self.layout.eval_dir, "perplexity_by_class.json"))
+      with open(outputs[-1], encoding="utf-8") as f:
+        info["by_class"] = json.load(f)
+    return outputs, info
 
   def step_eval_qa(self):
     from retro_jax.eval import eval_qa  # pylint: disable=g-import-not-at-top
@@ -458,10 +484,20 @@ class Recipe:
     num_passages = settings["num_passages"]
     modes = {"retrieval": settings["retro_modes"]["retrieval"]}
     out_dir = os.path.join(self.layout.eval_dir, "knowledge_update")
-    results = {}
+    results, completions = {}, {}
+    cloze = fact_completion_prompts(files.get("heldout"), updates)
+    lm = None
+    if cloze[0] and os.path.isdir(self.layout.model_dir("retro")):
+      from retro_jax.generate import load_generator  # pylint: disable=g-import-not-at-top
+      lm = load_generator(self.layout.model_dir("retro"),
+                          vocab_path=RetrievalLayout(self.layout.retrieval_dir).vocab_path)
     for db_name, root in (("original DB", self.layout.retrieval_dir),
                           ("updated DB", updated)):
       retriever = load_retriever(root)
+      if lm is not None:
+        completions[db_name] = fact_completion_scores(
+            lm, retriever, *cloze,
+            os.path.join(out_dir, f"completions_{db_name.split()[0]}.jsonl"))
       rows = [{"question": u["question"], "answers": u["new_answers"]} for u in updates]
       path = os.path.join(out_dir, f"questions_{db_name.split()[0]}.jsonl")
       _write_jsonl(path, qa_rows_with_passages(rows, retriever, num_passages))
@@ -471,7 +507,7 @@ class Recipe:
               retriever=retriever)
       results[db_name] = knowledge_update_scores(
           os.path.join(out_dir, f"{name}_retrieval_predictions.jsonl"), updates)
-    info = {"results": results, "facts": len(updates),
+    info = {"results": results, "completions": completions, "facts": len(updates),
             "rebuild_seconds": round(rebuild_seconds, 1),
             "embedded_anew": rebuild["embedded_anew"], "chunk_texts": rebuild["chunk_texts"]}
     atomic_write_json(os.path.join(out_dir, "knowledge_update.json"), info)
@@ -488,6 +524,42 @@ class Recipe:
 # ----------------------------------------------------------------------------------
 
 
+def fact_completion_prompts(heldout_path: Optional[str], updates: Sequence[Mapping[str, Any]]
+                            ) -> tuple[list[str], list[Mapping[str, Any]]]:
+  """The knowledge update as language modelling: for each changed fact, the held-out
+  document of its entity (not in the DB) up to the fact's old value, e.g. "Krabre Rakro
+  was an instrument maker from Kekribe, who lived from 1805 to". Returns (prompts,
+  their update rows); facts whose value the held-out text does not state are left out.
+  """
+  if not heldout_path:
+    return [], []
+  heldout = {d.get("entity"): d["text"] for d in _read_jsonl(heldout_path)}
+  prompts, rows = [], []
+  for update in updates:
+    text = heldout.get(update["entity"], "")
+    position = text.find(update["old"])
+    if position > 0:
+      prompts.append(text[:position].rstrip())
+      rows.append(update)
+  return prompts, rows
+
+
+def fact_completion_scores(generator: Any, retriever: Any, prompts: Sequence[str],
+                           updates: Sequence[Mapping[str, Any]], output_path: str,
+                           max_new_tokens: int = 10) -> dict[str, float]:
+  """Greedy continuations of ``prompts`` by a Retro LM retrieving from ``retriever``
+  (prompts aligned to a chunk boundary, so their last chunk is retrieved first); how
+  often they state the new value, and how often the old one."""
+  result = generator.generate(list(prompts), max_new_tokens=max_new_tokens,
+                              retriever=retriever, align_prompts=True)
+  rows = [{"prompt": p, "completion": t, "old": u["old"], "new": u["new"],
+           "follows_new": u["new"] in t, "keeps_old": u["old"] in t}
+          for p, t, u in zip(prompts, result.texts, updates)]
+  _write_jsonl(output_path, rows)
+  return {"follows_new": float(np.mean([r["follows_new"] for r in rows])),
+          "keeps_old": float(np.mean([r["keeps_old"] for r in rows])), "count": len(rows)}
+
+
 def build_updated_retrieval(original_dir: str, updated_corpus: str, output_dir: str
                             ) -> dict[str, Any]:
   """A retrieval directory for ``updated_corpus`` with the original's vocabulary,
@@ -496,7 +568,6 @@ def build_updated_retrieval(original_dir: str, updated_corpus: str, output_dir: 
   from retro_jax.retrieval import embedders  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval import formats  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.embeddings import Embeddings  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval.layout import RetrievalLayout  # pylint: disable=g-import-not-at-top
   original = RetrievalLayout(original_dir)
   config = original.read_config()
   base = embedders.load_embedder(config["embedder"])
@@ -567,6 +638,14 @@ def write_report(recipe: Recipe) -> list[str]:
                   ("model", "model"), ("mode", "mode"), ("loss", "loss"),
                   ("perplexity", "perplexity"), ("accuracy", "token accuracy"),
                   ("tokens", "tokens"))), "", "![perplexity](plots/perplexity.png)", ""]
+  by_class = recipe.info("eval_perplexity").get("by_class")
+  if by_class:
+    lines += ["Where the difference comes from: the loss on the held-out targets that are "
+              "values of db-only facts, names of db-only entities, and all other tokens.",
+              "", report_lib.markdown_table(by_class, (
+                  ("class", "target tokens"), ("model", "model"), ("mode", "mode"),
+                  ("loss", "loss"), ("accuracy", "token accuracy"), ("tokens", "tokens"))),
+              ""]
   qa = recipe.info("eval_qa").get("rows")
   if qa:
     lines += ["## Zero-shot QA on facts that are only in the retrieval DB", "",
@@ -574,10 +653,20 @@ def write_report(recipe: Recipe) -> list[str]:
                   ("model", "model"), ("mode", "mode"), ("num_passages", "passages in prompt"),
                   ("neighbors", "encoder reads"), ("exact_match", "exact match"),
                   ("f1", "F1"), ("count", "questions"))), ""]
+  completions = recipe.info("knowledge_update").get("completions")
+  if completions:
+    rows = [dict(db=name, **scores) for name, scores in completions.items()]
+    lines += ["## Knowledge update (no retraining): the retro-fit LM", "",
+              "For each changed fact, the held-out document of its entity is cut just "
+              "before the fact's value; the retro-fit model (greedy, retrieving from "
+              "the DB) completes it.", "",
+              report_lib.markdown_table(rows, (
+                  ("db", "retrieval DB"), ("follows_new", "completion = new fact"),
+                  ("keeps_old", "completion = old fact"), ("count", "prompts"))), ""]
   update = recipe.info("knowledge_update").get("results")
   if update:
     rows = [dict(db=name, **scores) for name, scores in update.items()]
-    lines += ["## Knowledge update (no retraining)", "",
+    lines += ["## Knowledge update (no retraining): InstructRetro QA", "",
               f"{recipe.info('knowledge_update')['facts']} facts changed in the retrieval "
               "DB; InstructRetro with retrieval answers the questions about them.", "",
               report_lib.markdown_table(rows, (

@@ -67,6 +67,15 @@ def test_perplexity_modes_score_identical_tokens(run):
   assert modes == {("Retro", "retrieval"), ("Retro", "encoder ablated"),
                    ("GPT-fit", "decoder only")}
   assert len({r["tokens"] for r in rows}) == 1 and rows[0]["tokens"] > 1000
+  with open(run_dir / "eval" / "perplexity_by_class.json", encoding="utf-8") as f:
+    by_class = json.load(f)
+  assert {r["class"] for r in by_class} == {"fact values", "entity names", "other"}
+  for model, mode in modes:   # the classes partition the scored tokens ... except overlaps
+    counts = {r["class"]: r["tokens"] for r in by_class
+              if (r["model"], r["mode"]) == (model, mode)}
+    assert counts["other"] + max(counts["fact values"], counts["entity names"]) <= (
+        rows[0]["tokens"]) <= sum(counts.values())
+    assert min(counts.values()) > 0
 
 
 def test_qa_rows_and_prompts_with_retrieved_passages(run):
@@ -103,6 +112,11 @@ def test_knowledge_update_reembeds_only_changed_chunks_and_retrieves_new_facts(r
   assert shows(after, "new") >= 0.5 * len(updates)   # the new facts are retrieved ...
   assert shows(after, "old") == 0                     # ... and the old ones are gone
   assert shows(before, "new") < shows(after, "new")
+  completions = read_jsonl(run_dir / "eval" / "knowledge_update" /
+                          "completions_updated.jsonl")
+  assert completions and all(u["old"] not in c["prompt"][-40:] for u, c in
+                             zip(updates, completions))
+  assert set(info["completions"]) == {"original DB", "updated DB"}
 
 
 def test_rerun_skips_finished_steps(run):
@@ -131,3 +145,31 @@ def test_user_corpus_split_and_errors(tmp_path):
     recipe.split_documents(str(bad), str(tmp_path / "d"))
   with pytest.raises(ValueError, match="unknown steps"):
     recipe.Recipe(str(tmp_path / "r")).run(["corpus", "pretrain"])
+
+
+def test_eval_command_lines_on_the_run(run, tmp_path):
+  """``python -m retro_jax.eval`` with the shipped eval gin files, on the run's models."""
+  run_dir, _ = run
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  common = [sys.executable, "-m", "retro_jax.eval", "--gin_file=miniature/model.gin",
+            f"--gin.RETRIEVAL_DIR={run_dir / 'retrieval'}", f"--gin.OUTPUT_DIR={tmp_path}"]
+  ppl = subprocess.run(
+      common[:3] + ["--gin_file=eval_ppl.gin"] + common[3:] + [
+          "--gin.SEQ_LEN=256", f"--gin.CHECKPOINTS={{'Retro': '{run_dir}/models/retro', "
+          f"'GPT-fit': '{run_dir}/models/gptfit'}}"],
+      cwd=REPO, env=env, capture_output=True, text=True, check=False)
+  assert ppl.returncode == 0, ppl.stderr[-3000:]
+  with open(tmp_path / "perplexity.json", encoding="utf-8") as f:
+    ours = {(r["model"], r["mode"]): r["loss"] for r in json.load(f)}
+  with open(run_dir / "eval" / "perplexity.json", encoding="utf-8") as f:
+    recipe = {(r["model"], r["mode"]): r["loss"] for r in json.load(f)}
+  assert ours == pytest.approx(recipe, abs=1e-4)   # same models, same tokens, same table
+  qa = subprocess.run(
+      common[:3] + ["--gin_file=eval_qa.gin"] + common[3:] + [
+          f"--gin.CHECKPOINT={run_dir}/models/instructretro", "--gin.MAX_EXAMPLES=3",
+          f"--gin.QA_FILE={run_dir}/corpus/qa_test.jsonl", "--gin.MODEL_NAME=ir"],
+      cwd=REPO, env=env, capture_output=True, text=True, check=False)
+  assert qa.returncode == 0, qa.stderr[-3000:]
+  assert "| ir | retrieval |" in qa.stdout.replace("  ", " ")
+  rows = read_jsonl(tmp_path / "ir_retrieval_predictions.jsonl")
+  assert len(rows) == 3 and all("prediction" in r for r in rows)

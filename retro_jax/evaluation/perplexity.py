@@ -20,6 +20,7 @@ import os
 from typing import Any, Mapping, Optional
 
 import gin
+import numpy as np
 
 from retro_jax.models import RetroConfig
 from retro_jax.training import checkpoints as ckpt_lib
@@ -75,3 +76,70 @@ def write_results(rows: list[dict[str, Any]], output_dir: str, name: str = "perp
 def load_results(output_dir: str, name: str = "perplexity") -> list[dict[str, Any]]:
   with open(os.path.join(output_dir, f"{name}.json"), encoding="utf-8") as f:
     return json.load(f)
+
+
+# Loss by token class: where a retrieval gain comes from ---------------------------------
+
+
+class WeightedSource:
+  """A batch source whose loss weights are multiplied by ``mask_fn(batch)`` ``[b, n]``
+  (to score one class of target tokens only)."""
+
+  def __init__(self, source: BatchSource, mask_fn):
+    self.source, self.mask_fn = source, mask_fn
+
+  def get_batch(self, index: int) -> dict:
+    batch = dict(self.source.get_batch(index))
+    mask = np.asarray(self.mask_fn(batch), np.float32)
+    batch["decoder_loss_weights"] = batch["decoder_loss_weights"] * mask
+    return batch
+
+
+class PhraseMatcher:
+  """Marks the target tokens that belong to any of a set of phrases.
+
+  Each phrase is tokenised as it appears after a space and at the start of a text
+  (SentencePiece pieces differ); ``__call__(batch)`` returns a bool mask ``[b, n]`` of
+  ``decoder_target_tokens`` positions inside an occurrence.
+  """
+
+  def __init__(self, encode, phrases):
+    self.by_first: dict[int, set[tuple[int, ...]]] = {}
+    for phrase in phrases:
+      for ids in (tuple(encode(" " + phrase)), tuple(encode(phrase))):
+        if ids:
+          self.by_first.setdefault(ids[0], set()).add(ids)
+
+  def __call__(self, batch: Mapping[str, Any]) -> np.ndarray:
+    targets = np.asarray(batch["decoder_target_tokens"])
+    mask = np.zeros(targets.shape, bool)
+    for row in range(targets.shape[0]):
+      seq = targets[row].tolist()
+      for start, token in enumerate(seq):
+        for ids in self.by_first.get(token, ()):
+          if tuple(seq[start:start + len(ids)]) == ids:
+            mask[row, start:start + len(ids)] = True
+    return mask
+
+
+def token_class_table(model_config: RetroConfig, checkpoints: Mapping[str, str],
+                      eval_source: BatchSource, num_batches: int,
+                      classes: Mapping[str, Any], *, mesh_shape: Optional[dict] = None
+                      ) -> list[dict[str, Any]]:
+  """``perplexity_table`` restricted to classes of target tokens.
+
+  Args:
+    classes: class name -> ``mask_fn(batch) -> bool [b, n]`` (e.g. ``PhraseMatcher``);
+      the class ``'other'`` (tokens in no class) is added.
+  Returns:
+    Rows ``{'model', 'mode', 'class', 'loss', 'tokens', ...}``.
+  """
+  def other(batch):
+    return ~np.any([fn(batch) for fn in classes.values()], axis=0)
+
+  rows = []
+  for name, fn in list(classes.items()) + [("other", other)]:
+    for row in perplexity_table(model_config, checkpoints, WeightedSource(eval_source, fn),
+                                num_batches, mesh_shape=mesh_shape):
+      rows.append({"class": name, **row})
+  return rows
