@@ -92,11 +92,12 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[st
                    ) -> str:
   """A markdown table of ``rows``; ``columns`` are (key, header) pairs.
 
-  Floats are printed with 4 significant digits, everything else with ``str``.
+  Floats are printed with 4 significant digits (whole numbers such as token counts in
+  full), everything else with ``str``.
   """
   def cell(value: Any) -> str:
     if isinstance(value, float):
-      return f"{value:.4g}"
+      return str(int(value)) if value.is_integer() and abs(value) >= 1e4 else f"{value:.4g}"
     return str(value)
 
   lines = ["| " + " | ".join(h for _, h in columns) + " |",
