@@ -127,10 +127,12 @@ class FakeGenerator:
   def __init__(self, fail_after=None):
     self.calls, self.fail_after = [], fail_after
 
-  def generate(self, prompts, *, max_new_tokens, sampling, passages, retrieval):
+  def generate(self, prompts, *, max_new_tokens, sampling, passages, retrieval,
+               align_prompts=False):
     if self.fail_after is not None and len(self.calls) >= self.fail_after:
       raise RuntimeError("killed")
-    self.calls.append({"prompts": prompts, "passages": passages, "retrieval": retrieval})
+    self.calls.append({"prompts": prompts, "passages": passages, "retrieval": retrieval,
+                       "align_prompts": align_prompts})
     texts = []
     for p in prompts:
       words = p.split("source: ")[1].split() if "source: " in p else ["nothing"]

@@ -72,7 +72,11 @@ GIN_FILES = sorted(glob.glob(os.path.join(RECIPES, "*.gin"))
 @pytest.mark.parametrize("path", GIN_FILES, ids=lambda p: os.path.relpath(
     p, gin_utils.GIN_DIR))
 def test_every_recipe_parses(path):
-  import retro_jax.recipe  # pylint: disable=g-import-not-at-top,unused-import  (its configurables)
+  # The configurables the eval and miniature files bind (the entry points register
+  # them; the gin files do not import retro_jax.eval, which `python -m retro_jax.eval`
+  # would then register twice, as __main__ and as retro_jax.eval).
+  import retro_jax.eval  # pylint: disable=g-import-not-at-top,unused-import
+  import retro_jax.recipe  # pylint: disable=g-import-not-at-top,unused-import
   _parse(path, REQUIRED)
   name = os.path.basename(path)
   if name.startswith("eval_"):
