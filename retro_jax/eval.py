@@ -80,14 +80,16 @@ def eval_perplexity(*, output_dir: str, checkpoints: Mapping[str, str] = gin.REQ
   source = tasks.pretraining_batch_source(
       retrieval_dir, split=split, seq_len=seq_len, batch_size=batch_size,
       with_neighbors=True, shuffle=False, num_epochs=1, model_config=model_config)
-  rows = perplexity_lib.perplexity_table(model_config, checkpoints, source,
-                                         eval_batches(source), mesh_shape=mesh_shape)
+  if token_classes:    # the same forward passes score every class
+    rows, by_class = perplexity_lib.token_class_table(
+        model_config, checkpoints, source, eval_batches(source), token_classes,
+        mesh_shape=mesh_shape)
+  else:
+    rows = perplexity_lib.perplexity_table(model_config, checkpoints, source,
+                                           eval_batches(source), mesh_shape=mesh_shape)
   table = perplexity_lib.write_results(rows, output_dir, name)
   logging.info("perplexity on %s/%s:\n%s", retrieval_dir, split, table)
   if token_classes:
-    by_class = perplexity_lib.token_class_table(model_config, checkpoints, source,
-                                                eval_batches(source), token_classes,
-                                                mesh_shape=mesh_shape)
     atomic_write_json(os.path.join(output_dir, f"{name}_by_class.json"), by_class)
     table = markdown_table(by_class, CLASS_COLUMNS)
     atomic_write_text(os.path.join(output_dir, f"{name}_by_class.md"), table + "\n")
@@ -103,6 +105,18 @@ def retrieved_contexts(retriever: Any, questions: Sequence[str], count: int
   _, _, info = retriever.query_texts(list(questions), k=count)
   return [[{"title": hit.get("title", ""), "text": hit["text"]} for hit in hits]
           for hits in info]
+
+
+def with_retrieved_contexts(rows: Sequence[Mapping[str, Any]], retriever: Any,
+                            count: int, batch: int = 256) -> list[dict[str, Any]]:
+  """QA rows (``{"question", ...}``) with their top ``count`` passages as ``ctxs``,
+  retrieved ``batch`` questions at a time."""
+  out = []
+  for start in range(0, len(rows), batch):
+    part = rows[start:start + batch]
+    contexts = retrieved_contexts(retriever, [r["question"] for r in part], count)
+    out += [dict(r, ctxs=c) for r, c in zip(part, contexts)]
+  return out
 
 
 @gin.configurable
@@ -152,10 +166,9 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
     if retriever is None:
       raise ValueError(f"{qa_file}: {len(missing)} questions have no 'ctxs' and no "
                        "retrieval_dir was given to retrieve them")
-    contexts = retrieved_contexts(retriever, [examples[i]["question"] for i in missing],
-                                  most)
-    for i, ctxs in zip(missing, contexts):
-      examples[i] = dict(examples[i], ctxs=ctxs)
+    filled = with_retrieved_contexts([examples[i] for i in missing], retriever, most)
+    for i, example in zip(missing, filled):
+      examples[i] = example
   rows = []
   for mode, spec in modes.items():
     neighbors = spec.get("neighbors", "none")

@@ -41,3 +41,25 @@ def test_three_modes_on_identical_tokens(checkpoints):
   assert by_mode["retrieval"] < by_mode["decoder only"]
   table = write_results(rows, str(root))
   assert "| Retro | retrieval |" in table and load_results(str(root)) == rows
+
+
+def test_token_classes_share_the_forward_pass_and_partition_the_tokens(checkpoints):
+  """token_class_table: its rows are perplexity_table's, and per row the class scores
+  recombine to the whole (token-weighted losses of disjoint classes)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from retro_jax.evaluation.perplexity import token_class_table  # pylint: disable=g-import-not-at-top
+  paths, _ = checkpoints
+  held_out = SyntheticRetroSource(64, 32, 8, chunk_length=8, seed=123)
+  classes = {"even": lambda b: np.asarray(b["decoder_target_tokens"]) % 2 == 0,
+             "below 8": lambda b: (np.asarray(b["decoder_target_tokens"]) < 8)
+             & (np.asarray(b["decoder_target_tokens"]) % 2 == 1)}
+  rows, class_rows = token_class_table(CONFIG, paths, held_out, 2, classes)
+  plain = perplexity_table(CONFIG, paths, held_out, num_batches=2)
+  for row, ref in zip(rows, plain):
+    assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert row["tokens"] == ref["tokens"]
+    parts = [r for r in class_rows if (r["model"], r["mode"]) == (row["model"], row["mode"])]
+    assert [r["class"] for r in parts] == ["even", "below 8", "other"]
+    assert sum(r["tokens"] for r in parts) == row["tokens"]
+    assert sum(r["loss"] * r["tokens"] for r in parts) == pytest.approx(
+        row["loss"] * row["tokens"], rel=1e-5)

@@ -29,6 +29,20 @@ from retro_jax.training.trainer import BatchSource, Evaluator
 from retro_jax.utils.io import atomic_write_json, atomic_write_text
 
 
+def _checkpoint_modes(model_config: RetroConfig, checkpoints: Mapping[str, str],
+                      mesh_shape: Optional[dict]):
+  """Yields ``(name, path, mode, params, evaluator)``: a Retro checkpoint in two modes
+  (retrieval, encoder ablated), a GPT one in one (decoder only); each loaded once."""
+  mesh = partitioning.make_mesh(mesh_shape)
+  for name, path in checkpoints.items():
+    params, shardings, has_retro = ckpt_lib.load_model_params(path, model_config, mesh)
+    modes = [("retrieval", True), ("encoder ablated", False)] if has_retro else [
+        ("decoder only", False)]
+    for mode, retrieval in modes:
+      yield name, path, mode, params, Evaluator(model_config, mesh, shardings,
+                                                retrieval=retrieval)
+
+
 @gin.configurable
 def perplexity_table(model_config: RetroConfig, checkpoints: Mapping[str, str],
                      eval_source: BatchSource, num_batches: int, *,
@@ -42,17 +56,10 @@ def perplexity_table(model_config: RetroConfig, checkpoints: Mapping[str, str],
   Returns:
     Rows {'model', 'mode', 'checkpoint', 'loss', 'perplexity', 'accuracy', 'tokens'}.
   """
-  mesh = partitioning.make_mesh(mesh_shape)
-  rows = []
-  for name, path in checkpoints.items():
-    params, shardings, has_retro = ckpt_lib.load_model_params(path, model_config, mesh)
-    modes = [("retrieval", True), ("encoder ablated", False)] if has_retro else [
-        ("decoder only", False)]
-    for mode, retrieval in modes:
-      evaluator = Evaluator(model_config, mesh, shardings, retrieval=retrieval)
-      scores = evaluator.evaluate(params, eval_source, num_batches)
-      rows.append(dict(model=name, mode=mode, checkpoint=path, **scores))
-  return rows
+  return [dict(model=name, mode=mode, checkpoint=path,
+               **evaluator.evaluate(params, eval_source, num_batches))
+          for name, path, mode, params, evaluator in _checkpoint_modes(
+              model_config, checkpoints, mesh_shape)]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -79,20 +86,6 @@ def load_results(output_dir: str, name: str = "perplexity") -> list[dict[str, An
 
 
 # Loss by token class: where a retrieval gain comes from ---------------------------------
-
-
-class WeightedSource:
-  """A batch source whose loss weights are multiplied by ``mask_fn(batch)`` ``[b, n]``
-  (to score one class of target tokens only)."""
-
-  def __init__(self, source: BatchSource, mask_fn):
-    self.source, self.mask_fn = source, mask_fn
-
-  def get_batch(self, index: int) -> dict:
-    batch = dict(self.source.get_batch(index))
-    mask = np.asarray(self.mask_fn(batch), np.float32)
-    batch["decoder_loss_weights"] = batch["decoder_loss_weights"] * mask
-    return batch
 
 
 class PhraseMatcher:
@@ -125,21 +118,24 @@ class PhraseMatcher:
 def token_class_table(model_config: RetroConfig, checkpoints: Mapping[str, str],
                       eval_source: BatchSource, num_batches: int,
                       classes: Mapping[str, Any], *, mesh_shape: Optional[dict] = None
-                      ) -> list[dict[str, Any]]:
-  """``perplexity_table`` restricted to classes of target tokens.
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """``perplexity_table`` and the same scores on classes of target tokens, from one
+  forward pass per batch.
 
   Args:
     classes: class name -> ``mask_fn(batch) -> bool [b, n]`` (e.g. ``PhraseMatcher``);
       the class ``'other'`` (tokens in no class) is added.
   Returns:
-    Rows ``{'model', 'mode', 'class', 'loss', 'tokens', ...}``.
+    ``(rows, class_rows)``: the rows of ``perplexity_table``, and rows
+    ``{'class', 'model', 'mode', 'checkpoint', 'loss', 'tokens', ...}``.
   """
-  def other(batch):
-    return ~np.any([fn(batch) for fn in classes.values()], axis=0)
-
-  rows = []
-  for name, fn in list(classes.items()) + [("other", other)]:
-    for row in perplexity_table(model_config, checkpoints, WeightedSource(eval_source, fn),
-                                num_batches, mesh_shape=mesh_shape):
-      rows.append({"class": name, **row})
-  return rows
+  rows, class_rows = [], []
+  for name, path, mode, params, evaluator in _checkpoint_modes(model_config, checkpoints,
+                                                              mesh_shape):
+    scores = evaluator.evaluate_classes(params, eval_source, num_batches, classes)
+    head = dict(model=name, mode=mode, checkpoint=path)
+    rows.append(dict(head, **scores.pop("all")))
+    class_rows += [dict({"class": c}, **head, **s) for c, s in scores.items()]
+  order = [*classes, "other"]    # grouped by class, as the tables read
+  class_rows.sort(key=lambda r: order.index(r["class"]))
+  return rows, class_rows

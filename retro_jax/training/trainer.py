@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
 from absl import logging
 import flax
@@ -151,6 +151,19 @@ class Evaluator:
         lambda params, batch: model_loss_sums(model, params, batch, retrieval=retrieval),
         in_shardings=(param_shardings, self.batch_sharding))
 
+
+    def class_sums(params, batch, weights):
+      """Loss sums of one forward pass under several weightings [classes, batch, n]."""
+      logits = model.apply({"params": params}, batch["decoder_input_tokens"],
+                           batch["neighbor_tokens"] if retrieval else None,
+                           neighbor_mask=batch["neighbor_mask"] if retrieval else None)
+      return jax.vmap(lambda w: lm_loss_sums(logits, batch["decoder_target_tokens"], w)
+                      )(weights)
+
+    self.class_weight_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+    self._class_step = jax.jit(class_sums, in_shardings=(
+        param_shardings, self.batch_sharding, self.class_weight_sharding))
+
   def evaluate(self, params: Any, source: BatchSource, num_batches: int) -> dict[str, float]:
     totals: dict[str, float] = {}
     for i in range(num_batches):
@@ -162,6 +175,36 @@ class Evaluator:
       for k, v in jax.device_get(sums).items():
         totals[k] = totals.get(k, 0.0) + float(v)
     return summarize_eval_sums(totals)
+
+  def evaluate_classes(self, params: Any, source: BatchSource, num_batches: int,
+                       classes: Mapping[str, Callable[[dict], np.ndarray]]
+                       ) -> dict[str, dict[str, float]]:
+    """``evaluate`` on classes of target tokens, one forward pass per batch.
+
+    Args:
+      classes: name -> ``mask_fn(batch) -> bool [batch, n]`` over the targets.
+    Returns:
+      name -> scores, plus ``'all'`` (every scored token, as ``evaluate``) and
+      ``'other'`` (scored tokens in no class).
+    """
+    names = ["all", *classes, "other"]
+    totals = {name: {} for name in names}
+    for i in range(num_batches):
+      batch = source.get_batch(i)
+      if i == 0:
+        validate_batch(batch, self.config, self.retrieval, "eval batch")
+      base = np.asarray(batch["decoder_loss_weights"], np.float32)
+      masks = [np.asarray(fn(batch), bool) for fn in classes.values()]
+      other = ~np.any(masks, axis=0) if masks else np.ones(base.shape, bool)
+      weights = np.stack([base] + [base * m for m in masks] + [base * other])
+      weights = jax.make_array_from_process_local_data(self.class_weight_sharding, weights)
+      with partitioning.activation_sharding(self.mesh, self.rules):
+        sums = jax.device_get(self._class_step(
+            params, batch_to_global(batch, self.batch_sharding, self.retrieval), weights))
+      for c, name in enumerate(names):
+        for k, v in sums.items():
+          totals[name][k] = totals[name].get(k, 0.0) + float(v[c])
+    return {name: summarize_eval_sums(t) for name, t in totals.items()}
 
 
 class Trainer:
