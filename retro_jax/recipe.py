@@ -48,7 +48,7 @@ import numpy as np
 
 from retro_jax.retrieval.layout import RetrievalLayout
 from retro_jax.utils import gin_utils
-from retro_jax.utils.io import Manifest, atomic_write_json, atomic_write_text
+from retro_jax.utils.io import Manifest, atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 RECIPE_VERSION = 1
 STEP_GIN = {
@@ -118,10 +118,6 @@ def _read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-  atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def corpus_files(corpus_dir: str) -> dict[str, Optional[str]]:
   """The recipe's corpus files (None where a user corpus has no such file)."""
   out = {}
@@ -156,10 +152,10 @@ def split_documents(documents: str, output_dir: str, *, text_key: str = "text",
                                                      if k != text_key}} for i in idx]
   held, pre, fit = (order[:n_held], order[n_held:n_held + n_pre], order[n_held + n_pre:])
   os.makedirs(output_dir, exist_ok=True)
-  _write_jsonl(os.path.join(output_dir, "heldout.jsonl"), pick(held))
-  _write_jsonl(os.path.join(output_dir, "pretrain.jsonl"), pick(pre))
-  _write_jsonl(os.path.join(output_dir, "retrofit.jsonl"), pick(fit))
-  _write_jsonl(os.path.join(output_dir, "retrieval.jsonl"), pick(fit) + pick(pre))
+  atomic_write_jsonl(os.path.join(output_dir, "heldout.jsonl"), pick(held))
+  atomic_write_jsonl(os.path.join(output_dir, "pretrain.jsonl"), pick(pre))
+  atomic_write_jsonl(os.path.join(output_dir, "retrofit.jsonl"), pick(fit))
+  atomic_write_jsonl(os.path.join(output_dir, "retrieval.jsonl"), pick(fit) + pick(pre))
   return corpus_files(output_dir)
 
 
@@ -202,18 +198,6 @@ def run_training(step: str, layout: RunLayout, bindings: Mapping[str, Any],
   return train()
 
 
-def qa_rows_with_passages(rows: Sequence[Mapping[str, Any]], retriever: Any,
-                          num_passages: int, batch: int = 256) -> list[dict]:
-  """QA rows with their top retrieved DB passages as ``ctxs``."""
-  from retro_jax.eval import retrieved_contexts  # pylint: disable=g-import-not-at-top
-  out = []
-  for start in range(0, len(rows), batch):
-    part = rows[start:start + batch]
-    contexts = retrieved_contexts(retriever, [r["question"] for r in part], num_passages)
-    out += [dict(r, ctxs=c) for r, c in zip(part, contexts)]
-  return out
-
-
 @gin.configurable
 def build_sft_data(qa_file: str, retriever: Any, output_path: str, *,
                    num_passages: int = 2) -> str:
@@ -224,7 +208,8 @@ def build_sft_data(qa_file: str, retriever: Any, output_path: str, *,
   answer, so the model is tuned on the prompt it is evaluated with.
   """
   from retro_jax.data import chat  # pylint: disable=g-import-not-at-top
-  rows = qa_rows_with_passages(_read_jsonl(qa_file), retriever, num_passages)
+  from retro_jax.eval import with_retrieved_contexts  # pylint: disable=g-import-not-at-top
+  rows = with_retrieved_contexts(_read_jsonl(qa_file), retriever, num_passages)
   records = []
   for row in rows:
     answer = row["answers"][0]
@@ -235,7 +220,7 @@ def build_sft_data(qa_file: str, retriever: Any, output_path: str, *,
                      {"role": "assistant",
                       "content": f"{chat.SHORT_ANSWER_PREFIX.strip()} {answer}"}],
         "passages": row["ctxs"]})
-  _write_jsonl(output_path, records)
+  atomic_write_jsonl(output_path, records)
   return output_path
 
 
@@ -247,12 +232,12 @@ def build_sft_data(qa_file: str, retriever: Any, output_path: str, *,
 @gin.configurable
 def sample_questions(qa_file: str, output_path: str, *, max_questions: int = 200,
                      seed: int = 0) -> str:
-  """A seeded sample of a QA file, spread over entity types and attributes."""
+  """A seeded random sample of ``max_questions`` rows of a QA file, in file order."""
   rows = _read_jsonl(qa_file)
   rng = random.Random(seed)
   order = list(range(len(rows)))
   rng.shuffle(order)
-  _write_jsonl(output_path, [rows[i] for i in sorted(order[:max_questions])])
+  atomic_write_jsonl(output_path, [rows[i] for i in sorted(order[:max_questions])])
   return output_path
 
 
@@ -445,7 +430,7 @@ class Recipe:
     return outputs, info
 
   def step_eval_qa(self):
-    from retro_jax.eval import eval_qa  # pylint: disable=g-import-not-at-top
+    from retro_jax.eval import eval_qa, with_retrieved_contexts  # pylint: disable=g-import-not-at-top
     if not self.files.get("qa_test") or not os.path.isdir(
         self.layout.model_dir("instructretro")):
       return None, {"reason": "no QA test set or no instruction-tuned models"}
@@ -454,7 +439,7 @@ class Recipe:
                                  os.path.join(self.layout.eval_dir, "qa_questions.jsonl"))
     questions_with_ctxs = os.path.join(self.layout.eval_dir, "qa_questions_ctxs.jsonl")
     settings = qa_settings()
-    _write_jsonl(questions_with_ctxs, qa_rows_with_passages(
+    atomic_write_jsonl(questions_with_ctxs, with_retrieved_contexts(
         _read_jsonl(questions), self.retriever(), settings["num_passages"]))
     rows = []
     for name, model, modes in (
@@ -467,7 +452,7 @@ class Recipe:
     return [os.path.join(self.layout.eval_dir, "qa.json")], {"rows": rows}
 
   def step_knowledge_update(self):
-    from retro_jax.eval import eval_qa  # pylint: disable=g-import-not-at-top
+    from retro_jax.eval import eval_qa, with_retrieved_contexts  # pylint: disable=g-import-not-at-top
     from retro_jax.retrieval.retriever import load_retriever  # pylint: disable=g-import-not-at-top
     files = self.files
     if not (files.get("updates") and files.get("retrieval_updated")
@@ -491,16 +476,16 @@ class Recipe:
       from retro_jax.generate import load_generator  # pylint: disable=g-import-not-at-top
       lm = load_generator(self.layout.model_dir("retro"),
                           vocab_path=RetrievalLayout(self.layout.retrieval_dir).vocab_path)
-    for db_name, root in (("original DB", self.layout.retrieval_dir),
-                          ("updated DB", updated)):
-      retriever = load_retriever(root)
+    for db_name, root, retriever in (
+        ("original DB", self.layout.retrieval_dir, self.retriever()),
+        ("updated DB", updated, load_retriever(updated))):
       if lm is not None:
         completions[db_name] = fact_completion_scores(
             lm, retriever, *cloze,
             os.path.join(out_dir, f"completions_{db_name.split()[0]}.jsonl"))
       rows = [{"question": u["question"], "answers": u["new_answers"]} for u in updates]
       path = os.path.join(out_dir, f"questions_{db_name.split()[0]}.jsonl")
-      _write_jsonl(path, qa_rows_with_passages(rows, retriever, num_passages))
+      atomic_write_jsonl(path, with_retrieved_contexts(rows, retriever, num_passages))
       name = f"InstructRetro_{db_name.split()[0]}"
       eval_qa(output_dir=out_dir, checkpoint=self.layout.model_dir("instructretro"),
               qa_file=path, retrieval_dir=root, model_name=name, modes=modes,
@@ -555,7 +540,7 @@ def fact_completion_scores(generator: Any, retriever: Any, prompts: Sequence[str
   rows = [{"prompt": p, "completion": t, "old": u["old"], "new": u["new"],
            "follows_new": u["new"] in t, "keeps_old": u["old"] in t}
           for p, t, u in zip(prompts, result.texts, updates)]
-  _write_jsonl(output_path, rows)
+  atomic_write_jsonl(output_path, rows)
   return {"follows_new": float(np.mean([r["follows_new"] for r in rows])),
           "keeps_old": float(np.mean([r["keeps_old"] for r in rows])), "count": len(rows)}
 
@@ -595,6 +580,7 @@ def build_updated_retrieval(original_dir: str, updated_corpus: str, output_dir: 
 
 def write_report(recipe: Recipe) -> list[str]:
   """Plots and ``report.md`` from what the steps wrote."""
+  from retro_jax.eval import CLASS_COLUMNS  # pylint: disable=g-import-not-at-top
   from retro_jax.evaluation import report as report_lib  # pylint: disable=g-import-not-at-top
   layout = recipe.layout
   os.makedirs(layout.plots_dir, exist_ok=True)
@@ -642,10 +628,7 @@ def write_report(recipe: Recipe) -> list[str]:
   if by_class:
     lines += ["Where the difference comes from: the loss on the held-out targets that are "
               "values of db-only facts, names of db-only entities, and all other tokens.",
-              "", report_lib.markdown_table(by_class, (
-                  ("class", "target tokens"), ("model", "model"), ("mode", "mode"),
-                  ("loss", "loss"), ("accuracy", "token accuracy"), ("tokens", "tokens"))),
-              ""]
+              "", report_lib.markdown_table(by_class, CLASS_COLUMNS), ""]
   qa = recipe.info("eval_qa").get("rows")
   if qa:
     lines += ["## Zero-shot QA on facts that are only in the retrieval DB", "",

@@ -67,12 +67,12 @@ import os
 import random
 import re
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import logging
 import gin
 
-from retro_jax.utils.io import Manifest, atomic_path
+from retro_jax.utils.io import Manifest, atomic_path, atomic_write_jsonl
 
 VERSION = 2
 TYPES = ("person", "city", "river", "mountain", "organisation")
@@ -1273,13 +1273,6 @@ def corpus_paths(output_dir: str | os.PathLike) -> dict[str, str]:
   return {key: os.path.join(os.fspath(output_dir), name) for key, name in FILES.items()}
 
 
-def _write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> None:
-  with atomic_path(path) as tmp:
-    with open(tmp, "w", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def _text_stats(docs: Sequence[Mapping[str, str]]) -> dict[str, int]:
   words = [len(d["text"].split()) for d in docs]
   return {"documents": len(docs), "words": sum(words),
@@ -1379,14 +1372,14 @@ def generate_corpus(output_dir: str | os.PathLike, *, scale: float = 1.0, seed: 
       "entities": [{"id": e.id, "type": e.type, "name": e.name, "split": e.split,
                     "facts": e.facts, "links": e.links} for e in kb.entities],
   }
-  _write_jsonl(paths["pretrain"], pretrain)
-  _write_jsonl(paths["retrofit"], retrofit)
-  _write_jsonl(paths["retrieval"], retrieval)
-  _write_jsonl(paths["heldout"], heldout)
-  _write_jsonl(paths["sft_qa"], sft)
-  _write_jsonl(paths["qa_test"], qa_test)
-  _write_jsonl(paths["updates"], update_rows)
-  _write_jsonl(paths["retrieval_updated"], retrieval_updated)
+  atomic_write_jsonl(paths["pretrain"], pretrain)
+  atomic_write_jsonl(paths["retrofit"], retrofit)
+  atomic_write_jsonl(paths["retrieval"], retrieval)
+  atomic_write_jsonl(paths["heldout"], heldout)
+  atomic_write_jsonl(paths["sft_qa"], sft)
+  atomic_write_jsonl(paths["qa_test"], qa_test)
+  atomic_write_jsonl(paths["updates"], update_rows)
+  atomic_write_jsonl(paths["retrieval_updated"], retrieval_updated)
   with atomic_path(paths["kb"]) as tmp:
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(kb_json, f, ensure_ascii=False, indent=1)
