@@ -59,6 +59,7 @@ STEP_GIN = {
     "gpt_instruct": "miniature/instruction_tuning_gpt.gin",
 }
 EVAL_GIN = "miniature/evaluation.gin"
+CORPUS_GIN = "miniature/corpus.gin"
 RETRIEVAL_GIN = "miniature/retrieval.gin"
 STEPS = ("corpus", "retrieval", "gpt", "retro", "gptfit", "sft_data", "instructretro",
          "gpt_instruct", "eval_perplexity", "eval_qa", "knowledge_update", "report")
@@ -241,21 +242,32 @@ def sample_questions(qa_file: str, output_path: str, *, max_questions: int = 200
   return output_path
 
 
-def db_only_token_classes(kb_path: str, vocab_path: str) -> Optional[dict[str, Any]]:
-  """Token classes of the held-out text (the encyclopedia's db-only entities): the
-  values of their facts, and their names; None for a corpus without ``kb.json``."""
+def db_only_token_classes(kb_path: str, vocab_path: str, chunk_length: int
+                          ) -> Optional[dict[str, Any]]:
+  """Token classes of the held-out text (the encyclopedia's db-only entities), each
+  example being one document: the values of their facts, split into first mentions
+  before the first chunk's neighbors arrive (positions < chunk_length - 1: no retrieval
+  can help), first mentions after (what retrieval is for) and repeated mentions (the
+  decoder can copy them from the document itself); and their names. None for a corpus
+  without ``kb.json``."""
   if not os.path.exists(kb_path):
     return None
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   from retro_jax.evaluation.perplexity import PhraseMatcher  # pylint: disable=g-import-not-at-top
   with open(kb_path, encoding="utf-8") as f:
     entities = [e for e in json.load(f)["entities"] if e["split"] == "db_only"]
-  processor = spm.SentencePieceProcessor(model_file=vocab_path)
-  values = {v for e in entities for v in e["facts"].values()}
+  encode = spm.SentencePieceProcessor(model_file=vocab_path).encode
+  values = sorted({v for e in entities for v in e["facts"].values()})
   names = {e["name"] for e in entities} | {w for e in entities for w in e["name"].split()
                                            if len(w) > 3}
-  return {"fact values": PhraseMatcher(processor.encode, sorted(values)),
-          "entity names": PhraseMatcher(processor.encode, sorted(names))}
+  first_neighbors = chunk_length - 1
+  return {
+      "fact values, first mention, first chunk": PhraseMatcher(
+          encode, values, mentions="first", positions=(0, first_neighbors)),
+      "fact values, first mention, later chunks": PhraseMatcher(
+          encode, values, mentions="first", positions=(first_neighbors, None)),
+      "fact values, repeated": PhraseMatcher(encode, values, mentions="repeated"),
+      "entity names": PhraseMatcher(encode, sorted(names))}
 
 
 @gin.configurable
@@ -364,6 +376,7 @@ class Recipe:
       counts = {k: len(_read_jsonl(p)) for k, p in files.items() if p}
     else:
       from retro_jax.data import encyclopedia  # pylint: disable=g-import-not-at-top
+      _parse_step_gin(CORPUS_GIN, (), self.overrides)
       result = encyclopedia.generate_corpus(self.layout.corpus_dir, scale=self.scale,
                                             seed=self.seed)
       counts = result["counts"]
@@ -413,11 +426,13 @@ class Recipe:
 
   def step_eval_perplexity(self):
     from retro_jax.eval import eval_perplexity  # pylint: disable=g-import-not-at-top
+    from retro_jax.models import RetroConfig  # pylint: disable=g-import-not-at-top
     if not self.files.get("heldout"):
       return None, {"reason": "no held-out text"}
     self._eval_gin()
     classes = db_only_token_classes(os.path.join(self.layout.corpus_dir, "kb.json"),
-                                    RetrievalLayout(self.layout.retrieval_dir).vocab_path)
+                                    RetrievalLayout(self.layout.retrieval_dir).vocab_path,
+                                    RetroConfig().chunk_length)
     rows = eval_perplexity(output_dir=self.layout.eval_dir, checkpoints={
         "Retro": self.layout.model_dir("retro"), "GPT-fit": self.layout.model_dir("gptfit")},
                            retrieval_dir=self.layout.retrieval_dir, token_classes=classes)
@@ -627,7 +642,10 @@ def write_report(recipe: Recipe) -> list[str]:
   by_class = recipe.info("eval_perplexity").get("by_class")
   if by_class:
     lines += ["Where the difference comes from: the loss on the held-out targets that are "
-              "values of db-only facts, names of db-only entities, and all other tokens.",
+              "values of db-only facts (first mentioned in the first chunk, before any "
+              "neighbors arrive; first mentioned later, where retrieval can supply them; "
+              "repeated, where the document itself can), names of db-only entities, and "
+              "all other tokens.",
               "", report_lib.markdown_table(by_class, CLASS_COLUMNS), ""]
   qa = recipe.info("eval_qa").get("rows")
   if qa:

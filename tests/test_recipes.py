@@ -75,12 +75,15 @@ def test_every_recipe_parses(path):
   # The configurables the eval and miniature files bind (the entry points register
   # them; the gin files do not import retro_jax.eval, which `python -m retro_jax.eval`
   # would then register twice, as __main__ and as retro_jax.eval).
+  import retro_jax.data.encyclopedia  # pylint: disable=g-import-not-at-top,unused-import
   import retro_jax.eval  # pylint: disable=g-import-not-at-top,unused-import
   import retro_jax.recipe  # pylint: disable=g-import-not-at-top,unused-import
   _parse(path, REQUIRED)
   name = os.path.basename(path)
   if name.startswith("eval_"):
     assert gin.query_parameter("%OUTPUT_DIR") == "/o"
+  elif name == "corpus.gin":
+    assert 0 < gin.query_parameter("generate_corpus.retrofit_fraction") < 1
   elif name in ("run.gin", "model.gin", "common.gin", "retrieval.gin", "evaluation.gin"):
     assert RetroConfig().chunk_length == 64 or name == "retrieval.gin"
   else:   # a training recipe
