@@ -63,3 +63,26 @@ def test_token_classes_share_the_forward_pass_and_partition_the_tokens(checkpoin
     assert sum(r["tokens"] for r in parts) == row["tokens"]
     assert sum(r["loss"] * r["tokens"] for r in parts) == pytest.approx(
         row["loss"] * row["tokens"], rel=1e-5)
+
+
+def test_phrase_matcher_splits_first_and_repeated_mentions_by_position():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from retro_jax.evaluation.perplexity import PhraseMatcher  # pylint: disable=g-import-not-at-top
+  words = {"born": 1, "in": 2, "1805": 3, "Kekribe": 4, "and": 5, "died": 6, "1879": 7}
+  encode = lambda text: [words[w] for w in text.split()]  # pylint: disable=unnecessary-lambda-assignment
+  seq = encode("born in 1805 and died 1879 born in Kekribe 1805 1879")
+  batch = {"decoder_target_tokens": np.asarray([seq, seq[::-1]])}
+  phrases = ["1805", "1879", "in Kekribe"]
+  every = PhraseMatcher(encode, phrases)(batch)
+  assert every[0].nonzero()[0].tolist() == [2, 5, 7, 8, 9, 10]
+  first = PhraseMatcher(encode, phrases, mentions="first")(batch)
+  repeated = PhraseMatcher(encode, phrases, mentions="repeated")(batch)
+  assert first[0].nonzero()[0].tolist() == [2, 5, 7, 8]
+  assert repeated[0].nonzero()[0].tolist() == [9, 10]
+  assert not (first & repeated).any() and ((first | repeated) == every).all()
+  early = PhraseMatcher(encode, phrases, mentions="first", positions=(0, 5))(batch)
+  late = PhraseMatcher(encode, phrases, mentions="first", positions=(5, None))(batch)
+  assert early[0].nonzero()[0].tolist() == [2]
+  assert ((early | late) == first).all() and not (early & late).any()
+  with pytest.raises(ValueError, match="mentions"):
+    PhraseMatcher(encode, phrases, mentions="second")

@@ -94,24 +94,47 @@ class PhraseMatcher:
   Each phrase is tokenised as it appears after a space and at the start of a text
   (SentencePiece pieces differ); ``__call__(batch)`` returns a bool mask ``[b, n]`` of
   ``decoder_target_tokens`` positions inside an occurrence.
+
+  ``mentions='first'`` keeps only the first occurrence of each phrase in an example and
+  ``'repeated'`` only the later ones (those the decoder could copy from its own
+  context); ``positions=(start, stop)`` keeps occurrences that start in that range of
+  target positions (``stop`` None: to the end). With chunk length m, a target at
+  position ``t >= m - 1`` is predicted after the first chunk's neighbors are in (the
+  shifted chunked cross-attention), so ``positions=(0, m - 1)`` are the occurrences no
+  retrieval can help.
   """
 
-  def __init__(self, encode, phrases):
-    self.by_first: dict[int, set[tuple[int, ...]]] = {}
+  def __init__(self, encode, phrases, *, mentions: str = "all",
+               positions: tuple[int, Optional[int]] = (0, None)):
+    if mentions not in ("all", "first", "repeated"):
+      raise ValueError(f"mentions must be 'all', 'first' or 'repeated', got {mentions!r}")
+    self.mentions, self.positions = mentions, positions
+    # first token -> {(token ids, phrase)}: a phrase has up to two tokenisations.
+    self.by_first: dict[int, set[tuple[tuple[int, ...], str]]] = {}
     for phrase in phrases:
       for ids in (tuple(encode(" " + phrase)), tuple(encode(phrase))):
         if ids:
-          self.by_first.setdefault(ids[0], set()).add(ids)
+          self.by_first.setdefault(ids[0], set()).add((ids, phrase))
+
+  def occurrences(self, seq: list[int]) -> list[tuple[int, tuple[int, ...], bool]]:
+    """``(start, token ids, first mention of its phrase?)`` of every occurrence."""
+    found, seen = [], set()
+    for start, token in enumerate(seq):
+      for ids, phrase in sorted(self.by_first.get(token, ())):
+        if tuple(seq[start:start + len(ids)]) == ids:
+          found.append((start, ids, phrase not in seen))
+          seen.add(phrase)
+    return found
 
   def __call__(self, batch: Mapping[str, Any]) -> np.ndarray:
     targets = np.asarray(batch["decoder_target_tokens"])
     mask = np.zeros(targets.shape, bool)
+    lo, hi = self.positions
+    hi = targets.shape[1] if hi is None else hi
     for row in range(targets.shape[0]):
-      seq = targets[row].tolist()
-      for start, token in enumerate(seq):
-        for ids in self.by_first.get(token, ()):
-          if tuple(seq[start:start + len(ids)]) == ids:
-            mask[row, start:start + len(ids)] = True
+      for start, ids, first in self.occurrences(targets[row].tolist()):
+        if (self.mentions == "all" or first == (self.mentions == "first")) and lo <= start < hi:
+          mask[row, start:start + len(ids)] = True
     return mask
 
 
