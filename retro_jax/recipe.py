@@ -183,6 +183,8 @@ def build_retrieval(files: Mapping[str, Optional[str]], output_dir: str, *,
 
 def _parse_step_gin(gin_file: str, bindings: Sequence[str], overrides: Sequence[str]) -> None:
   gin.clear_config()
+  # Every configurable a --gin binding may name, whichever step parses it.
+  import retro_jax.data.encyclopedia  # pylint: disable=g-import-not-at-top,unused-import
   import retro_jax.data.tasks  # pylint: disable=g-import-not-at-top,unused-import
   import retro_jax.eval  # pylint: disable=g-import-not-at-top,unused-import
   import retro_jax.train  # pylint: disable=g-import-not-at-top,unused-import
@@ -248,8 +250,9 @@ def db_only_token_classes(kb_path: str, vocab_path: str, chunk_length: int
   example being one document: the values of their facts, split into first mentions
   before the first chunk's neighbors arrive (positions < chunk_length - 1: no retrieval
   can help), first mentions after (what retrieval is for) and repeated mentions (the
-  decoder can copy them from the document itself); and their names. None for a corpus
-  without ``kb.json``."""
+  decoder can copy them from the document itself); and their names, first and repeated
+  mentions (a decoder that copies from its context predicts a repeated name almost
+  surely). None for a corpus without ``kb.json``."""
   if not os.path.exists(kb_path):
     return None
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
@@ -258,8 +261,8 @@ def db_only_token_classes(kb_path: str, vocab_path: str, chunk_length: int
     entities = [e for e in json.load(f)["entities"] if e["split"] == "db_only"]
   encode = spm.SentencePieceProcessor(model_file=vocab_path).encode
   values = sorted({v for e in entities for v in e["facts"].values()})
-  names = {e["name"] for e in entities} | {w for e in entities for w in e["name"].split()
-                                           if len(w) > 3}
+  names = sorted({e["name"] for e in entities} | {w for e in entities
+                                                 for w in e["name"].split() if len(w) > 3})
   first_neighbors = chunk_length - 1
   return {
       "fact values, first mention, first chunk": PhraseMatcher(
@@ -267,7 +270,8 @@ def db_only_token_classes(kb_path: str, vocab_path: str, chunk_length: int
       "fact values, first mention, later chunks": PhraseMatcher(
           encode, values, mentions="first", positions=(first_neighbors, None)),
       "fact values, repeated": PhraseMatcher(encode, values, mentions="repeated"),
-      "entity names": PhraseMatcher(encode, sorted(names))}
+      "entity names, first mention": PhraseMatcher(encode, names, mentions="first"),
+      "entity names, repeated": PhraseMatcher(encode, names, mentions="repeated")}
 
 
 @gin.configurable
@@ -644,8 +648,8 @@ def write_report(recipe: Recipe) -> list[str]:
     lines += ["Where the difference comes from: the loss on the held-out targets that are "
               "values of db-only facts (first mentioned in the first chunk, before any "
               "neighbors arrive; first mentioned later, where retrieval can supply them; "
-              "repeated, where the document itself can), names of db-only entities, and "
-              "all other tokens.",
+              "repeated, where the document itself can), names of db-only entities (first "
+              "and repeated mentions), and all other tokens.",
               "", report_lib.markdown_table(by_class, CLASS_COLUMNS), ""]
   qa = recipe.info("eval_qa").get("rows")
   if qa:

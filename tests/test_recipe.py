@@ -16,7 +16,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALLEST = ["--scale=0.1", "--gin.GPT_STEPS=4", "--gin.FIT_STEPS=4", "--gin.SFT_STEPS=4",
-            "--gin.EVAL_EVERY=0", "--gin.sample_questions.max_questions=20"]
+            "--gin.EVAL_EVERY=0", "--gin.sample_questions.max_questions=20",
+            "--gin.generate_corpus.update_fraction=0.3"]
 
 
 def run_recipe(run_dir, *args):
@@ -71,12 +72,13 @@ def test_perplexity_modes_score_identical_tokens(run):
     by_class = json.load(f)
   values = ["fact values, first mention, first chunk",
             "fact values, first mention, later chunks", "fact values, repeated"]
-  assert {r["class"] for r in by_class} == {*values, "entity names", "other"}
+  names = ["entity names, first mention", "entity names, repeated"]
+  assert {r["class"] for r in by_class} == {*values, *names, "other"}
   for model, mode in modes:   # the value classes are disjoint; names may overlap values
     counts = {r["class"]: r["tokens"] for r in by_class
               if (r["model"], r["mode"]) == (model, mode)}
-    assert counts["other"] + max(sum(counts[v] for v in values), counts["entity names"]) <= (
-        rows[0]["tokens"]) <= sum(counts.values())
+    classified = max(sum(counts[c] for c in values), sum(counts[c] for c in names))
+    assert counts["other"] + classified <= rows[0]["tokens"] <= sum(counts.values())
     assert min(counts.values()) > 0
 
 
@@ -127,6 +129,18 @@ def test_rerun_skips_finished_steps(run):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count(": running") == 1 and "report: running" in proc.stdout
   assert proc.stdout.count("done (skipped)") >= 11
+  # The corpus binding reached the generator (gin/miniature/corpus.gin) ...
+  with open(run_dir / "corpus" / "manifest.json", encoding="utf-8") as f:
+    assert json.load(f)["settings"]["update_fraction"] == 0.3
+  # ... and a later step, run again in a fresh process, still parses it.
+  with open(run_dir / "manifest.json", encoding="utf-8") as f:
+    manifest = json.load(f)
+  del manifest["done"]["eval_perplexity"]
+  with open(run_dir / "manifest.json", "w", encoding="utf-8") as f:
+    json.dump(manifest, f)
+  proc = run_recipe(run_dir, "--steps=eval_perplexity")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "eval_perplexity: finished" in proc.stdout
 
 
 def test_user_corpus_split_and_errors(tmp_path):
