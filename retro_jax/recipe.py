@@ -8,13 +8,14 @@ Steps (each one gin file in ``gin/miniature/``; the driver runs them in order, r
 every finished step in ``RUN_DIR/recipe.json`` and skips it on a re-run; a training
 step killed midway resumes from its last checkpoint):
 
- 1. ``corpus``     the embedded fictional encyclopedia (``retro_jax.data.encyclopedia``)
+ 1. ``corpus``     the embedded fictional encyclopedia (``retro_jax.data.encyclopedia``,
+                   ``corpus.gin``)
                    or ``--documents`` (any jsonl with a ``text`` key, split by the
                    driver into GPT pretraining / retro-fitting / held-out documents);
  2. ``retrieval``  ``retro_jax.preprocess``: SentencePiece vocabulary, NeMo chunk DBs,
                    all-MiniLM-L6-v2 embeddings (Flax), Faiss index, NeMo neighbor maps;
  3. ``gpt``        pretrain a small GPT (``gpt_pretraining.gin``);
- 4. ``retro``      retro-fit it, decoder unfrozen (``retro_fitting.gin``), and
+ 4. ``retro``      retro-fit it, decoder frozen (``retro_fitting.gin`` says why), and
     ``gptfit``     GPT-fit it on the same tokens with equal steps (``gpt_fitting.gin``);
  5. ``sft_data``   instruction data: short-answer QA about the retro-fitting corpus with
                    the top retrieved passages in the prompt, plus the project's chat set;
