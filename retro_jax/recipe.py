@@ -265,14 +265,15 @@ def db_only_token_classes(kb_path: str, vocab_path: str, chunk_length: int
   names = sorted({e["name"] for e in entities} | {w for e in entities
                                                  for w in e["name"].split() if len(w) > 3})
   first_neighbors = chunk_length - 1
+  value_matcher, name_matcher = PhraseMatcher(encode, values), PhraseMatcher(encode, names)
   return {
-      "fact values, first mention, first chunk": PhraseMatcher(
-          encode, values, mentions="first", positions=(0, first_neighbors)),
-      "fact values, first mention, later chunks": PhraseMatcher(
-          encode, values, mentions="first", positions=(first_neighbors, None)),
-      "fact values, repeated": PhraseMatcher(encode, values, mentions="repeated"),
-      "entity names, first mention": PhraseMatcher(encode, names, mentions="first"),
-      "entity names, repeated": PhraseMatcher(encode, names, mentions="repeated")}
+      "fact values, first mention, first chunk": value_matcher.select(
+          mentions="first", positions=(0, first_neighbors)),
+      "fact values, first mention, later chunks": value_matcher.select(
+          mentions="first", positions=(first_neighbors, None)),
+      "fact values, repeated": value_matcher.select(mentions="repeated"),
+      "entity names, first mention": name_matcher.select(mentions="first"),
+      "entity names, repeated": name_matcher.select(mentions="repeated")}
 
 
 @gin.configurable

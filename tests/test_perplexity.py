@@ -84,5 +84,12 @@ def test_phrase_matcher_splits_first_and_repeated_mentions_by_position():
   late = PhraseMatcher(encode, phrases, mentions="first", positions=(5, None))(batch)
   assert early[0].nonzero()[0].tolist() == [2]
   assert ((early | late) == first).all() and not (early & late).any()
+  shared = PhraseMatcher(encode, phrases)   # selections share its phrases and scan
+  for mask, mentions, positions in ((first, "first", (0, None)), (repeated, "repeated",
+                                                                  (0, None)),
+                                    (late, "first", (5, None)), (every, "all", (0, None))):
+    assert (shared.select(mentions=mentions, positions=positions)(batch) == mask).all()
   with pytest.raises(ValueError, match="mentions"):
     PhraseMatcher(encode, phrases, mentions="second")
+  with pytest.raises(ValueError, match="mentions"):
+    shared.select(mentions="second")

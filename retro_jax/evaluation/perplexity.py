@@ -15,6 +15,7 @@ rows ignore the neighbors, so every row scores identical tokens.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any, Mapping, Optional
@@ -101,20 +102,32 @@ class PhraseMatcher:
   target positions (``stop`` None: to the end). With chunk length m, a target at
   position ``t >= m - 1`` is predicted after the first chunk's neighbors are in (the
   shifted chunked cross-attention), so ``positions=(0, m - 1)`` are the occurrences no
-  retrieval can help.
+  retrieval can help. ``select(...)`` gives such a matcher over the same phrases that
+  shares this one's tokenised phrases and its scan of the latest batch.
   """
 
   def __init__(self, encode, phrases, *, mentions: str = "all",
                positions: tuple[int, Optional[int]] = (0, None)):
-    if mentions not in ("all", "first", "repeated"):
-      raise ValueError(f"mentions must be 'all', 'first' or 'repeated', got {mentions!r}")
-    self.mentions, self.positions = mentions, positions
     # first token -> {(token ids, phrase)}: a phrase has up to two tokenisations.
     self.by_first: dict[int, set[tuple[tuple[int, ...], str]]] = {}
     for phrase in phrases:
       for ids in (tuple(encode(" " + phrase)), tuple(encode(phrase))):
         if ids:
           self.by_first.setdefault(ids[0], set()).add((ids, phrase))
+    self._scanned: dict[str, Any] = {}   # the latest batch's targets and occurrences
+    self._set_selection(mentions, positions)
+
+  def _set_selection(self, mentions: str, positions: tuple[int, Optional[int]]) -> None:
+    if mentions not in ("all", "first", "repeated"):
+      raise ValueError(f"mentions must be 'all', 'first' or 'repeated', got {mentions!r}")
+    self.mentions, self.positions = mentions, positions
+
+  def select(self, *, mentions: str = "all",
+             positions: tuple[int, Optional[int]] = (0, None)) -> "PhraseMatcher":
+    """The same phrases with another ``mentions`` / ``positions`` selection."""
+    view = copy.copy(self)     # shares by_first and the scan of the latest batch
+    view._set_selection(mentions, positions)  # pylint: disable=protected-access
+    return view
 
   def occurrences(self, seq: list[int]) -> list[tuple[int, tuple[int, ...], bool]]:
     """``(start, token ids, first mention of its phrase?)`` of every occurrence."""
@@ -126,13 +139,19 @@ class PhraseMatcher:
           seen.add(phrase)
     return found
 
+  def _batch_occurrences(self, targets: np.ndarray) -> list[list]:
+    key = (targets.shape, targets.tobytes())
+    if self._scanned.get("key") != key:
+      self._scanned.update(key=key, rows=[self.occurrences(row.tolist()) for row in targets])
+    return self._scanned["rows"]
+
   def __call__(self, batch: Mapping[str, Any]) -> np.ndarray:
     targets = np.asarray(batch["decoder_target_tokens"])
     mask = np.zeros(targets.shape, bool)
     lo, hi = self.positions
     hi = targets.shape[1] if hi is None else hi
-    for row in range(targets.shape[0]):
-      for start, ids, first in self.occurrences(targets[row].tolist()):
+    for row, found in enumerate(self._batch_occurrences(targets)):
+      for start, ids, first in found:
         if (self.mentions == "all" or first == (self.mentions == "first")) and lo <= start < hi:
           mask[row, start:start + len(ids)] = True
     return mask
