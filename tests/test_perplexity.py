@@ -89,6 +89,20 @@ def test_phrase_matcher_splits_first_and_repeated_mentions_by_position():
                                                                   (0, None)),
                                     (late, "first", (5, None)), (every, "all", (0, None))):
     assert (shared.select(mentions=mentions, positions=positions)(batch) == mask).all()
+  # Each batch is scanned once, however the views and batches interleave (the three
+  # checkpoint modes of eval_perplexity score the same batches in turn).
+  counted = PhraseMatcher(encode, phrases)
+  scans = []
+  scan = counted.occurrences
+  counted.occurrences = lambda seq: scans.append(seq) or scan(seq)
+  other_batch = {"decoder_target_tokens": np.asarray([seq[1:] + seq[:1]])}
+  views = [counted.select(mentions=m) for m in ("first", "repeated", "all")]
+  for _ in range(3):
+    for view in views:
+      assert (view(batch) == {"first": first, "repeated": repeated, "all": every}[
+          view.mentions]).all()
+      view(other_batch)
+  assert len(scans) == 3     # two rows of batch, one of other_batch
   with pytest.raises(ValueError, match="mentions"):
     PhraseMatcher(encode, phrases, mentions="second")
   with pytest.raises(ValueError, match="mentions"):

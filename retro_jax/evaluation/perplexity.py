@@ -103,8 +103,12 @@ class PhraseMatcher:
   position ``t >= m - 1`` is predicted after the first chunk's neighbors are in (the
   shifted chunked cross-attention), so ``positions=(0, m - 1)`` are the occurrences no
   retrieval can help. ``select(...)`` gives such a matcher over the same phrases that
-  shares this one's tokenised phrases and its scan of the latest batch.
+  shares this one's tokenised phrases and its scans: each batch's targets are scanned
+  once, however many views and checkpoints score them (up to ``max_cached_batches``
+  batches are remembered).
   """
+
+  max_cached_batches = 4096
 
   def __init__(self, encode, phrases, *, mentions: str = "all",
                positions: tuple[int, Optional[int]] = (0, None)):
@@ -114,7 +118,7 @@ class PhraseMatcher:
       for ids in (tuple(encode(" " + phrase)), tuple(encode(phrase))):
         if ids:
           self.by_first.setdefault(ids[0], set()).add((ids, phrase))
-    self._scanned: dict[str, Any] = {}   # the latest batch's targets and occurrences
+    self._scanned: dict[tuple, list] = {}   # (shape, target bytes) -> occurrences per row
     self._set_selection(mentions, positions)
 
   def _set_selection(self, mentions: str, positions: tuple[int, Optional[int]]) -> None:
@@ -125,7 +129,7 @@ class PhraseMatcher:
   def select(self, *, mentions: str = "all",
              positions: tuple[int, Optional[int]] = (0, None)) -> "PhraseMatcher":
     """The same phrases with another ``mentions`` / ``positions`` selection."""
-    view = copy.copy(self)     # shares by_first and the scan of the latest batch
+    view = copy.copy(self)     # shares by_first and the scans
     view._set_selection(mentions, positions)  # pylint: disable=protected-access
     return view
 
@@ -141,9 +145,11 @@ class PhraseMatcher:
 
   def _batch_occurrences(self, targets: np.ndarray) -> list[list]:
     key = (targets.shape, targets.tobytes())
-    if self._scanned.get("key") != key:
-      self._scanned.update(key=key, rows=[self.occurrences(row.tolist()) for row in targets])
-    return self._scanned["rows"]
+    if key not in self._scanned:
+      if len(self._scanned) >= self.max_cached_batches:
+        self._scanned.clear()
+      self._scanned[key] = [self.occurrences(row.tolist()) for row in targets]
+    return self._scanned[key]
 
   def __call__(self, batch: Mapping[str, Any]) -> np.ndarray:
     targets = np.asarray(batch["decoder_target_tokens"])
