@@ -231,12 +231,19 @@ def test_sft_source_has_no_neighbors_unless_a_retriever_is_given(spm_model, proc
   live = tasks.SFTSource(records, spm_model, seq_len=256, chunk_length=32, num_neighbors=2,
                          retriever=retriever)
   feats = live.examples(np.arange(6))
+  assert len(calls) == 1                        # one search for the whole batch
+  queried = []
   for row in range(6):
     tokens, weights, prompt_len = live.encode(row)
     complete = prompt_len // 32
     assert complete >= 1
     np.testing.assert_array_equal(feats["neighbor_mask"][row].all(-1),
                                   np.arange(8) < complete)
-    np.testing.assert_array_equal(calls[row], tokens[:complete * 32].reshape(complete, 32))
-    # No retrieved chunk contains an answer token.
+    query = tokens[:complete * 32].reshape(complete, 32)
+    queried.append(query)
+    # Each chunk's neighbors are the ones retrieved for that chunk (the fake retriever
+    # echoes its query), and no retrieved chunk contains an answer token.
+    np.testing.assert_array_equal(feats["neighbor_tokens"][row, :complete, 1, 32:], query)
+    assert not feats["neighbor_tokens"][row, complete:].any()
     assert weights[:complete * 32].sum() == 0
+  np.testing.assert_array_equal(calls[0], np.concatenate(queried))

@@ -295,6 +295,46 @@ def test_sft_blend_batches(layout):
                                 batch["decoder_input_tokens"])
 
 
+def test_sft_blend_with_retrieved_neighbors(layout, monkeypatch):
+  from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
+  searched, opened = [], []
+
+  def fake_load_retriever(root, *, num_neighbors=None, **kwargs):
+    del kwargs
+    opened.append((root, num_neighbors))
+
+    def retrieve(chunks):                 # neighbor j of a chunk: the chunk, twice, + j
+      searched.append(np.array(chunks))
+      echo = np.tile(chunks[:, None, :], (1, num_neighbors, 2))
+      return echo + np.arange(num_neighbors)[None, :, None], np.ones(
+          (len(chunks), num_neighbors), bool), None
+    return retrieve
+
+  monkeypatch.setattr(retriever_lib, "load_retriever", fake_load_retriever)
+  source = tasks.sft_batch_source(layout.root, seq_len=N, batch_size=6, seed=0,
+                                  datasets=[("qa", "data/sft/qa.jsonl", 1.0)],
+                                  retrieve_neighbors=True, name="live")
+  assert opened == [(layout.root, 2)]
+  batch = source.get_batch(0)
+  tokens, weights = batch["decoder_input_tokens"], batch["decoder_loss_weights"]
+  mask, neighbors = batch["neighbor_mask"], batch["neighbor_tokens"]
+  assert mask.any() and searched
+  for row in range(6):
+    for u in range(N // 64):
+      chunk = tokens[row, u * 64:(u + 1) * 64]
+      if mask[row, u].any():              # a prompt chunk: searched with its own tokens
+        assert mask[row, u].all() and weights[row, u * 64:(u + 1) * 64 - 1].sum() == 0
+        np.testing.assert_array_equal(neighbors[row, u, 1, :64], chunk + 1)
+      else:
+        assert not neighbors[row, u].any()
+  # GPT-Instruct's twin reads the same examples and never searches.
+  before = len(searched)
+  tasks.sft_batch_source(layout.root, seq_len=N, batch_size=6, seed=0, with_neighbors=False,
+                         datasets=[("qa", "data/sft/qa.jsonl", 1.0)],
+                         retrieve_neighbors=True, name="live").get_batch(0)
+  assert len(searched) == before and len(opened) == 1
+
+
 def test_data_bench_rows_run_on_a_synthetic_directory(tmp_path):
   from retro_jax.bench import data as data_bench  # pylint: disable=g-import-not-at-top
   layout = data_bench.build_synthetic_layout(str(tmp_path / "synthetic"), vocab_size=70_000,

@@ -343,21 +343,26 @@ class SFTSource:
     idx = _check_indices(indices, self.num_examples, self.name)
     out = empty_features(self, len(idx), with_neighbors)
     m = self.chunk_length
+    queries, slots = [], []                     # prompt chunks of all rows: one search
     for row, i in enumerate(idx):
       tokens, weights, prompt_len = self.encode(int(i))
       out["targets"][row, :tokens.size] = tokens
       out["loss_weights"][row, :tokens.size] = weights
       complete = prompt_len // m                # chunks made of prompt tokens only
       if with_neighbors and self.retriever is not None and complete:
-        got = self.retriever(tokens[:complete * m].reshape(complete, m))
-        nb_tokens, nb_mask = np.asarray(got[0]), np.asarray(got[1], bool)
-        expected = (complete, self.num_neighbors, self.retrieved_length)
-        if nb_tokens.shape != expected or nb_mask.shape != expected[:2]:
-          raise ValueError(f"{self.name}: the retriever returned neighbor tokens "
-                           f"{list(nb_tokens.shape)} and mask {list(nb_mask.shape)} for "
-                           f"{complete} chunks; expected {list(expected)}")
-        out["neighbor_tokens"][row, :complete] = nb_tokens
-        out["neighbor_mask"][row, :complete] = nb_mask
+        queries.append(tokens[:complete * m].reshape(complete, m))
+        slots += [(row, u) for u in range(complete)]
+    if queries:
+      got = self.retriever(np.concatenate(queries))
+      nb_tokens, nb_mask = np.asarray(got[0]), np.asarray(got[1], bool)
+      expected = (len(slots), self.num_neighbors, self.retrieved_length)
+      if nb_tokens.shape != expected or nb_mask.shape != expected[:2]:
+        raise ValueError(f"{self.name}: the retriever returned neighbor tokens "
+                         f"{list(nb_tokens.shape)} and mask {list(nb_mask.shape)} for "
+                         f"{len(slots)} chunks; expected {list(expected)}")
+      rows, chunks = np.asarray(slots).T
+      out["neighbor_tokens"][rows, chunks] = nb_tokens
+      out["neighbor_mask"][rows, chunks] = nb_mask
     return out
 
 
@@ -961,15 +966,21 @@ def sft_batch_source(retrieval_dir: Optional[str] = None, *,
                      batch_size: int = gin.REQUIRED, with_neighbors: bool = True,
                      seed: int = 0, chunk_length: int = 64, num_neighbors: int = 2,
                      retrieved_length: Optional[int] = None, model_config: Any = None,
+                     retrieve_neighbors: bool = False,
                      name: str = "blend") -> TaskBatchSource:
   """Registers an instruction blend (``(name, path, rate)`` triples) and its batch source.
 
   Args:
-    retrieval_dir: Gives the vocabulary (``vocab/spm.model``) unless ``vocab_path``.
+    retrieval_dir: Gives the vocabulary (``vocab/spm.model``) unless ``vocab_path``,
+      and the retrieval DB when ``retrieve_neighbors``.
     datasets: The blend (default: the project's shipped set in ``data/sft``).
-    with_neighbors: Retro SFT (neighbor features present, all masked) or GPT-Instruct.
+    with_neighbors: Retro SFT (neighbor features present) or GPT-Instruct.
     chunk_length, num_neighbors, retrieved_length: m, k, r; taken from
       ``model_config`` (a ``RetroConfig``) when given.
+    retrieve_neighbors: Fill the neighbor features by searching ``retrieval_dir``
+      (``Retriever``) with every complete chunk of each prompt, as the 'live' mode of
+      generation does; chunks holding answer tokens get none. False (Megatron's
+      InstructRetro SFT): all neighbors are masked, the encoder and CCA idle.
   """
   if vocab_path is None:
     if retrieval_dir is None:
@@ -980,6 +991,13 @@ def sft_batch_source(retrieval_dir: Optional[str] = None, *,
   shape = dict(chunk_length=chunk_length, num_neighbors=num_neighbors,
                retrieved_length=retrieved_length)
   shape.update(_model_shape(model_config))
+  retriever = None
+  if retrieve_neighbors and with_neighbors:
+    if retrieval_dir is None:
+      raise ValueError("sft_batch_source.retrieve_neighbors needs retrieval_dir (the "
+                       "retrieval DB to search)")
+    from retro_jax.retrieval.retriever import load_retriever  # pylint: disable=g-import-not-at-top
+    retriever = load_retriever(retrieval_dir, num_neighbors=shape["num_neighbors"])
   names = register_sft_mixture(name, [tuple(d) for d in datasets], vocab_path, seq_len,
-                               **shape)
+                               retriever=retriever, **shape)
   return TaskBatchSource(names.get(with_neighbors), batch_size=batch_size, seed=seed)
