@@ -183,7 +183,8 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
                            batch_size=batch_size, align_prompts=align_prompts)
     rows.append({"model": model_name, "mode": mode, "checkpoint": checkpoint,
                  "neighbors": neighbors, "num_passages": int(spec.get("num_passages", 0)),
-                 **{k: scores[k] for k in ("exact_match", "f1", "count")}})
+                 **{k: scores[k] for k in ("exact_match", "f1", "count")},
+                 "predictions": os.path.join(output_dir, f"{slug}_predictions.jsonl")})
   atomic_write_json(os.path.join(output_dir, f"{model_name}_qa.json"), rows)
   atomic_write_text(os.path.join(output_dir, f"{model_name}_qa.md"),
                     markdown_table(rows, QA_COLUMNS) + "\n")

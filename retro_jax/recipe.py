@@ -289,6 +289,25 @@ def qa_settings(*, num_passages: int = 2,
           "retro_modes": dict(retro_modes)}
 
 
+def paired_qa_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """InstructRetro vs GPT-Instruct on the same questions, each InstructRetro mode
+  against the GPT-Instruct mode with as many passages in the prompt
+  (``qa.paired_exact_match``: the questions only one of them answers right, and the
+  sign test's p-value)."""
+  from retro_jax.evaluation import qa as qa_lib  # pylint: disable=g-import-not-at-top
+  out = []
+  for retro in (r for r in rows if r["model"] == "InstructRetro"):
+    for gpt in (r for r in rows if r["model"] == "GPT-Instruct"
+                and r["num_passages"] == retro["num_passages"]):
+      pair = qa_lib.paired_exact_match(_read_jsonl(retro["predictions"]),
+                                       _read_jsonl(gpt["predictions"]))
+      out.append({"InstructRetro": retro["mode"], "GPT-Instruct": gpt["mode"],
+                  "retro_only": pair["a_only"], "gpt_only": pair["b_only"],
+                  "both": pair["both"], "count": pair["count"],
+                  "p_value": round(pair["p_value"], 4)})
+  return out
+
+
 def knowledge_update_scores(predictions_path: str, updates: Sequence[Mapping[str, Any]]
                             ) -> dict[str, float]:
   """How often answers follow the new facts (and how often they keep the old ones)."""
@@ -470,7 +489,8 @@ class Recipe:
                       qa_file=questions_with_ctxs, retrieval_dir=self.layout.retrieval_dir,
                       model_name=name, modes=modes, retriever=self.retriever())
     atomic_write_json(os.path.join(self.layout.eval_dir, "qa.json"), rows)
-    return [os.path.join(self.layout.eval_dir, "qa.json")], {"rows": rows}
+    return [os.path.join(self.layout.eval_dir, "qa.json")], {
+        "rows": rows, "paired": paired_qa_rows(rows)}
 
   def step_knowledge_update(self):
     from retro_jax.eval import eval_qa, with_retrieved_contexts  # pylint: disable=g-import-not-at-top
@@ -660,6 +680,16 @@ def write_report(recipe: Recipe) -> list[str]:
                   ("model", "model"), ("mode", "mode"), ("num_passages", "passages in prompt"),
                   ("neighbors", "encoder reads"), ("exact_match", "exact match"),
                   ("f1", "F1"), ("count", "questions"))), ""]
+  paired = recipe.info("eval_qa").get("paired")
+  if paired:
+    lines += ["The same questions, paired: how many only one model answers right, and the "
+              "chance of a split at least that uneven if the two were equally good "
+              "(two-sided sign test). A difference with p above ~0.05 is within noise.", "",
+              report_lib.markdown_table(paired, (
+                  ("InstructRetro", "InstructRetro mode"), ("GPT-Instruct", "GPT-Instruct mode"),
+                  ("retro_only", "only InstructRetro right"),
+                  ("gpt_only", "only GPT-Instruct right"), ("both", "both right"),
+                  ("p_value", "p"))), ""]
   completions = recipe.info("knowledge_update").get("completions")
   if completions:
     rows = [dict(db=name, **scores) for name, scores in completions.items()]

@@ -185,3 +185,25 @@ def test_run_qa_resumes_after_a_kill(tmp_path):
   assert scores == fresh
   with pytest.raises(ValueError, match="neighbors='retrieve'"):
     qa.run_qa(FakeGenerator(), EXAMPLES, output_dir=str(tmp_path), neighbors="retrieve")
+
+
+def test_sign_test_p_values():
+  # Exact binomial(n, 1/2) tails, two-sided: 0/5 -> 2/32; 1/9 -> 2 * 11/1024; ties -> 1.
+  assert qa.sign_test_p_value(0, 5) == pytest.approx(2 / 32)
+  assert qa.sign_test_p_value(9, 1) == pytest.approx(22 / 1024)
+  assert qa.sign_test_p_value(4, 4) == 1.0 and qa.sign_test_p_value(0, 0) == 1.0
+  assert qa.sign_test_p_value(30, 10) < 0.005 < qa.sign_test_p_value(22, 18)
+
+
+def test_paired_exact_match_counts_the_discordant_questions():
+  def rows(hits):
+    return [{"question": f"q{i}", "exact_match": float(h)} for i, h in enumerate(hits)]
+  a, b = rows([1, 1, 0, 0, 1, 0]), rows([1, 0, 1, 0, 0, 0])
+  pair = qa.paired_exact_match(a, b)
+  assert {k: pair[k] for k in ("a_only", "b_only", "both", "neither", "count")} == {
+      "a_only": 2, "b_only": 1, "both": 1, "neither": 2, "count": 6}
+  assert pair["p_value"] == pytest.approx(qa.sign_test_p_value(2, 1))
+  with pytest.raises(ValueError, match="row 1 holds different questions"):
+    qa.paired_exact_match(a, [a[0], {"question": "other", "exact_match": 0.0}, *a[2:]])
+  with pytest.raises(ValueError, match="6 vs 5"):
+    qa.paired_exact_match(a, b[:5])

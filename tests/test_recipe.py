@@ -91,6 +91,18 @@ def test_qa_rows_and_prompts_with_retrieved_passages(run):
       ("InstructRetro", "question only"), ("InstructRetro", "passages, encoder ablated"),
       ("InstructRetro", "retrieval")]
   assert all(r["count"] == 20 and 0 <= r["exact_match"] <= 1 for r in rows)
+  # Paired: each InstructRetro mode against GPT-Instruct with as many passages.
+  manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+  paired = manifest["done"]["eval_qa"]["info"]["paired"]
+  assert [(p["InstructRetro"], p["GPT-Instruct"]) for p in paired] == [
+      ("question only", "question only"), ("passages, encoder ablated", "passages in prompt"),
+      ("retrieval", "passages in prompt")]
+  by_mode = {(r["model"], r["mode"]): r["exact_match"] * 20 for r in rows}
+  for p in paired:
+    assert p["count"] == 20 and 0 < p["p_value"] <= 1
+    assert p["retro_only"] + p["both"] == round(by_mode["InstructRetro", p["InstructRetro"]])
+    assert p["gpt_only"] + p["both"] == round(by_mode["GPT-Instruct", p["GPT-Instruct"]])
+  assert "only InstructRetro right" in (run_dir / "report.md").read_text(encoding="utf-8")
   questions = read_jsonl(run_dir / "eval" / "qa_questions_ctxs.jsonl")
   assert len(questions) == 20 and all(len(q["ctxs"]) == 2 for q in questions)
   # The SFT data renders as the evaluation prompt: chat records with passages.

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import re
 import string
@@ -190,6 +191,41 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
   count = len(rows)
   return {"exact_match": sum(r["exact_match"] for r in rows) / max(count, 1),
           "f1": sum(r["f1"] for r in rows) / max(count, 1), "count": count}
+
+
+def sign_test_p_value(wins: int, losses: int) -> float:
+  """Two-sided exact sign test (McNemar's exact test) on the discordant pairs: the
+  chance, if neither side were better, of a split at least this uneven."""
+  n = wins + losses
+  if n == 0:
+    return 1.0
+  tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2.0 ** n
+  return min(1.0, 2.0 * tail)
+
+
+def paired_exact_match(rows_a: Sequence[Mapping[str, Any]],
+                       rows_b: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Compares two systems' predictions on the same questions (``run_qa`` rows).
+
+  Exact match differences of a few points on a few hundred questions are often noise;
+  what decides is how the questions that only one system gets right split. Returns
+  counts ``a_only``, ``b_only``, ``both``, ``neither``, ``count`` and the sign test's
+  ``p_value`` on ``a_only`` vs ``b_only``.
+  """
+  if len(rows_a) != len(rows_b):
+    raise ValueError(f"paired_exact_match: {len(rows_a)} vs {len(rows_b)} predictions")
+  for i, (a, b) in enumerate(zip(rows_a, rows_b)):
+    if a["question"] != b["question"]:
+      raise ValueError(f"paired_exact_match: row {i} holds different questions: "
+                       f"{a['question']!r} vs {b['question']!r}")
+  right_a = [r["exact_match"] > 0 for r in rows_a]
+  right_b = [r["exact_match"] > 0 for r in rows_b]
+  a_only = sum(x and not y for x, y in zip(right_a, right_b))
+  b_only = sum(y and not x for x, y in zip(right_a, right_b))
+  both = sum(x and y for x, y in zip(right_a, right_b))
+  return {"a_only": a_only, "b_only": b_only, "both": both,
+          "neither": len(right_a) - a_only - b_only - both, "count": len(right_a),
+          "p_value": sign_test_p_value(a_only, b_only)}
 
 
 @gin.configurable(denylist=["generator", "examples"])
