@@ -107,6 +107,22 @@ def test_miniature_steps_share_data_and_compute():
   assert (name, str(path), rate) == ("qa_with_passages", "%SFT_QA_FILE", 1.0)
 
 
+def test_miniature_sft_neighbors_switch_reaches_instructretro_only():
+  from retro_jax.training.optimizers import OptimizerConfig  # pylint: disable=g-import-not-at-top
+  def macro(name):                       # a macro's value, through macro references
+    value = gin.query_parameter(f"%{name}")
+    return value.scoped_configurable_fn() if hasattr(value, "scoped_configurable_fn") else value
+
+  switch = ["SFT_NEIGHBORS = True", "SFT_TRAINABLE = 'all'"]    # as recipe overrides
+  for recipe, on in (("miniature/instruction_tuning.gin", True),
+                     ("miniature/instruction_tuning_gpt.gin", False)):
+    _parse(recipe, REQUIRED[:1] + REQUIRED[2:])
+    assert macro("RETRIEVAL") is False and OptimizerConfig().trainable == "decoder"
+    _parse(recipe, REQUIRED[:1] + REQUIRED[2:] + switch)
+    assert macro("RETRIEVAL") is on and macro("RETRIEVE_NEIGHBORS") is on
+    assert OptimizerConfig().trainable == ("all" if on else "decoder")
+
+
 def test_recipe_bindings():
   _parse("retrofit.gin")
   assert gin.query_parameter("train.init_mode") == "retrofit"
