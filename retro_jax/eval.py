@@ -127,7 +127,9 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
             max_examples: Optional[int] = None, max_new_tokens: int = 16,
             batch_size: int = 16, align_prompts: bool = True,
             retriever: Any = None) -> list[dict[str, Any]]:
-  """Zero-shot QA of one checkpoint in several modes; returns one row per mode.
+  """Zero-shot QA of one checkpoint in several modes; returns one row per mode (scores,
+  settings and the path of its ``predictions`` file, for paired comparisons:
+  ``retro_jax.evaluation.qa.paired_exact_match``).
 
   Args:
     output_dir: Gets ``{model_name}_{mode}_predictions.jsonl`` / ``_scores.json`` and
