@@ -186,7 +186,7 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
     rows.append({"model": model_name, "mode": mode, "checkpoint": checkpoint,
                  "neighbors": neighbors, "num_passages": int(spec.get("num_passages", 0)),
                  **{k: scores[k] for k in ("exact_match", "f1", "count")},
-                 "predictions": os.path.join(output_dir, f"{slug}_predictions.jsonl")})
+                 "predictions": qa_lib.predictions_path(output_dir, slug)})
   atomic_write_json(os.path.join(output_dir, f"{model_name}_qa.json"), rows)
   atomic_write_text(os.path.join(output_dir, f"{model_name}_qa.md"),
                     markdown_table(rows, QA_COLUMNS) + "\n")

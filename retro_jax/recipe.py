@@ -528,11 +528,10 @@ class Recipe:
       path = os.path.join(out_dir, f"questions_{db_name.split()[0]}.jsonl")
       atomic_write_jsonl(path, with_retrieved_contexts(rows, retriever, num_passages))
       name = f"InstructRetro_{db_name.split()[0]}"
-      eval_qa(output_dir=out_dir, checkpoint=self.layout.model_dir("instructretro"),
-              qa_file=path, retrieval_dir=root, model_name=name, modes=modes,
-              retriever=retriever)
-      results[db_name] = knowledge_update_scores(
-          os.path.join(out_dir, f"{name}_retrieval_predictions.jsonl"), updates)
+      [row] = eval_qa(output_dir=out_dir, checkpoint=self.layout.model_dir("instructretro"),
+                      qa_file=path, retrieval_dir=root, model_name=name, modes=modes,
+                      retriever=retriever)
+      results[db_name] = knowledge_update_scores(row["predictions"], updates)
     info = {"results": results, "completions": completions, "facts": len(updates),
             "rebuild_seconds": round(rebuild_seconds, 1),
             "embedded_anew": rebuild["embedded_anew"], "chunk_texts": rebuild["chunk_texts"]}

@@ -228,6 +228,11 @@ def paired_exact_match(rows_a: Sequence[Mapping[str, Any]],
           "p_value": sign_test_p_value(a_only, b_only)}
 
 
+def predictions_path(output_dir: str, name: str) -> str:
+  """Where ``run_qa(..., output_dir=output_dir, name=name)`` writes its predictions."""
+  return os.path.join(output_dir, f"{name}_predictions.jsonl")
+
+
 @gin.configurable(denylist=["generator", "examples"])
 def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir: str,
            name: str = "qa", num_passages: int = 5, neighbors: str = "none",
@@ -303,7 +308,7 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
                    len(rows), len(examples), (len(rows) - done_before) / max(elapsed, 1e-9),
                    summarize(rows)["exact_match"])
   scores = dict(summarize(rows), settings=settings)
-  atomic_write_text(os.path.join(output_dir, f"{name}_predictions.jsonl"),
+  atomic_write_text(predictions_path(output_dir, name),
                     "".join(json.dumps(r) + "\n" for r in rows))
   atomic_write_json(os.path.join(output_dir, f"{name}_scores.json"), scores)
   os.remove(partial_path)
