@@ -20,7 +20,9 @@ Retro encoder layer (bidirectional; first layer only has the cross-attention):
     x = x + mlp(pre_mlp_norm(x))
 
 The cross-attention residual is the pre-norm stream, as in the legacy Megatron code
-that trained the released InstructRetro checkpoints.
+that trained the released InstructRetro checkpoints; with
+``encoder_cross_attention_residual='normed'`` it is the normed input (megatron-core):
+``x = norm(x) + cross_attention(norm(x), ...)``.
 """
 
 from __future__ import annotations
@@ -98,12 +100,13 @@ class EncoderLayer(nn.Module):
     if self.cross_attention:
       # All k neighbors of a chunk attend to the same m chunk states with no mask,
       # so they share one attention call with k*r queries.
-      h = make_norm(cfg, "pre_cross_attention_norm")(flat).reshape(bl, k * r, e)
+      normed = make_norm(cfg, "pre_cross_attention_norm")(flat)
       h = make_attention(cfg, width=width, heads=heads, kv_heads=heads, rotary=False,
                          dropout_rate=cfg.attention_dropout_rate,
-                         name="cross_attention")(h, chunk_states,
+                         name="cross_attention")(normed.reshape(bl, k * r, e), chunk_states,
                                                  deterministic=deterministic)
-      flat = flat + dropout(h.reshape(bl * k, r, e), deterministic=deterministic)
+      residual = normed if cfg.encoder_cross_attention_residual == "normed" else flat
+      flat = residual + dropout(h.reshape(bl * k, r, e), deterministic=deterministic)
     h = make_mlp(cfg, cfg.encoder_mlp)(make_norm(cfg, "pre_mlp_norm")(flat))
     flat = flat + dropout(h, deterministic=deterministic)
     return flat.reshape(bl, k, r, e)
@@ -207,6 +210,8 @@ class DecoderLayer(nn.Module):
                 y, decoding.current_chunk_positions(decode.lengths, cfg.chunk_length))
       h = cca_lib.ChunkedCrossAttention(cfg, name="cca")(
           y, encoded, neighbor_mask, deterministic=deterministic, decode=decode)
+      if cfg.cca_gate != 1.0:
+        h = h * jnp.asarray(cfg.cca_gate, h.dtype)
       x = x + dropout(h, deterministic=deterministic)
     h = make_mlp(cfg, cfg.mlp_dim)(make_norm(cfg, "pre_mlp_norm")(x))
     x = x + dropout(h, deterministic=deterministic)

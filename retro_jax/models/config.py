@@ -21,6 +21,7 @@ import jax.numpy as jnp
 _NORMS = ("layernorm", "rmsnorm")
 _POSITIONS = ("rope", "learned", "none")
 _ENCODER_POSITIONS = ("none", "rope", "learned")
+_ENCODER_RESIDUALS = ("stream", "normed")
 _ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 _REMAT = ("none", "full", "dots", "dots_with_no_batch_dims")
 _ATTENTION_IMPLS = (None, "xla", "cudnn")
@@ -84,6 +85,15 @@ class RetroConfig:
       decoder's learned position table, as Megatron's mcore example does).
     encoder_dropout_rate: Hidden dropout in the encoder (Megatron default 0.1).
     encoder_final_norm: Megatron has none.
+    encoder_cross_attention_residual: what the encoder's cross-attention adds its output
+      to: 'stream' (the residual stream before the norm: Megatron-LM's legacy code,
+      which trained the released InstructRetro checkpoints) or 'normed' (the normed
+      input: megatron-core's ``RetroEncoderCrossAttention``).
+    final_norm: a norm after the last decoder layer (Megatron legacy, GPT-2, Llama);
+      megatron-core's Retro decoder (0.12) has none.
+    cca_gate: CCA's update is multiplied by this before the residual add (Megatron
+      legacy ``--retro-attention-gate``; 1 = on). Retrieval off (``neighbor_tokens=None``)
+      is the gate-0 model without running the encoder.
   Numerics and memory:
     dropout_rate: Decoder hidden dropout. attention_dropout_rate: dropout on attention
       probabilities (disables the fused attention kernels when training).
@@ -127,6 +137,9 @@ class RetroConfig:
   encoder_position_embedding: str = "none"
   encoder_dropout_rate: float = 0.1
   encoder_final_norm: bool = False
+  encoder_cross_attention_residual: str = "stream"
+  final_norm: bool = True
+  cca_gate: float = 1.0
 
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
@@ -229,6 +242,8 @@ class RetroConfig:
         and self.neighbor_length > self.max_length):
       fail("encoder_position_embedding",
            f"needs max_length >= retrieved_length={self.neighbor_length}")
+    if self.encoder_cross_attention_residual not in _ENCODER_RESIDUALS:
+      fail("encoder_cross_attention_residual", f"must be one of {_ENCODER_RESIDUALS}")
     if self.mlp_activation not in _ACTIVATIONS:
       fail("mlp_activation", f"must be one of {_ACTIVATIONS}")
     if self.remat_policy not in _REMAT:

@@ -21,7 +21,7 @@ into Retro unchanged)::
               mlp/{wi | wi_0, wi_1, wo}
     layers_{i}/pre_cca_norm, cca/attention/...                     (CCA layers)
     layers_{first}/retro_encoder/layers_{j}/...                     (first CCA layer)
-    final_norm
+    final_norm                                                      (unless final_norm=False)
     output_layer/kernel                      [embed, vocab]        (untied output)
 
 Incremental decoding (KV cache, chunk-wise retrieval) uses the same parameters:
@@ -162,7 +162,8 @@ class Retro(nn.Module):
       args = (x, positions, neighbor_embeds if owns else None, mask, encoded, deterministic)
       x, encoded = layer(*args) if decode is None else layer(*args, decode=decode)
 
-    x = blocks.make_norm(cfg, "final_norm")(x)
+    if cfg.final_norm:
+      x = blocks.make_norm(cfg, "final_norm")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:
