@@ -89,18 +89,23 @@ def load_generator(checkpoint: str, *, model_config: Optional[RetroConfig] = Non
 
   Args:
     checkpoint: MODEL_DIR or one step's directory.
-    model_config: the architecture (default: ``RetroConfig()`` as bound by gin).
-    vocab_path: SentencePiece model (default: the retrieval directory's).
+    model_config: the architecture (default: the one stored in the checkpoint, else
+      ``RetroConfig()`` as bound by gin).
+    vocab_path: SentencePiece model (default: ``MODEL_DIR/vocab/spm.model`` when the
+      model directory has one, else the retrieval directory's).
     retrieval_dir: a prepared retrieval directory for live retrieval, or None.
     mesh_shape: devices to hold the parameters (default: one device).
     retriever: an already built retriever (instead of ``retrieval_dir``).
   """
   from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval.layout import RetrievalLayout  # pylint: disable=g-import-not-at-top
-  config = model_config or RetroConfig()
+  config = model_config or ckpt_lib.stored_model_config(checkpoint) or RetroConfig()
+  if vocab_path is None:
+    vocab_path = ckpt_lib.model_dir_vocab(checkpoint)
   if vocab_path is None:
     if retrieval_dir is None:
-      raise ValueError("--vocab is required without --retrieval_dir")
+      raise ValueError("--vocab is required without --retrieval_dir (or a model "
+                       "directory with vocab/spm.model)")
     vocab_path = RetrievalLayout(retrieval_dir).vocab_path
   vocab = vocab_lib.load_sentencepiece(vocab_path)
   if mesh_shape is None:

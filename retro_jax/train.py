@@ -159,7 +159,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
         finish_step(*pending)
         pending = None
         checkpointer.save(done, state.params, state.opt_state,
-                          {"step": done, "time": time.time()})
+                          {"step": done, "time": time.time(),
+                           **ckpt_lib.config_meta(model_config)})
         last_checkpoint = done
       if eval_source is not None and eval_every and (done % eval_every == 0
                                                     or done == train_steps):

@@ -12,10 +12,15 @@ model_optim_rng.pt`` = ``{'model': state_dict, 'args': Namespace(...), 'iteratio
 'checkpoint_version'}`` as Megatron-LM saves it, ``latest_checkpointed_iteration.txt``,
 and ``OUT_DIR/reference.npz`` (inputs and the gathered logits ``[b, n, padded vocab]``).
 
-SPEC keys (defaults below): tp, num_layers, retro_layers (1-based), hidden, heads,
+SPEC keys (defaults below; ``token_vocab``: input ids drawn below it instead of below
+``vocab``; ``zero_cca``: CCA output projections zeroed, so that the
+model is its GPT decoder; ``load``: a checkpoint directory (``release/``) whose shards
+are loaded, strictly, instead of random parameters): tp, num_layers, retro_layers (1-based), hidden, heads,
 num_query_groups, kv_channels, ffn, vocab (padded), swiglu, bias, qkv_bias, rope,
 rotary_percent, layernorm_1p, tied, seq, batch, k, chunk, encoder_layers, seed and
-``legacy``: the model computes what Megatron-LM's legacy code computes (the released
+``layout``: 'mcore' (the state dict as megatron-core names it) or 'legacy' (renamed
+and nested by the documented legacy map, ``legacy_state_dict``). ``legacy``: the model
+computes what Megatron-LM's legacy code computes (the released
 InstructRetro checkpoints): a final layernorm after the decoder, and the Retro
 encoder's cross-attention residual is the layer's residual stream instead of its
 layer-normed input (legacy ``retro_encoder_cross_attention``: ``residual =
@@ -45,7 +50,8 @@ DEFAULTS = dict(tp=1, num_layers=4, retro_layers=[2, 4], hidden=64, heads=4,
                 num_query_groups=None, kv_channels=None, ffn=None, vocab=128, swiglu=False,
                 bias=True, qkv_bias=False, rope=False, rotary_percent=1.0,
                 layernorm_1p=False, tied=False, seq=128, batch=2, k=2, chunk=64,
-                encoder_layers=2, seed=0, legacy=False, normalization="LayerNorm")
+                encoder_layers=2, seed=0, legacy=False, normalization="LayerNorm",
+                layout="mcore", token_vocab=None)
 
 
 def _patch_cpu():
@@ -81,6 +87,54 @@ def _patch_legacy_encoder_residual():
     return original(klass, x_with_bias, residual, prob, retro_num_neighbors,
                     bias_dropout_add)
   cls._forward = classmethod(legacy)
+
+
+_LEGACY_NAMES = (  # megatron-core local name -> legacy name (megatron_retro.md section 6)
+    ("input_layernorm.", "input_norm."),
+    ("self_attention.linear_qkv.", "self_attention.query_key_value."),
+    ("self_attention.linear_proj.", "self_attention.dense."),
+    ("cross_attention.attn.linear_q.", "inter_attention.query."),
+    ("cross_attention.attn.linear_kv.", "inter_attention.key_value."),
+    ("cross_attention.attn.linear_proj.", "inter_attention.dense."),
+    ("pre_cross_attn_layernorm.", "post_attention_norm."),
+    ("mlp.linear_fc1.", "mlp.dense_h_to_4h."),
+    ("mlp.linear_fc2.", "mlp.dense_4h_to_h."),
+)
+
+
+def legacy_state_dict(state):
+  """A megatron-core state dict under the legacy Megatron-LM names, nested as legacy
+  ``GPTModel.state_dict_for_save_checkpoint`` writes it."""
+  embedding, encoder, output = {}, {}, {}
+  for name, value in state.items():
+    if name.startswith("embedding."):
+      embedding.setdefault(name.split(".")[1], {})["weight"] = value
+      continue
+    if name == "output_layer.weight":
+      output["weight"] = value
+      continue
+    if name.startswith("decoder.final_layernorm."):
+      encoder["final_norm." + name.rsplit(".", 1)[1]] = value
+      continue
+    body = name[len("decoder."):].replace("cross_attention.encoder.layers.",
+                                          "retriever.layers.")
+    head, _, tail = body.rpartition("layers.")
+    index, _, rest = tail.partition(".")
+    layer_has_cross = any(k.startswith(name[:name.rindex(rest)] + "cross_attention.attn.")
+                          for k in state)
+    rest = rest.replace("pre_mlp_layernorm.norm.", "pre_mlp_layernorm.")
+    if rest.startswith("pre_mlp_layernorm."):
+      rest = rest.replace("pre_mlp_layernorm.", "post_inter_attention_norm." if
+                          layer_has_cross else "post_attention_norm.")
+    for new, old in _LEGACY_NAMES:
+      if rest.startswith(new):
+        rest = old + rest[len(new):]
+        break
+    encoder[f"{head}layers.{index}.{rest}"] = value
+  tree = {"embedding": embedding, "encoder": encoder}
+  if output:
+    tree["output_layer"] = output
+  return {"language_model": tree}
 
 
 def megatron_args(spec):
@@ -182,12 +236,30 @@ def _run_rank(rank, spec, out_dir, rendezvous):
                      rotary_percent=spec["rotary_percent"],
                      share_embeddings_and_output_weights=spec["tied"]).eval()
   _randomise(model, spec, rank)
+  if spec.get("zero_cca"):  # CCA adds nothing: the model is its GPT decoder
+    with torch.no_grad():
+      for name, p in model.named_parameters():
+        if ".cross_attention.attn.linear_proj." in name and ".encoder." not in name:
+          p.zero_()
+  if spec.get("load"):  # run a checkpoint instead of random parameters
+    path = os.path.join(spec["load"], "release", f"mp_rank_{rank:02d}",
+                        "model_optim_rng.pt")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    state = dict(blob["model"])
+    if blob["args"].apply_layernorm_1p:
+      state = {k: v + 1.0 if k.endswith("norm.weight") or k.endswith("layernorm.weight")
+               else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+      raise ValueError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
   g = torch.Generator().manual_seed(1000 + spec["seed"])
   b, n, k, m = spec["batch"], spec["seq"], spec["k"], spec["chunk"]
   r, l = 2 * m, n // m
-  ids = torch.randint(0, spec["vocab"], (b, n), generator=g)
-  neighbors = torch.randint(0, spec["vocab"], (b, l, k, r), generator=g)
+  ids = torch.randint(0, spec["token_vocab"] or spec["vocab"], (b, n), generator=g)
+  neighbors = torch.randint(0, spec["token_vocab"] or spec["vocab"], (b, l, k, r),
+                            generator=g)
   with torch.no_grad():
     logits = model(input_ids=ids, position_ids=torch.arange(n).expand(b, n),
                    attention_mask=torch.triu(torch.ones(1, 1, n, n, dtype=torch.bool), 1),
@@ -205,6 +277,8 @@ def _run_rank(rank, spec, out_dir, rendezvous):
     state[name] = value
   shard_dir = os.path.join(out_dir, "iter_0000001", f"mp_rank_{rank:02d}")
   os.makedirs(shard_dir, exist_ok=True)
+  if spec.get("layout") == "legacy":
+    state = legacy_state_dict(state)
   torch.save({"model": state, "args": megatron_args(spec), "iteration": 1,
               "checkpoint_version": 3.0}, os.path.join(shard_dir, "model_optim_rng.pt"))
   np.save(os.path.join(out_dir, f"logits_rank{rank}.npy"), logits.numpy())

@@ -2,7 +2,10 @@
 cross-stage initialisations of the InstructRetro recipe.
 
 Layout: ``MODEL_DIR/checkpoints/<step>/{params, opt_state, meta}``; ``params`` alone is
-enough to start another stage:
+enough to start another stage. ``meta`` (JSON) holds the step and the architecture
+(``model_config``: the ``RetroConfig`` fields), so a model directory can be loaded
+without naming its gin file; ``MODEL_DIR/vocab/spm.model``, when present, is its
+tokenizer (imported checkpoints):
 
 * retro-fit: a GPT (or any) checkpoint's decoder parameters + fresh encoder and CCA;
 * SFT / GPT-fit / evaluation: all parameters of a checkpoint (optimizer reset).
@@ -13,6 +16,8 @@ killed job never leaves a checkpoint that looks finished.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any, Optional
 
@@ -80,6 +85,45 @@ def _resolve_checkpoint(path: str) -> tuple[str, int]:
   if not steps:
     raise FileNotFoundError(f"{directory} holds no finished checkpoint")
   return directory, steps[-1]
+
+
+def config_meta(config: Any) -> dict:
+  """The JSON form of a ``RetroConfig`` stored in a checkpoint's ``meta``."""
+  return {"model_config": dataclasses.asdict(config)}
+
+
+def stored_model_config(path: str) -> Optional[Any]:
+  """The ``RetroConfig`` stored in a checkpoint's ``meta`` (None for checkpoints
+  written without one)."""
+  from retro_jax.models import RetroConfig  # pylint: disable=g-import-not-at-top
+  directory, step = _resolve_checkpoint(path)
+  meta_dir = os.path.join(directory, str(step), "meta")
+  files = [os.path.join(meta_dir, f) for f in
+           (os.listdir(meta_dir) if os.path.isdir(meta_dir) else ())]
+  for name in files:
+    if not os.path.isfile(name):
+      continue
+    try:
+      with open(name, encoding="utf-8") as f:
+        meta = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if isinstance(meta, dict) and "model_config" in meta:
+      fields = {f.name for f in dataclasses.fields(RetroConfig)}
+      stored = meta["model_config"]
+      unknown = sorted(set(stored) - fields)
+      if unknown:
+        raise ValueError(f"{name}: model_config has fields {unknown} that this "
+                         "RetroConfig does not know (written by a newer retro_jax?)")
+      return RetroConfig(**stored)
+  return None
+
+
+def model_dir_vocab(path: str) -> Optional[str]:
+  """``MODEL_DIR/vocab/spm.model`` of the model directory holding ``path``, if any."""
+  directory, _ = _resolve_checkpoint(path)
+  candidate = os.path.join(os.path.dirname(directory), "vocab", "spm.model")
+  return candidate if os.path.isfile(candidate) else None
 
 
 def load_params(path: str, abstract_params: Any, *, partial: bool = False) -> Any:
