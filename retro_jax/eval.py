@@ -6,10 +6,15 @@ r"""Evaluation entry point: held-out perplexity in three modes, and zero-shot QA
     python -m retro_jax.eval --gin_file=gin/recipes/eval_qa.gin \
         --gin.OUTPUT_DIR=/tmp/eval --gin.RETRIEVAL_DIR=/tmp/retrieval \
         --gin.CHECKPOINT=/tmp/retro_sft --gin.QA_FILE=nq_test.jsonl
+    python -m retro_jax.eval --gin_file=gin/recipes/eval_qa_instructretro.gin \
+        --gin.OUTPUT_DIR=/tmp/eval --gin.CHECKPOINT=/runs/ir8b \
+        --gin.QA_FILE=/data/NQ/test.json
 
 The model architecture comes from gin (a size file such as ``tiny.gin``), as in
-``retro_jax.train``. Only ``evaluate``, ``eval_perplexity`` and ``eval_qa`` are
-configurable; each writes its results under ``output_dir``:
+``retro_jax.train``, unless the checkpoint stores its own (``eval_qa`` of a model
+directory written by ``retro_jax.convert``: architecture and vocabulary come from the
+directory). Only ``evaluate``, ``eval_perplexity`` and ``eval_qa`` are configurable;
+each writes its results under ``output_dir``:
 
 * ``eval_perplexity``: one table (``perplexity.md`` / ``.json``) over a split of a
   prepared retrieval directory (default 'valid'): a Retro checkpoint gives two rows
@@ -21,10 +26,13 @@ configurable; each writes its results under ``output_dir``:
   or 'live' retrieval). Questions without ``ctxs`` get theirs from the retrieval
   directory's index (top passages of the question). Predictions and scores per mode
   (``{name}_predictions.jsonl``, ``{name}_scores.json``) and one table ``qa.md``.
+  ``eval_qa_instructretro.gin`` sets it up as Megatron-LM's released InstructRetro
+  scripts evaluate (prompt truncation, 66 greedy tokens, ``scoring='megatron'``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -126,7 +134,10 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
             model_config: Optional[RetroConfig] = None, vocab_path: Optional[str] = None,
             max_examples: Optional[int] = None, max_new_tokens: int = 16,
             batch_size: int = 16, align_prompts: bool = True,
-            retriever: Any = None) -> list[dict[str, Any]]:
+            retriever: Any = None, scoring: str = "default",
+            max_seq_len: Optional[int] = None, output_reserve: Optional[int] = None,
+            dev_max_examples: Optional[int] = None,
+            param_dtype: Optional[str] = None) -> list[dict[str, Any]]:
   """Zero-shot QA of one checkpoint in several modes; returns one row per mode (scores,
   settings and the path of its ``predictions`` file, for paired comparisons:
   ``retro_jax.evaluation.qa.paired_exact_match``).
@@ -135,14 +146,24 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
     output_dir: Gets ``{model_name}_{mode}_predictions.jsonl`` / ``_scores.json`` and
       ``{model_name}_qa.md``.
     checkpoint: MODEL_DIR (or step directory) of a GPT or Retro checkpoint.
-    qa_file: jsonl of ``{question, answers, ctxs?}``.
+    qa_file: jsonl (or .json list) of ``{question, answers, ctxs?}``.
     retrieval_dir: Prepared retrieval directory: the vocabulary, the index for live
-      retrieval and for questions without ``ctxs``.
+      retrieval and for questions without ``ctxs``. Not needed when every question
+      has ``ctxs`` and the model directory has its vocabulary (``vocab/spm.model``).
     modes: row name -> ``{"num_passages": int, "neighbors": "none"|"passages"|"live"}``.
+    model_config: The architecture (default: the one stored in the checkpoint, else
+      gin's ``RetroConfig()``).
     max_examples: Score the first N questions only.
     align_prompts: Left-pad prompts to a chunk boundary (the question's chunk is then
       retrieved before the answer starts; see ``run_qa``).
     retriever: An already built retriever (else one is loaded from ``retrieval_dir``).
+    scoring, max_seq_len, output_reserve: As ``run_qa`` ('megatron': Megatron's
+      post-processing and scores; contexts cut so that the prompt fits
+      ``max_seq_len - output_reserve`` tokens).
+    dev_max_examples: When the QA file's name contains "dev", score only its first
+      N questions (Megatron's evaluate.py: 3000).
+    param_dtype: Hold the parameters in this dtype (e.g. 'bfloat16': 2 bytes each, as
+      Megatron's --bf16 inference) whatever the stored architecture says.
   """
   from retro_jax import generate  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
@@ -158,9 +179,15 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
   if vocab_path is None and retrieval_dir is not None:
     from retro_jax.retrieval.layout import RetrievalLayout  # pylint: disable=g-import-not-at-top
     vocab_path = RetrievalLayout(retrieval_dir).vocab_path
+  if param_dtype is not None:
+    from retro_jax.training import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
+    base = model_config or ckpt_lib.stored_model_config(checkpoint) or RetroConfig()
+    model_config = dataclasses.replace(base, param_dtype=param_dtype)
   generator = generate.load_generator(checkpoint, model_config=model_config,
                                       vocab_path=vocab_path, retrieval_dir=None,
                                       retriever=retriever)
+  if dev_max_examples is not None and "dev" in os.path.basename(qa_file):
+    max_examples = min(dev_max_examples, max_examples or dev_max_examples)
   examples = qa_lib.read_qa_jsonl(qa_file, max_examples=max_examples)
   most = max(int(spec.get("num_passages", 0)) for spec in modes.values())
   missing = [i for i, e in enumerate(examples) if not e["ctxs"]]
@@ -178,14 +205,21 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
       logging.warning("%s: no retrieval for %s (a decoder-only checkpoint)", mode,
                       checkpoint)
       neighbors = "none"
+    if neighbors == "passages" and not generator.has_retro:
+      logging.warning("%s: %s has no encoder/CCA; its passages go to the prompt only",
+                      mode, checkpoint)
+      neighbors = "none"
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}_{mode}").strip("_")
     scores = qa_lib.run_qa(generator, examples, output_dir=output_dir, name=slug,
                            num_passages=int(spec.get("num_passages", 0)),
                            neighbors=neighbors, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, align_prompts=align_prompts)
+                           batch_size=batch_size, align_prompts=align_prompts,
+                           scoring=scoring, max_seq_len=max_seq_len,
+                           output_reserve=output_reserve)
     rows.append({"model": model_name, "mode": mode, "checkpoint": checkpoint,
                  "neighbors": neighbors, "num_passages": int(spec.get("num_passages", 0)),
-                 **{k: scores[k] for k in ("exact_match", "f1", "count")},
+                 **{k: scores[k] for k in ("exact_match", "f1", "count", "f1_count")
+                    if k in scores},
                  "predictions": qa_lib.predictions_path(output_dir, slug)})
   atomic_write_json(os.path.join(output_dir, f"{model_name}_qa.json"), rows)
   atomic_write_text(os.path.join(output_dir, f"{model_name}_qa.md"),

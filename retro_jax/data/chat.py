@@ -195,7 +195,8 @@ def short_answer_messages(question: str, answer: Optional[str] = None
 
 def qa_prompt(question: str, passages: Sequence[Any] = (), *, num_passages: int = 5,
               system: str = QA_SYSTEM, max_context_tokens: Optional[int] = None,
-              tokenizer: Optional[TextTokenizer] = None) -> str:
+              tokenizer: Optional[TextTokenizer] = None,
+              max_prompt_tokens: Optional[int] = None) -> str:
   """InstructRetro's zero-shot QA prompt (NQ, TriviaQA): top passages, then the turn.
 
   Args:
@@ -205,6 +206,13 @@ def qa_prompt(question: str, passages: Sequence[Any] = (), *, num_passages: int 
     num_passages: How many passages to put in the prompt (Megatron's ft_neighbours).
     system: The system sentence (default: the evaluation one, ``QA_SYSTEM``).
     max_context_tokens, tokenizer: Optionally cut the passages to fit a budget.
+    max_prompt_tokens: With ``tokenizer``: Megatron's rule (``dataset_conv.
+      reformat_prompt``) for a prompt of at most this many tokens. The context (the
+      passages joined by ``"\n\n"``, plus the ``"\n\n"`` after them) is tokenised,
+      cut to ``max_prompt_tokens`` minus the tokens of the system line and of the
+      user turn, and replaced by the detokenisation of what is left (also when
+      nothing is cut; a cut context loses its final ``"\n\n"``). Megatron passes
+      ``seq_length - out_seq_length`` (4096 - 256).
   Returns:
     ``"System: ...\n\n{passages}\n\nUser: Answer the following question with a short
     span. {question}\n\nAssistant: The answer is"``; the model continues with the answer.
@@ -212,6 +220,21 @@ def qa_prompt(question: str, passages: Sequence[Any] = (), *, num_passages: int 
   if num_passages < 0:
     raise ValueError(f"num_passages must be >= 0, got {num_passages}")
   messages = [{"role": "user", "content": f"{QA_EVAL_INSTRUCTION} {question}"}]
-  return render_prompt(messages, passages=list(passages)[:num_passages],
-                       answer_prefix=SHORT_ANSWER_PREFIX, system=system,
-                       max_context_tokens=max_context_tokens, tokenizer=tokenizer)
+  chosen = list(passages)[:num_passages]
+  if max_prompt_tokens is None:
+    return render_prompt(messages, passages=chosen, answer_prefix=SHORT_ANSWER_PREFIX,
+                         system=system, max_context_tokens=max_context_tokens,
+                         tokenizer=tokenizer)
+  if tokenizer is None or max_context_tokens is not None:
+    raise ValueError("max_prompt_tokens needs a tokenizer (and no max_context_tokens)")
+  # The same template without passages: system line + user turn.
+  bare = render_prompt(messages, answer_prefix=SHORT_ANSWER_PREFIX, system=system)
+  head = f"System: {system}{TURN_SEPARATOR}"
+  turn = bare[len(head):]
+  if not chosen:
+    return bare
+  context = TURN_SEPARATOR.join(format_passage(p) for p in chosen) + TURN_SEPARATOR
+  budget = (max_prompt_tokens - len(tokenizer.encode(head))
+            - len(tokenizer.encode(turn)))
+  ids = list(tokenizer.encode(context))[:max(budget, 0)]
+  return head + tokenizer.decode(ids) + turn

@@ -3,7 +3,7 @@ r"""Zero-shot QA: answer normalisation, exact match and token F1, and the QA run
     examples = read_qa_jsonl("nq_test.jsonl")
     scores = run_qa(generator, examples, output_dir="/tmp/eval", num_passages=5)
 
-Scoring (the usual open-domain QA metrics, as Megatron's InstructRetro scripts):
+Scoring, ``scoring='default'`` (the usual open-domain QA metrics):
 
 * ``postprocess_prediction``: strip, drop ``"Answer:"`` / ``"A:"`` prefixes and an
   ``<|endoftext|>``, cut at the first newline.
@@ -14,13 +14,32 @@ Scoring (the usual open-domain QA metrics, as Megatron's InstructRetro scripts):
   answers that normalise to nothing are skipped (Megatron); if every gold does, F1 is
   1 for a prediction that also normalises to nothing, else 0.
 
+``scoring='megatron'`` reproduces Megatron-LM's InstructRetro scripts
+(``tools/retro/text_generation/{retro_text_generation.py, evaluate.py, metrics.py}``):
+
+* ``megatron_prediction``: the line the generation script writes: the continuation
+  cut at ``<|endoftext|>`` (then stripped), newlines replaced by spaces (not cut).
+* ``megatron_exact_match``: every ``"Answer:"``, ``"????  "``, ``"A: "``, ``"A:"``
+  deleted wherever it occurs (case-sensitive), stripped, then SQuAD's exact match,
+  max over gold answers.
+* ``megatron_f1``: ParlAI F1 of the stripped prediction (no marker removal) against
+  the first gold answer only (``answers[0]``); a question whose first answer is
+  empty (or ``"no_passages_used"``) is not counted (F1 None), an empty prediction
+  scores 0. The mean F1 is over the counted questions (``f1_count`` when it
+  differs from ``count``).
+
 Data: NQ / TriviaQA-style jsonl, one ``{"question", "answers": [...] (or "answer"),
-"ctxs": [{"title", "text"}, ...] (optional, best first)}`` per line, read by the
-project's QA reader (``retro_jax.data.instructions.read_qa_examples``).
+"ctxs": [{"title", "text"}, ...] (optional, best first)}`` per line, or a .json list
+of such records (Megatron's ``*_QA_test.json``), read by the project's QA reader
+(``retro_jax.data.instructions.read_qa_examples``). A record without ``ctxs`` takes
+Megatron's ``sub-paragraphs`` (a text, or ``[title, text]``) or ``sub_paragraph``
+as its one context.
 
 The runner builds InstructRetro's zero-shot prompt (``retro_jax.data.chat.qa_prompt``:
 the top ``num_passages`` contexts as ``"title: {t}, source: {text}"``, then the
-question; the model continues "The answer is"), generates in batches and writes
+question; the model continues "The answer is"; with ``max_seq_len`` the contexts are
+tokenizer-truncated as Megatron does, so that the prompt leaves ``output_reserve``
+tokens of the sequence free), generates in batches and writes
 ``{name}_predictions.jsonl`` (one row per question with its prediction and scores)
 and ``{name}_scores.json``. The encoder's neighbors (``neighbors``): 'none' (the
 decoder alone, as the released InstructRetro scripts run), 'passages' (the top
@@ -49,8 +68,12 @@ _PUNCTUATION = frozenset(string.punctuation)
 # ParlAI's punctuation class (string.punctuation, with '_' and "'").
 _PARLAI_PUNCTUATION = re.compile(r"[!\"#$%&()*+,\-./:;<=>?@\[\]\\^`{|}~_']")
 _PREFIXES = ("Answer:", "A:")
+# What Megatron's evaluate.py (read_prediction) deletes from a prediction, in order.
+_MEGATRON_DELETED = ("Answer:", "Answer: ", "????  ", "A: ", "A:")
+_MEGATRON_NO_ANSWER = "no_passages_used"
 _END_OF_TEXT = "<|endoftext|>"
 NEIGHBOR_MODES = ("none", "passages", "live")
+SCORINGS = ("default", "megatron")
 
 
 # Normalisation and metrics -----------------------------------------------------------
@@ -120,6 +143,53 @@ def score(prediction: str, answers: Any) -> dict[str, float]:
   return {"exact_match": exact_match(prediction, answers), "f1": token_f1(prediction, answers)}
 
 
+# Megatron-LM's InstructRetro scoring -----------------------------------------------
+
+
+def megatron_prediction(text: str) -> str:
+  """The prediction line ``retro_text_generation.py`` writes for a continuation: cut at
+  ``<|endoftext|>`` (and then stripped), newlines turned into spaces."""
+  if _END_OF_TEXT in text:
+    text = text[:text.find(_END_OF_TEXT)].strip()
+  return text.replace("\n", " ")
+
+
+def megatron_exact_match(prediction: str, answers: Any) -> float:
+  """``evaluate.py``'s exact match: answer markers deleted wherever they occur,
+  stripped, SQuAD-normalised, max over the gold answers."""
+  for marker in _MEGATRON_DELETED:
+    prediction = prediction.replace(marker, "")
+  prediction = prediction.strip().replace(_END_OF_TEXT, "")
+  return exact_match(prediction, answers)
+
+
+def megatron_f1(prediction: str, answers: Any) -> Optional[float]:
+  """``evaluate.py`` + ``metrics.py`` (ParlAI) F1 against the first gold answer only;
+  None when that answer is empty (the question is not counted)."""
+  gold = _as_answers(answers)[0].strip()
+  prediction = prediction.strip().replace(_END_OF_TEXT, "")
+  if gold in ("", _MEGATRON_NO_ANSWER):
+    return None
+  if not prediction:
+    return 0.0
+  return _f1(normalize_answer_parlai(prediction).split(),
+             normalize_answer_parlai(gold).split())
+
+
+def score_megatron(prediction: str, answers: Any) -> dict[str, Optional[float]]:
+  return {"exact_match": megatron_exact_match(prediction, answers),
+          "f1": megatron_f1(prediction, answers)}
+
+
+def _scorer(scoring: str):
+  """(postprocess, score) of a scoring mode."""
+  if scoring not in SCORINGS:
+    raise ValueError(f"scoring={scoring!r}: must be one of {SCORINGS}")
+  if scoring == "megatron":
+    return megatron_prediction, score_megatron
+  return postprocess_prediction, score
+
+
 # Data ------------------------------------------------------------------------------
 
 
@@ -158,15 +228,41 @@ def read_qa_jsonl(path: str, max_examples: Optional[int] = None) -> list[dict[st
     examples = examples[:max_examples]
   if not examples:
     raise ValueError(f"{path}: no QA examples")
-  return [parse_qa_example(e, where=e.where) for e in examples]
+  out = [parse_qa_example(e, where=e.where) for e in examples]
+  if any(not e["ctxs"] for e in out):  # Megatron's sub-paragraphs, if any
+    records = dict(instructions.read_json_records(path))
+    for example in out:
+      if not example["ctxs"]:
+        example["ctxs"] = _sub_paragraphs(records.get(example["id"], {}), example["id"])
+  return out
+
+
+def _sub_paragraphs(record: Mapping[str, Any], where: str) -> list[dict[str, str]]:
+  """Megatron's context of a record without ``ctxs`` (``dataset_conv.preprocess``):
+  ``sub-paragraphs`` (a text, or ``[title, text]``) or ``sub_paragraph``."""
+  value = record.get("sub-paragraphs", record.get("sub_paragraph"))
+  if value is None:
+    return []
+  if isinstance(value, str):
+    return [{"title": "", "text": value}]
+  if (isinstance(value, (list, tuple)) and len(value) >= 2
+      and all(isinstance(v, str) for v in value[:2])):
+    return [{"title": value[0], "text": value[1]}]
+  raise ValueError(f"{where}: 'sub-paragraphs' must be a string or [title, text]")
 
 
 # The runner --------------------------------------------------------------------------
 
 
-def build_prompt(example: Mapping[str, Any], num_passages: int) -> str:
+def build_prompt(example: Mapping[str, Any], num_passages: int, *,
+                 tokenizer: Any = None, max_prompt_tokens: Optional[int] = None) -> str:
+  """The example's zero-shot prompt; with ``tokenizer`` and ``max_prompt_tokens`` its
+  contexts are cut so that the prompt holds at most that many tokens (Megatron)."""
   from retro_jax.data.chat import qa_prompt  # pylint: disable=g-import-not-at-top
-  return qa_prompt(example["question"], example["ctxs"], num_passages=num_passages)
+  if max_prompt_tokens is None:
+    return qa_prompt(example["question"], example["ctxs"], num_passages=num_passages)
+  return qa_prompt(example["question"], example["ctxs"], num_passages=num_passages,
+                   tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens)
 
 
 def _neighbor_passages(example: Mapping[str, Any], count: int) -> list[str]:
@@ -188,9 +284,15 @@ def _read_partial(path: str) -> list[dict[str, Any]]:
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """Mean exact match and F1 of scored rows. Rows whose F1 is None (Megatron scoring:
+  an empty first answer) do not count towards F1; ``f1_count`` then says how many did."""
   count = len(rows)
-  return {"exact_match": sum(r["exact_match"] for r in rows) / max(count, 1),
-          "f1": sum(r["f1"] for r in rows) / max(count, 1), "count": count}
+  f1s = [r["f1"] for r in rows if r["f1"] is not None]
+  out = {"exact_match": sum(r["exact_match"] for r in rows) / max(count, 1),
+         "f1": sum(f1s) / max(len(f1s), 1), "count": count}
+  if len(f1s) != count:
+    out["f1_count"] = len(f1s)
+  return out
 
 
 def sign_test_p_value(wins: int, losses: int) -> float:
@@ -238,7 +340,9 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
            name: str = "qa", num_passages: int = 5, neighbors: str = "none",
            num_neighbor_passages: Optional[int] = None, max_new_tokens: int = 32,
            batch_size: int = 16, sampling: Any = None,
-           align_prompts: bool = False) -> dict[str, Any]:
+           align_prompts: bool = False, scoring: str = "default",
+           max_seq_len: Optional[int] = None,
+           output_reserve: Optional[int] = None) -> dict[str, Any]:
   """Generates an answer per question, scores it, writes predictions and scores.
 
   Args:
@@ -254,11 +358,28 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
       (the question) is complete, and retrieved from, before the first answer token
       (``Generator.generate``); with 'live' neighbors this lets the answer read the
       neighbors of the question itself.
+    scoring: 'default' or 'megatron' (Megatron-LM's post-processing, exact match and
+      answers[0]-only F1; see the module doc).
+    max_seq_len: Cut the contexts of each prompt (tokenizer-truncated with the
+      generator's vocabulary, Megatron's rule: ``chat.qa_prompt(max_prompt_tokens=)``)
+      so that the prompt holds at most ``max_seq_len - output_reserve`` tokens; None:
+      prompts are not cut.
+    output_reserve: Tokens of ``max_seq_len`` kept for the answer (Megatron's
+      ``--out-seq-length``: 256 in its scripts); default ``max_new_tokens``.
   Returns:
-    ``{"exact_match", "f1", "count", "settings"}`` (fractions in [0, 1]).
+    ``{"exact_match", "f1", "count", "settings"}`` (fractions in [0, 1]), and
+    ``f1_count`` when fewer questions count towards F1.
   """
   if neighbors not in NEIGHBOR_MODES:
     raise ValueError(f"run_qa.neighbors={neighbors!r}: must be one of {NEIGHBOR_MODES}")
+  postprocess, score_row = _scorer(scoring)
+  max_prompt_tokens = tokenizer = None
+  if max_seq_len is not None:
+    reserve = max_new_tokens if output_reserve is None else output_reserve
+    if reserve < max_new_tokens or max_seq_len - reserve < 1:
+      raise ValueError(f"run_qa: output_reserve={reserve} must be >= max_new_tokens="
+                       f"{max_new_tokens} and < max_seq_len={max_seq_len}")
+    max_prompt_tokens, tokenizer = max_seq_len - reserve, generator.vocab
   if neighbors == "live" and generator.retriever is None:
     raise ValueError("run_qa.neighbors='live' needs a generator with a retriever")
   examples = [parse_qa_example(e, where=f"examples[{i}]") for i, e in enumerate(examples)]
@@ -266,7 +387,8 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
   settings = {"num_passages": num_passages, "neighbors": neighbors,
               "num_neighbor_passages": k if neighbors == "passages" else 0,
               "max_new_tokens": max_new_tokens, "sampling": repr(sampling),
-              "align_prompts": align_prompts, "examples": len(examples)}
+              "align_prompts": align_prompts, "examples": len(examples),
+              "scoring": scoring, "max_prompt_tokens": max_prompt_tokens}
   os.makedirs(output_dir, exist_ok=True)
   partial_path = os.path.join(output_dir, f"{name}_predictions.partial.jsonl")
   settings_path = os.path.join(output_dir, f"{name}_predictions.partial.settings.json")
@@ -283,7 +405,8 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
   with open(partial_path, "a", encoding="utf-8") as partial:
     for start in range(len(rows), len(examples), batch_size):
       batch = examples[start:start + batch_size]
-      prompts = [build_prompt(e, num_passages) for e in batch]
+      prompts = [build_prompt(e, num_passages, tokenizer=tokenizer,
+                              max_prompt_tokens=max_prompt_tokens) for e in batch]
       passages = None
       if neighbors == "passages":
         passages = [_neighbor_passages(e, k) for e in batch]
@@ -294,10 +417,10 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
                                   retrieval=neighbors == "live" or passages is not None,
                                   align_prompts=align_prompts)
       for example, raw, chunks in zip(batch, result.texts, result.retrievals):
-        prediction = postprocess_prediction(raw)
+        prediction = postprocess(raw)
         row = {"id": example["id"], "question": example["question"],
                "answers": example["answers"], "prediction": prediction, "raw": raw,
-               **score(prediction, example["answers"])}
+               **score_row(prediction, example["answers"])}
         if neighbors == "live":
           row["retrievals"] = chunks
         rows.append(row)
@@ -316,9 +439,10 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
   return scores
 
 
-def score_predictions(predictions: Iterable[str], examples: Sequence[Mapping[str, Any]]
-                      ) -> dict[str, float]:
-  """Scores ready-made predictions (e.g. another system's) against QA examples."""
-  rows = [score(postprocess_prediction(p), e["answers"])
-          for p, e in zip(predictions, examples)]
+def score_predictions(predictions: Iterable[str], examples: Sequence[Mapping[str, Any]],
+                      scoring: str = "default") -> dict[str, float]:
+  """Scores ready-made predictions (e.g. another system's, or the lines of a Megatron
+  ``retro-generate-*.txt`` file with ``scoring='megatron'``) against QA examples."""
+  postprocess, score_row = _scorer(scoring)
+  rows = [score_row(postprocess(p), e["answers"]) for p, e in zip(predictions, examples)]
   return summarize(rows)
