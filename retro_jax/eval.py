@@ -32,6 +32,7 @@ each writes its results under ``output_dir``:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -105,6 +106,16 @@ def eval_perplexity(*, output_dir: str, checkpoints: Mapping[str, str] = gin.REQ
   return rows
 
 
+def with_cca_gate(generator: Any, gate: Optional[float]) -> Any:
+  """The generator with its model's CCA gate set to ``gate`` (same parameters); the
+  released InstructRetro checkpoints store Megatron's ``--retro-attention-gate 0``."""
+  if gate is None or float(gate) == generator.config.cca_gate:
+    return generator
+  other = copy.copy(generator)
+  other.config = dataclasses.replace(generator.config, cca_gate=float(gate))
+  return other
+
+
 def retrieved_contexts(retriever: Any, questions: Sequence[str], count: int
                        ) -> list[list[dict[str, str]]]:
   """Top ``count`` DB passages (chunk + continuation text) of each question."""
@@ -150,7 +161,9 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
     retrieval_dir: Prepared retrieval directory: the vocabulary, the index for live
       retrieval and for questions without ``ctxs``. Not needed when every question
       has ``ctxs`` and the model directory has its vocabulary (``vocab/spm.model``).
-    modes: row name -> ``{"num_passages": int, "neighbors": "none"|"passages"|"live"}``.
+    modes: row name -> ``{"num_passages": int, "neighbors": "none"|"passages"|"live"}``,
+      optionally ``"cca_gate": float`` (the CCA gate of this row: e.g. 1.0 to read the
+      neighbors with a checkpoint stored with Megatron's gate 0).
     model_config: The architecture (default: the one stored in the checkpoint, else
       gin's ``RetroConfig()``).
     max_examples: Score the first N questions only.
@@ -168,10 +181,11 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
   from retro_jax import generate  # pylint: disable=g-import-not-at-top
   from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
   for mode, spec in modes.items():
-    unknown = set(spec) - {"num_passages", "neighbors"}
+    unknown = set(spec) - {"num_passages", "neighbors", "cca_gate"}
     if unknown or spec.get("neighbors", "none") not in qa_lib.NEIGHBOR_MODES:
       raise ValueError(f"eval_qa.modes[{mode!r}]={dict(spec)}: expected keys num_passages "
-                       f"and neighbors (one of {qa_lib.NEIGHBOR_MODES})")
+                       f"and neighbors (one of {qa_lib.NEIGHBOR_MODES}), optionally "
+                       "cca_gate")
   needs_retriever = any(spec.get("neighbors") == "live" or spec.get("num_passages", 0)
                         for spec in modes.values())
   if retriever is None and needs_retriever and retrieval_dir is not None:
@@ -210,7 +224,8 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
                       mode, checkpoint)
       neighbors = "none"
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}_{mode}").strip("_")
-    scores = qa_lib.run_qa(generator, examples, output_dir=output_dir, name=slug,
+    mode_generator = with_cca_gate(generator, spec.get("cca_gate"))
+    scores = qa_lib.run_qa(mode_generator, examples, output_dir=output_dir, name=slug,
                            num_passages=int(spec.get("num_passages", 0)),
                            neighbors=neighbors, max_new_tokens=max_new_tokens,
                            batch_size=batch_size, align_prompts=align_prompts,
@@ -218,6 +233,8 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
                            output_reserve=output_reserve)
     rows.append({"model": model_name, "mode": mode, "checkpoint": checkpoint,
                  "neighbors": neighbors, "num_passages": int(spec.get("num_passages", 0)),
+                 **({"cca_gate": mode_generator.config.cca_gate}
+                    if "cca_gate" in spec else {}),
                  **{k: scores[k] for k in ("exact_match", "f1", "count", "f1_count")
                     if k in scores},
                  "predictions": qa_lib.predictions_path(output_dir, slug)})

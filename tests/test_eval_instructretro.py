@@ -232,7 +232,7 @@ def _write_model_dir(root, spm):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = RetroConfig(vocab_size=512, hidden_size=32, num_layers=2, num_heads=2,
                        mlp_dim=64, encoder_num_layers=1, max_length=4096,
-                       param_dtype="float32")
+                       param_dtype="float32", cca_gate=0.0)  # as an instruct checkpoint
   params = jax.tree_util.tree_map(np.asarray, init_params(config, jax.random.PRNGKey(0)))
   manager = ocp.CheckpointManager(ckpt_lib.checkpoint_dir(root),
                                   options=ocp.CheckpointManagerOptions(
@@ -270,6 +270,7 @@ def test_eval_qa_instructretro_gin_end_to_end(tmp_path, spm_path, monkeypatch):
   results = eval_lib.evaluate()
   rows = results["qa"]
   assert [r["neighbors"] for r in rows] == ["none", "passages"]
+  assert "cca_gate" not in rows[0] and rows[1]["cca_gate"] == 1.0  # the encoder row: on
   for row in rows:
     assert row["count"] == 3 and row["num_passages"] == 5
     assert 0.0 <= row["exact_match"] <= 1.0 and 0.0 <= row["f1"] <= 1.0
@@ -287,6 +288,7 @@ def test_eval_qa_instructretro_gin_end_to_end(tmp_path, spm_path, monkeypatch):
   # The architecture came from the checkpoint, held in bf16 (stored as float32).
   [generator] = generators
   assert generator.config.hidden_size == 32 and generator.config.param_dtype == "bfloat16"
+  assert generator.config.cca_gate == 0.0
   assert {str(x.dtype) for x in jax.tree_util.tree_leaves(generator.params)} == {"bfloat16"}
   # Every prompt was cut to 300 tokens (of about 400) in its passages; the turn stays.
   sp = vocab_lib.load_sentencepiece(spm_path)
