@@ -16,7 +16,7 @@ import pytest
 from retro_jax.inference import sampling as sampling_lib
 from retro_jax.inference.generator import Generator, LiveNeighbors, bucket_length
 from retro_jax.inference.sampling import SamplingConfig
-from retro_jax.models import Retro, RetroConfig, init_params
+from retro_jax.models import Retro, RetroConfig, init_params, layers
 
 M = 4
 VOCAB = 61
@@ -39,6 +39,8 @@ CONFIGS = {
         num_kv_heads=1, rotary_fraction=0.5, mlp_gated=True, mlp_activation="silu",
         norm_type="rmsnorm", tie_embeddings=False, encoder_hidden_size=16,
         encoder_num_heads=2, cca_layers=(1, 3)),
+    # Window 3 < chunk length 4 < every sequence: decode steps must apply it too.
+    "sliding_window_gqa": small_config(num_kv_heads=2, sliding_window=3),
 }
 
 
@@ -177,6 +179,40 @@ def test_kv_cache_decoding_equals_full_forward_with_live_retrieval(name):
 @pytest.mark.parametrize("name", ["rope_mha", "learned_gqa"])
 def test_kv_cache_decoding_equals_full_forward_without_retrieval(name):
   _check_against_full_forward(CONFIGS[name], [2, 9, 4], 10, False)
+
+
+def test_sliding_window_decoding_equals_full_forward_and_the_window_matters():
+  """Mistral-style window: query i sees keys i - w < j <= i, in the full pass (one
+  attention function, with or without attention dropout) and in cached decode steps."""
+  config = CONFIGS["sliding_window_gqa"]
+  _check_against_full_forward(config, [2, 9, 4], 10, False)
+  tokens = np.asarray(_prompts([20])[0], np.int32)[None]
+  params = _params(config)
+  windowed = np.asarray(Retro(config).apply({"params": params}, tokens))
+  full = np.asarray(Retro(config.replace(sliding_window=None)).apply({"params": params},
+                                                                      tokens))
+  np.testing.assert_allclose(windowed[:, :3], full[:, :3], atol=1e-5)  # i < w: same
+  assert np.abs(windowed[:, 3:] - full[:, 3:]).max() > 1e-3
+  with pytest.raises(ValueError, match="sliding_window"):
+    small_config(sliding_window=0)
+  # The attention function against an explicit reference; the dropout (explicit
+  # softmax) path with a vanishing rate applies the same mask.
+  rng = np.random.RandomState(0)
+  q, k, v = (rng.normal(size=(2, 9, 4, 8)).astype(np.float32) for _ in range(3))
+  i, j = np.arange(9)[:, None], np.arange(9)[None, :]
+  visible = (j <= i) & (j > i - 3)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+  logits = np.where(visible, logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  want = np.einsum("bhqk,bkhd->bqhd", probs / probs.sum(-1, keepdims=True), v)
+  fused = layers.dot_product_attention(q, k, v, is_causal=True, sliding_window=3)
+  dropped = layers.dot_product_attention(q, k, v, is_causal=True, sliding_window=3,
+                                         dropout_rate=1e-9,
+                                         dropout_rng=jax.random.PRNGKey(0))
+  np.testing.assert_allclose(np.asarray(fused), want, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dropped), want, atol=1e-5)
+  with pytest.raises(ValueError, match="is_causal"):
+    layers.dot_product_attention(q, k, v, sliding_window=3)
 
 
 def test_fixed_passages_are_read_by_every_chunk():

@@ -8,7 +8,14 @@
 numpy arrays and the config is a ``transformers`` config or its ``to_dict()``.
 The returned decoder reproduces the HF logits with retrieval off; the Retro encoder and
 CCA parameters are initialised fresh from ``rng`` (retro-fitting). Keyword overrides
-set the retrieval fields of ``RetroConfig`` (and ``dtype``/``remat_policy`` etc.).
+set the retrieval fields of ``RetroConfig`` (and ``dtype``/``remat_policy`` etc.,
+``OVERRIDABLE_FIELDS``); decoder fields come from the HF config only.
+
+What cannot be reproduced exactly is refused with a ValueError: HF settings that
+``RetroConfig`` cannot express (scaled RoPE, Qwen2's per-layer sliding windows, GPT-2
+cross-attention, ...), state-dict keys the mapping does not use, overrides of decoder
+fields. Mapped: Llama ``attention_bias`` (q/k/v/o biases) and ``mlp_bias``, Qwen2's
+q/k/v biases, Mistral's ``sliding_window``.
 
 Nothing is downloaded here: load the HF model from a local directory yourself
 (``AutoModelForCausalLM.from_pretrained(path)``), or pass its state dict.
@@ -24,6 +31,8 @@ To retro-fit a local HF decoder with the training recipes, write it as a GPT che
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -34,6 +43,18 @@ from retro_jax.models import RetroConfig, init_params
 
 # Parameters of the decoder that a GPT checkpoint does not have (they start fresh).
 RETRO_ONLY_KEYS = ("cca", "retro_encoder", "pre_cca_norm")
+
+# The RetroConfig fields that ``from_hf`` overrides may set: retrieval (the encoder and
+# CCA start fresh) and numerics. Every other field describes the HF decoder and comes
+# from its config; an override of one of them must equal the HF value.
+# ``max_length`` may also be overridden for RoPE models (it only bounds the length).
+OVERRIDABLE_FIELDS = frozenset({
+    "chunk_length", "num_neighbors", "retrieved_length", "cca_layers",
+    "encoder_num_layers", "encoder_hidden_size", "encoder_num_heads",
+    "encoder_mlp_dim", "encoder_position_embedding", "encoder_dropout_rate",
+    "encoder_final_norm", "encoder_cross_attention_residual", "cca_gate",
+    "dtype", "param_dtype", "remat_policy", "attention_impl", "dropout_rate",
+    "attention_dropout_rate", "init_std"})
 
 
 def _to_numpy(t: Any) -> np.ndarray:
@@ -46,6 +67,19 @@ def _config_dict(config: Any) -> dict:
   if isinstance(config, Mapping):
     return dict(config)
   return config.to_dict()
+
+
+class _UsageTracking(dict):
+  """A state dict that records which keys the family mapping read."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.used: set[str] = set()
+
+  def __getitem__(self, key):
+    value = super().__getitem__(key)
+    self.used.add(key)
+    return value
 
 
 def _rope_theta(cfg: Mapping[str, Any]) -> float:
@@ -62,14 +96,15 @@ def _rope_theta(cfg: Mapping[str, Any]) -> float:
 
 
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-                     "gelu": "gelu", "relu": "relu", "silu": "silu"}
+                     "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}
 
 
 def _gpt2_config(cfg: Mapping[str, Any]) -> dict:
   act = cfg.get("activation_function", "gelu_new")
   if act not in _GPT2_ACTIVATIONS:
     raise ValueError(f"GPT-2 config activation_function={act!r} is not supported")
-  for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+  for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+               "add_cross_attention"):
     if cfg.get(flag):
       raise ValueError(f"GPT-2 config {flag}=True is not supported")
   if not cfg.get("scale_attn_weights", True):
@@ -116,22 +151,41 @@ def _gpt2_params(sd: Mapping[str, np.ndarray], c: RetroConfig) -> dict:
 
 
 def _llama_config(cfg: Mapping[str, Any]) -> dict:
-  if cfg.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"Llama-family config hidden_act={cfg.get('hidden_act')!r} is not "
-                     "supported (SwiGLU needs 'silu')")
-  if cfg.get("mlp_bias"):
-    raise ValueError("Llama-family config mlp_bias=True is not supported")
-  d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
   model_type = cfg.get("model_type", "llama")
-  qkv_bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
+  if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+    raise ValueError(f"{model_type} config hidden_act={cfg.get('hidden_act')!r} is not "
+                     "supported (SwiGLU needs 'silu')")
+  sliding_window = None
+  if model_type == "llama":
+    # LlamaAttention: attention_bias puts biases on q, k, v and o; mlp_bias on the MLP.
+    qkv_bias = out_bias = bool(cfg.get("attention_bias", False))
+    mlp_bias = bool(cfg.get("mlp_bias", False))
+  elif model_type == "mistral":
+    # MistralAttention / MistralMLP have no biases; every layer uses the window.
+    qkv_bias = out_bias = mlp_bias = False
+    sliding_window = cfg.get("sliding_window")
+  elif model_type == "qwen2":
+    # Qwen2Attention: biases on q, k and v, none on o_proj; no MLP biases.
+    qkv_bias, out_bias, mlp_bias = True, False, False
+    if cfg.get("use_sliding_window", False):
+      raise ValueError(
+          "qwen2 config use_sliding_window=True is not supported: Qwen2 applies "
+          "sliding_window only in the layers from max_window_layers="
+          f"{cfg.get('max_window_layers')!r} on (layer_types), and RetroConfig has "
+          "one window for every layer")
+    # use_sliding_window=False: HF ignores sliding_window (every layer is full).
+  else:
+    raise ValueError(f"model_type={model_type!r} is not a Llama-family model")
+  d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
   return dict(vocab_size=cfg["vocab_size"], hidden_size=d,
               num_layers=cfg["num_hidden_layers"], num_heads=heads,
               num_kv_heads=cfg.get("num_key_value_heads") or heads,
               head_dim=cfg.get("head_dim") or d // heads,
               mlp_dim=cfg["intermediate_size"], mlp_activation="silu", mlp_gated=True,
               norm_type="rmsnorm", norm_eps=cfg.get("rms_norm_eps", 1e-6),
-              use_bias=False, qkv_bias=qkv_bias, position_embedding="rope",
-              rope_theta=_rope_theta(cfg), rotary_fraction=1.0,
+              use_bias=mlp_bias, qkv_bias=qkv_bias, attention_out_bias=out_bias,
+              position_embedding="rope", rope_theta=_rope_theta(cfg), rotary_fraction=1.0,
+              sliding_window=sliding_window,
               max_length=cfg.get("max_position_embeddings", 2048),
               tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
 
@@ -152,45 +206,92 @@ def _llama_params(sd: Mapping[str, np.ndarray], c: RetroConfig) -> dict:
                                                       ].reshape(heads, hd)
     out[(L, "self_attention", "out", "kernel")] = sd[s + "self_attn.o_proj.weight"].T.reshape(
         c.num_heads, hd, d)
+    if c.has_attention_out_bias:
+      out[(L, "self_attention", "out", "bias")] = sd[s + "self_attn.o_proj.bias"]
     out[(L, "pre_attention_norm", "scale")] = sd[s + "input_layernorm.weight"]
     out[(L, "pre_mlp_norm", "scale")] = sd[s + "post_attention_layernorm.weight"]
-    out[(L, "mlp", "wi_0", "kernel")] = sd[s + "mlp.gate_proj.weight"].T
-    out[(L, "mlp", "wi_1", "kernel")] = sd[s + "mlp.up_proj.weight"].T
-    out[(L, "mlp", "wo", "kernel")] = sd[s + "mlp.down_proj.weight"].T
+    for ours, theirs in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj")):
+      out[(L, "mlp", ours, "kernel")] = sd[s + f"mlp.{theirs}.weight"].T
+      if c.use_bias:
+        out[(L, "mlp", ours, "bias")] = sd[s + f"mlp.{theirs}.bias"]
   if not c.tie_embeddings:
     out[("output_layer", "kernel")] = sd["lm_head.weight"].T
   return out
 
 
-_FAMILIES: dict[str, tuple[Callable, Callable]] = {
-    "gpt2": (_gpt2_config, _gpt2_params),
-    "llama": (_llama_config, _llama_params),
-    "mistral": (_llama_config, _llama_params),
-    "qwen2": (_llama_config, _llama_params),
+# Non-parameter buffers that HF state dicts may hold (older checkpoints and models).
+_GPT2_BUFFERS = re.compile(r"(^|\.)attn\.(masked_)?bias$")
+_ROPE_BUFFERS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+_FAMILIES: dict[str, tuple[Callable, Callable, re.Pattern]] = {
+    "gpt2": (_gpt2_config, _gpt2_params, _GPT2_BUFFERS),
+    "llama": (_llama_config, _llama_params, _ROPE_BUFFERS),
+    "mistral": (_llama_config, _llama_params, _ROPE_BUFFERS),
+    "qwen2": (_llama_config, _llama_params, _ROPE_BUFFERS),
 }
 
 
 def decoder_config(hf_config: Any, **retro_overrides) -> RetroConfig:
-  """The `RetroConfig` whose decoder is the HF model's, plus retrieval overrides."""
+  """The `RetroConfig` whose decoder is the HF model's, plus retrieval overrides.
+
+  Only the fields in ``OVERRIDABLE_FIELDS`` (and ``max_length`` of a RoPE model) may
+  differ from the values the HF config gives; any other override that differs is a
+  ValueError naming the field.
+  """
   cfg = _config_dict(hf_config)
   model_type = cfg.get("model_type")
   if model_type not in _FAMILIES:
     raise ValueError(f"HF model_type={model_type!r} is not supported; supported: "
                      f"{sorted(_FAMILIES)}")
   fields = _FAMILIES[model_type][0](cfg)
+  base = RetroConfig(**fields)
+  names = {f.name for f in dataclasses.fields(RetroConfig)}
+  for field, value in retro_overrides.items():
+    if field not in names:
+      raise ValueError(f"from_hf: override {field}={value!r}: RetroConfig has no field "
+                       f"{field!r}")
+    allowed = field in OVERRIDABLE_FIELDS or (
+        field == "max_length" and base.position_embedding == "rope")
+    if not allowed and value != getattr(base, field):
+      raise ValueError(
+          f"from_hf: override {field}={value!r} contradicts the HF checkpoint "
+          f"({getattr(base, field)!r}); only the retrieval and numerics fields "
+          f"{sorted(OVERRIDABLE_FIELDS)} (and max_length with RoPE) may be overridden")
   fields.update(retro_overrides)
   return RetroConfig(**fields)
+
+
+def _unused_keys(sd: _UsageTracking, config: RetroConfig, model_type: str) -> list[str]:
+  """State-dict keys the mapping did not read, less known buffers and a tied head."""
+  buffers = _FAMILIES[model_type][2]
+  unused = []
+  for key in sorted(set(sd) - sd.used):
+    if buffers.search(key):
+      continue
+    if key == "lm_head.weight" and config.tie_embeddings:
+      names = (("transformer.wte.weight", "wte.weight") if model_type == "gpt2"
+               else ("model.embed_tokens.weight", "embed_tokens.weight"))
+      embedding = next((dict.get(sd, n) for n in names if n in sd), None)
+      if embedding is not None and np.array_equal(dict.get(sd, key), embedding):
+        continue  # The tied head, saved as a copy of the embedding.
+    unused.append(key)
+  return unused
 
 
 def from_hf(model: Any, *, rng: jax.Array | int = 0, **retro_overrides
             ) -> tuple[RetroConfig, dict]:
   """Converts an HF GPT-2 / Llama-family model into ``(RetroConfig, params)``.
 
+  Refuses (ValueError) what the converted model could not reproduce exactly: HF config
+  settings RetroConfig cannot express, state-dict keys the mapping does not use, and
+  overrides of decoder fields.
+
   Args:
     model: a ``transformers`` model, or ``(state_dict, config)``.
     rng: seed or PRNGKey for the fresh encoder and CCA parameters.
-    **retro_overrides: RetroConfig fields (chunk_length, num_neighbors, cca_layers,
-      encoder_*, dtype, ...). Architectural decoder fields may not be overridden.
+    **retro_overrides: RetroConfig fields in ``OVERRIDABLE_FIELDS`` (chunk_length,
+      num_neighbors, cca_layers, encoder_*, dtype, ...) and ``max_length`` for RoPE
+      models. Other (decoder) fields may only be given with the HF model's value.
   Returns:
     The config and a plain parameter pytree for ``Retro(config).apply({'params': ...})``.
   """
@@ -200,19 +301,18 @@ def from_hf(model: Any, *, rng: jax.Array | int = 0, **retro_overrides
     state_dict, hf_config = model.state_dict(), model.config
   cfg = _config_dict(hf_config)
   config = decoder_config(cfg, **retro_overrides)
-  base = decoder_config(cfg)
-  for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                "head_dim", "mlp_dim", "mlp_activation", "mlp_gated", "norm_type",
-                "use_bias", "position_embedding", "tie_embeddings"):
-    if getattr(config, field) != getattr(base, field):
-      raise ValueError(f"from_hf: override {field}={getattr(config, field)!r} contradicts "
-                       f"the HF checkpoint ({getattr(base, field)!r})")
-  sd = {k: _to_numpy(v) for k, v in state_dict.items()}
+  model_type = cfg["model_type"]
+  sd = _UsageTracking({k: _to_numpy(v) for k, v in state_dict.items()})
   try:
-    converted = _FAMILIES[cfg["model_type"]][1](sd, config)
+    converted = _FAMILIES[model_type][1](sd, config)
   except KeyError as e:
     raise ValueError(f"from_hf: state dict lacks {e.args[0]!r} for model_type="
-                     f"{cfg['model_type']!r}") from e
+                     f"{model_type!r}") from e
+  unused = _unused_keys(sd, config, model_type)
+  if unused:
+    raise ValueError(f"from_hf: {len(unused)} state-dict key(s) that the {model_type} "
+                     f"mapping does not use (the converted model would not be the HF "
+                     f"model): {unused[:5]}")
 
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)

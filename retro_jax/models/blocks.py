@@ -53,15 +53,25 @@ def out_init_std(cfg: RetroConfig) -> float:
 
 
 def make_attention(cfg: RetroConfig, *, width: int, heads: int, kv_heads: int,
-                   rotary: bool, dropout_rate: float, name: str) -> layers.Attention:
+                   rotary: bool, dropout_rate: float, name: str,
+                   decoder_self_attention: bool = False) -> layers.Attention:
+  """An attention layer of the decoder or the Retro encoder.
+
+  ``decoder_self_attention`` applies the decoder-only settings: the output-projection
+  bias ``cfg.attention_out_bias`` and ``cfg.sliding_window``; the encoder keeps
+  ``use_bias`` and full attention.
+  """
   head_dim = cfg.dim_per_head if width == cfg.hidden_size and heads == cfg.num_heads \
       else width // heads
   return layers.Attention(
       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, out_features=width,
-      use_bias=cfg.use_bias, qkv_bias=cfg.has_qkv_bias, init_std=cfg.init_std,
-      out_init_std=out_init_std(cfg),
+      use_bias=cfg.use_bias, qkv_bias=cfg.has_qkv_bias,
+      out_bias=cfg.has_attention_out_bias if decoder_self_attention else cfg.use_bias,
+      init_std=cfg.init_std, out_init_std=out_init_std(cfg),
       rotary_dims=int(head_dim * cfg.rotary_fraction) // 2 * 2 if rotary else 0,
-      rope_theta=cfg.rope_theta, dropout_rate=dropout_rate,
+      rope_theta=cfg.rope_theta,
+      sliding_window=cfg.sliding_window if decoder_self_attention else None,
+      dropout_rate=dropout_rate,
       implementation=cfg.attention_impl, dtype=cfg.compute_dtype,
       param_dtype=cfg.params_dtype, name=name)
 
@@ -187,7 +197,7 @@ class DecoderLayer(nn.Module):
                                kv_heads=cfg.kv_heads,
                                rotary=cfg.position_embedding == "rope",
                                dropout_rate=cfg.attention_dropout_rate,
-                               name="self_attention")
+                               name="self_attention", decoder_self_attention=True)
     if decode is None:
       h = attention(h, positions=positions, is_causal=True, deterministic=deterministic)
     else:
@@ -239,8 +249,10 @@ class DecoderLayer(nn.Module):
     cached_value = decoding.existing_cache_variable(self, "cached_value")
     cached_key.value = decoding.write_positions(cached_key.value, key, positions)
     cached_value.value = decoding.write_positions(cached_value.value, value, positions)
-    visible = (jnp.arange(cached_key.value.shape[1])[None, None, :]
-               <= positions[:, :, None])  # [batch, q, cache_length]
+    slots = jnp.arange(cached_key.value.shape[1])[None, None, :]
+    visible = slots <= positions[:, :, None]  # [batch, q, cache_length]
+    if cfg.sliding_window is not None:  # As in the full pass: i - window < j <= i.
+      visible = jnp.logical_and(visible, slots > positions[:, :, None] - cfg.sliding_window)
     return attention.attend(query, cached_key.value, cached_value.value,
                             mask=visible[:, None])
 

@@ -13,6 +13,7 @@ Layer numbers in ``cca_layers`` are 1-based, as in Megatron and the papers
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional, Sequence
 
 import gin
@@ -64,10 +65,16 @@ class RetroConfig:
       stored w = gamma - 1.
     use_bias: Biases in the linear layers (GPT-2: yes; Llama and InstructRetro: no).
     qkv_bias: Biases on q/k/v only (Qwen2-style); None means ``use_bias``.
+    attention_out_bias: Bias on the output projection of decoder self-attention
+      (Llama ``attention_bias=True`` has q/k/v and output biases, Qwen2 q/k/v only);
+      None means ``use_bias``. The Retro encoder and CCA follow ``use_bias``.
     position_embedding: 'rope', 'learned' (absolute, ``max_length`` rows) or 'none'.
     max_length: Rows of the learned position table (unused with RoPE).
     rope_theta: RoPE base.
     rotary_fraction: Fraction of each head's dims that RoPE rotates (InstructRetro: 0.5).
+    sliding_window: Decoder self-attention of query i sees keys j with
+      i - sliding_window < j <= i (Mistral); None = all earlier keys. The Retro
+      encoder and CCA are unaffected.
     tie_embeddings: Output layer is the transposed token embedding.
     init_std: Std of the normal initialiser; output projections get
       ``init_std / sqrt(2 * num_layers)`` (Megatron's scaled init).
@@ -119,10 +126,12 @@ class RetroConfig:
   norm_zero_centered_gamma: bool = False
   use_bias: bool = False
   qkv_bias: Optional[bool] = None
+  attention_out_bias: Optional[bool] = None
   position_embedding: str = "rope"
   max_length: int = 2048
   rope_theta: float = 10000.0
   rotary_fraction: float = 1.0
+  sliding_window: Optional[int] = None
   tie_embeddings: bool = True
   init_std: float = 0.02
 
@@ -152,6 +161,9 @@ class RetroConfig:
     # gin passes lists; keep the dataclass hashable and comparable.
     if self.cca_layers is not None:
       object.__setattr__(self, "cca_layers", tuple(int(i) for i in self.cca_layers))
+    if (isinstance(self.sliding_window, numbers.Integral)
+        and not isinstance(self.sliding_window, bool)):
+      object.__setattr__(self, "sliding_window", int(self.sliding_window))
     self.validate()
 
   # Derived values -------------------------------------------------------------
@@ -201,6 +213,11 @@ class RetroConfig:
     return self.use_bias if self.qkv_bias is None else self.qkv_bias
 
   @property
+  def has_attention_out_bias(self) -> bool:
+    """Bias on the output projection of decoder self-attention."""
+    return self.use_bias if self.attention_out_bias is None else self.attention_out_bias
+
+  @property
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
 
@@ -223,6 +240,11 @@ class RetroConfig:
                   "chunk_length", "num_neighbors", "encoder_num_layers", "max_length"):
       if int(getattr(self, field)) <= 0:
         fail(field, "must be a positive integer")
+    if self.sliding_window is not None and (
+        isinstance(self.sliding_window, bool)
+        or not isinstance(self.sliding_window, numbers.Integral)
+        or self.sliding_window <= 0):
+      fail("sliding_window", "must be None or a positive integer")
     if self.head_dim is None and self.hidden_size % self.num_heads:
       fail("num_heads", f"must divide hidden_size={self.hidden_size} (or set head_dim)")
     if self.num_heads % self.kv_heads:

@@ -138,6 +138,7 @@ def apply_rope(x: Array, positions: Array, rotary_dims: int, theta: float) -> Ar
 
 def dot_product_attention(query: Array, key: Array, value: Array, *,
                           mask: Optional[Array] = None, is_causal: bool = False,
+                          sliding_window: Optional[int] = None,
                           implementation: Optional[str] = None,
                           dropout_rate: float = 0.0,
                           dropout_rng: Optional[Array] = None) -> Array:
@@ -152,9 +153,14 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
     key, value: [batch, kv_length, kv_heads, head_dim]; kv_heads divides heads (GQA).
     mask: bool, broadcastable to [batch, heads, q_length, kv_length]; True = attend.
     is_causal: lower-triangular mask (query i sees keys <= i).
+    sliding_window: with ``is_causal``, query i sees only keys j with
+      i - sliding_window < j <= i (Mistral's window); None = no window.
   Returns:
     [batch, q_length, heads, head_dim].
   """
+  if sliding_window is not None and not is_causal:
+    raise ValueError("sliding_window needs is_causal=True (a caller with its own mask "
+                     "builds the window into it)")
   if dropout_rate > 0.0 and dropout_rng is not None:
     heads, kv_heads = query.shape[2], key.shape[2]
     if heads != kv_heads:
@@ -164,6 +170,9 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
     logits = logits / math.sqrt(query.shape[-1])
     if is_causal:
       causal = jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))
+      if sliding_window is not None:  # The same mask as local_window_size below.
+        causal = jnp.logical_and(
+            causal, jnp.triu(jnp.ones_like(causal), -(sliding_window - 1)))
       mask = causal if mask is None else jnp.logical_and(mask, causal)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -174,7 +183,9 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
   if mask is not None:
     mask = jnp.broadcast_to(
         mask, (query.shape[0], query.shape[2], query.shape[1], key.shape[1]))
+  window = None if sliding_window is None else (sliding_window - 1, 0)
   return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
+                                      local_window_size=window,
                                       implementation=implementation)
 
 
@@ -217,7 +228,12 @@ class Attention(nn.Module):
   Retro encoder, over decoder chunk states, and by CCA, over encoded neighbors).
 
   Parameters: ``query`` [embed, heads, head_dim], ``key``/``value``
-  [kv_embed, kv_heads, head_dim], ``out`` [heads, head_dim, out_features].
+  [kv_embed, kv_heads, head_dim], ``out`` [heads, head_dim, out_features]. Biases:
+  ``qkv_bias`` on query/key/value, ``out_bias`` on ``out`` (None = ``use_bias``).
+
+  ``sliding_window`` restricts causal attention (``is_causal=True``) to the last
+  ``sliding_window`` keys; callers that pass their own mask instead (KV-cache decode
+  steps) build the window into it.
 
   ``__call__`` is ``project_query`` + ``project_key_value`` + ``attend``; decoding
   (``retro_jax.models.decoding``) calls the three steps itself to cache keys/values.
@@ -229,10 +245,12 @@ class Attention(nn.Module):
   out_features: int
   use_bias: bool = False
   qkv_bias: bool = False
+  out_bias: Optional[bool] = None
   init_std: float = 0.02
   out_init_std: float = 0.02
   rotary_dims: int = 0
   rope_theta: float = 10000.0
+  sliding_window: Optional[int] = None
   dropout_rate: float = 0.0
   implementation: Optional[str] = None
   dtype: DType = jnp.float32
@@ -244,7 +262,8 @@ class Attention(nn.Module):
     self.value = self._proj(self.num_kv_heads, "value")
     self.out = DenseGeneral(features=(self.out_features,),
                             kernel_axes=("heads", "head_dim", "embed"), num_contract=2,
-                            use_bias=self.use_bias, init_std=self.out_init_std,
+                            use_bias=self.use_bias if self.out_bias is None
+                            else self.out_bias, init_std=self.out_init_std,
                             dtype=self.dtype, param_dtype=self.param_dtype, name="out")
 
   def _proj(self, heads: int, name: str) -> DenseGeneral:
@@ -285,6 +304,7 @@ class Attention(nn.Module):
     if self.dropout_rate > 0.0 and not deterministic:
       dropout_rng = self.make_rng("dropout")
     out = dot_product_attention(query, key, value, mask=mask, is_causal=is_causal,
+                                sliding_window=self.sliding_window if is_causal else None,
                                 implementation=self.implementation,
                                 dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
     return self.out(constrain(out, BATCH_LENGTH_HEADS_KV))
