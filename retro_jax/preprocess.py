@@ -406,12 +406,13 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
             "stages": [dataclasses.asdict(r) for r in reports]}
 
   sp = vocab_lib.load_sentencepiece(layout.vocab_path)
+  ids = vocab_lib.special_ids(layout.vocab_path)   # what the chunk DB stages wrote
   config = {
       "created_by": "retro_jax.preprocess",
       "retrieval_input": _as_list(input),
       "corpus_options": {k: v for k, v in corpus_options.items() if v is not None},
       "vocab": os.path.relpath(layout.vocab_path, layout.root),
-      "vocab_size": sp.get_piece_size(), "pad_id": sp.pad_id(), "eod_id": sp.eos_id(),
+      "vocab_size": sp.get_piece_size(), "pad_id": ids.pad, "eod_id": ids.eos,
       "chunk_size": chunk_size, "num_neighbors": num_neighbors,
       "extra_neighbors": extra_neighbors,
       "embedder": _embedder_name(embedder_obj, embedder),

@@ -26,7 +26,6 @@ from absl import flags
 from absl import logging
 import gin
 
-from retro_jax.data import vocab as vocab_lib
 from retro_jax.inference.generator import Generator
 from retro_jax.inference.sampling import SamplingConfig
 from retro_jax.models import RetroConfig
@@ -57,12 +56,14 @@ def service_for_generator(generator: Generator, embedder: Any, *,
                           ) -> RetroService:
   """A ``RetroService`` whose documents are chunked for ``generator``'s model."""
   config = generator.config
-  eod_id = generator.eos_id if generator.eos_id is not None else vocab_lib.EOS_ID
+  # The generator's ids are its vocabulary's (``vocab_lib.special_ids``): documents end
+  # with its EOD and are padded with its pad (EOD where the vocabulary has no pad).
   store = DocumentStore(generator.vocab, embedder, chunk_length=config.chunk_length,
-                        pad_id=generator.pad_id, eod_id=eod_id, max_chunks=max_chunks)
+                        pad_id=generator.pad_id, eod_id=generator.eod_id,
+                        max_chunks=max_chunks)
   retriever = Retriever(embedder, generator.vocab, store,
                         num_neighbors=config.num_neighbors, pad_id=generator.pad_id,
-                        eod_id=eod_id)
+                        eod_id=generator.eod_id)
   return RetroService(store, retriever, make_generate_fn(generator, sampling),
                       model_name=model_name)
 

@@ -15,7 +15,8 @@ Layouts (one JSON object per line in ``.jsonl``; a JSON list in ``.json``):
 Every reader error names the file and the 1-based line (or list index) and the field:
 invalid JSON, a record that is not an object, a missing field, an unknown role.
 
-An SFT example is tokenized as ``prompt + answer + [EOS]`` (``chat.render_example``)
+An SFT example is tokenized as ``prompt + answer + [EOS]`` (``chat.render_example``;
+EOS is the vocabulary's own, ``vocab.special_ids``: 1 for ours, 2 for Megatron's)
 into at most ``n + 1`` tokens (the model reads n of them and predicts the next).
 ``loss_weights[j] = 1`` exactly for the tokens of the final answer and its EOS, so the
 loss covers only the last assistant turn (Megatron's ``--answer-loss-only``).
@@ -39,6 +40,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from retro_jax.data import chat
+from retro_jax.data.vocab import special_ids
 
 FORMATS = ("auto", "chat", "prompt_response", "qa")
 DATA_DIR_ENV = "RETRO_JAX_DATA_DIR"
@@ -305,8 +307,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
   return n
 
 
-def encode_sft(prompt: str, answer: str, processor, max_tokens: int
-               ) -> tuple[np.ndarray, np.ndarray, int]:
+def encode_sft(prompt: str, answer: str, processor, max_tokens: int, *,
+               eos_id: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, int]:
   """Tokens of ``prompt + answer + EOS`` and the weights of the answer tokens.
 
   The text is tokenized as a whole (as the model reads it at inference) and split where
@@ -318,15 +320,15 @@ def encode_sft(prompt: str, answer: str, processor, max_tokens: int
     prompt, answer: ``chat.render_example`` output.
     processor: A ``sentencepiece.SentencePieceProcessor`` (with an EOS id).
     max_tokens: At most this many tokens (``n + 1``); see the module's truncation rule.
+    eos_id: The EOS appended; default the vocabulary's (``vocab.special_ids``: 1 for
+      our models, 2 for Megatron's), never a fixed id.
   Returns:
     ``(tokens int32 [L], loss_weights float32 [L], prompt_length)``, L <= max_tokens;
     ``loss_weights`` is 1 on the answer tokens and the EOS, 0 on the prompt.
   """
   if max_tokens < 2:
     raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
-  eos = processor.eos_id()
-  if eos < 0:
-    raise ValueError("the vocabulary has no EOS piece; SFT examples end with EOS")
+  eos = special_ids(processor).eos if eos_id is None else int(eos_id)
   whole = processor.encode(prompt + answer)
   split = _common_prefix(whole, processor.encode(prompt))
   prompt_ids, target = whole[:split], whole[split:] + [eos]

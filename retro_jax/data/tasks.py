@@ -20,7 +20,10 @@ Example sources (numpy, memory-mapped; nothing is loaded whole):
   (``neighbor_tokens [l, k, 2m]``); -1 ids are masked (``neighbor_mask`` False, tokens
   = pad), never wrapped to a real chunk, and so are neighbors from any document of the
   example when the split's documents are the retrieval DB's first ones (Megatron's
-  rule; the map only excludes a chunk's own document). Pad targets have loss weight 0.
+  rule; the map only excludes a chunk's own document). Pad targets have loss weight 0;
+  the EOD token that ends a document is a target like any other, also where the
+  vocabulary pads with EOD (Megatron's: pad == EOD): there only the first EOD of a run
+  is weighted, the rest of the run is padding.
   The GPT twin task reads the *same* source without neighbors: identical tokens.
 * ``SFTSource``: instruction examples (``retro_jax.data.instructions``), tokenized on
   access; loss on the final answer + EOS only; no neighbors by default (tokens = pad,
@@ -137,7 +140,13 @@ class PretrainSource:
     retrieval_db: The retrieval DB (retrieval flavour) the map's ids point into.
     seq_len: n, a multiple of the chunk size m.
     num_neighbors: k <= the map's k (its first k columns); None = all of them.
-    pad_id: The DB's pad token (loss weight 0; fills missing neighbors).
+    pad_id: The DB's pad token (loss weight 0; fills missing neighbors). Default: the
+      pad id its chunk-stage build recorded (``chunk_db.built_ids``), else ours
+      (``vocab_lib.PAD_ID``, for DBs written without a manifest).
+    eod_id: The DB's end-of-document token, needed only where it equals ``pad_id``
+      (a vocabulary without a pad piece pads with EOD): then the first pad of each run
+      after a real token is the document's EOD and keeps weight 1. Default: the build's
+      record, as ``pad_id``.
     validate: Scan the whole neighbor map on open for ids outside the retrieval DB:
       True, False or 'auto' (when it holds at most 2**24 ids). Batches are checked
       either way (the ids they use).
@@ -152,8 +161,8 @@ class PretrainSource:
   """
 
   def __init__(self, query_db, neighbor_map=None, retrieval_db=None, *, seq_len: int,
-               num_neighbors: Optional[int] = None, pad_id: int = vocab_lib.PAD_ID,
-               validate: bool | str = "auto",
+               num_neighbors: Optional[int] = None, pad_id: Optional[int] = None,
+               eod_id: Optional[int] = None, validate: bool | str = "auto",
                exclude_example_documents: bool | str = "auto"):
     self.query_db = _open_db(query_db)
     q = self.query_db
@@ -164,7 +173,14 @@ class PretrainSource:
     if seq_len <= 0 or seq_len % m:
       raise ValueError(f"seq_len={seq_len} must be a positive multiple of the chunk size "
                        f"m={m} of {q.idx_path}")
+    if pad_id is None or eod_id is None:
+      from retro_jax.retrieval.chunk_db import built_ids  # pylint: disable=g-import-not-at-top
+      built_pad, built_eod = built_ids(q.prefix)
+      pad_id = pad_id if pad_id is not None else (
+          built_pad if built_pad is not None else vocab_lib.PAD_ID)
+      eod_id = eod_id if eod_id is not None else built_eod
     self.seq_len, self.pad_id = seq_len, int(pad_id)
+    self.eod_id = None if eod_id is None else int(eod_id)
     self.chunks_per_example = seq_len // m
     self.num_examples = q.num_chunks // self.chunks_per_example
     if self.num_examples == 0:
@@ -214,8 +230,9 @@ class PretrainSource:
     if not formats.chunk_db_exists(prefix):
       raise FileNotFoundError(f"{prefix}.idx: no query DB for split {split!r} in "
                               f"{layout.root} (splits: {layout.splits()})")
-    if "pad_id" not in kwargs and os.path.exists(layout.config_path):
-      kwargs["pad_id"] = layout.read_config().get("pad_id", vocab_lib.PAD_ID)
+    from retro_jax.retrieval.chunk_db import layout_ids  # pylint: disable=g-import-not-at-top
+    kwargs.update({k: v for k, v in layout_ids(layout).items()
+                   if kwargs.get(k) is None and v is not None})
     if not with_neighbors:
       return cls(prefix, seq_len=seq_len, **kwargs)
     knn = layout.neighbor_map_path(split)
@@ -248,8 +265,8 @@ class PretrainSource:
       next_token[has_next] = q.get_chunks(following[has_next],
                                           with_continuation=False)[:, 0]
     targets = np.concatenate([tokens.reshape(len(idx), -1), next_token[:, None]], 1)
-    weights = (targets != self.pad_id).astype(np.float32)
-    weights[:, 0] = 0.0                                  # token 0 is never a target
+    weights = loss_weights(targets, self.pad_id, self.eod_id)
+    weights[~has_next, -1] = 0.0                         # no next token: padding
     out = {"targets": targets, "loss_weights": weights}
     if with_neighbors:
       out.update(self._neighbors(chunk_ids))
@@ -275,6 +292,21 @@ class PretrainSource:
     return {"neighbor_tokens": db.get_chunks(ids, with_continuation=True,
                                              missing_value=self.pad_id),
             "neighbor_mask": ids >= 0}
+
+
+def loss_weights(targets: np.ndarray, pad_id: int, eod_id: Optional[int]) -> np.ndarray:
+  """Loss weights of pretraining ``targets [B, n+1]``: 0 on padding and on token 0.
+
+  Padding is ``pad_id``; where the vocabulary pads with EOD (``eod_id == pad_id``, a
+  vocabulary without a pad piece, as Megatron's) the first EOD after a real token ends
+  the document and is weighted, the EOD tokens after it are padding.
+  """
+  is_pad = targets == pad_id
+  if eod_id is not None and eod_id == pad_id:
+    is_pad[:, 1:] = is_pad[:, 1:] & is_pad[:, :-1]       # a run's first is the EOD
+  weights = (~is_pad).astype(np.float32)
+  weights[:, 0] = 0.0                                    # token 0 is never a target
+  return weights
 
 
 def documents_align(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
@@ -306,6 +338,9 @@ class SFTSource:
       ...)`` (e.g. ``retro_jax.retrieval.retriever.Retriever``): neighbors for the
       prompt's complete chunks; the other chunks (those holding answer tokens) get none.
       Default: no neighbors at all (InstructRetro).
+    pad_id: Padding of targets (weight 0) and of missing neighbors; default the
+      vocabulary's (``vocab_lib.special_ids``: its EOS where it has no pad piece, as
+      Megatron pads neighbors with EOD). Examples end with the vocabulary's EOS.
     name: For messages.
   """
 
@@ -320,13 +355,14 @@ class SFTSource:
       raise ValueError(f"seq_len={seq_len} must be a positive multiple of chunk_length="
                        f"{chunk_length}")
     self.records = list(examples)
-    self.processor = Tokenizer(vocab).processor
+    tokenizer = Tokenizer(vocab)
+    self.processor = tokenizer.processor
     self.seq_len, self.chunk_length = seq_len, chunk_length
     self.num_neighbors = num_neighbors
     self.retrieved_length = retrieved_length or 2 * chunk_length
-    processor_pad = self.processor.pad_id()
-    self.pad_id = pad_id if pad_id is not None else (
-        processor_pad if processor_pad >= 0 else vocab_lib.PAD_ID)
+    # The vocabulary's pad (its EOS where it has no pad piece); weight 0 either way.
+    self.pad_id = pad_id if pad_id is not None else tokenizer.pad_id
+    self.eos_id = tokenizer.eos_id
     self.retriever = retriever
     self.num_examples = len(self.records)
     self.name = name
@@ -337,7 +373,8 @@ class SFTSource:
   def encode(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
     """``(tokens [L], loss_weights [L], prompt_length)`` of example ``index``."""
     prompt, answer = self.records[index].render()
-    return instructions.encode_sft(prompt, answer, self.processor, self.seq_len + 1)
+    return instructions.encode_sft(prompt, answer, self.processor, self.seq_len + 1,
+                                   eos_id=self.eos_id)
 
   def examples(self, indices, *, with_neighbors: bool = True) -> dict[str, np.ndarray]:
     idx = _check_indices(indices, self.num_examples, self.name)

@@ -3,13 +3,32 @@ r"""The SentencePiece vocabulary: load it (as seqio does) and train one on a cor
     python -m retro_jax.data.vocab --input=docs.jsonl --output_prefix=/data/spm \
         --vocab_size=32000
 
-Models trained here use the T5/seqio id layout, so ``seqio.SentencePieceVocabulary``
-and the chunk DB agree on the special ids:
+Special ids come from the vocabulary in use: ``special_ids(vocab)`` is the one place
+that reads them (from a model path, a ``SentencePieceProcessor`` or a
+``seqio.SentencePieceVocabulary``), and every stage asks it rather than assuming an id
+layout. The rule:
+
+    eos  the model's EOS id: the EOD token appended to chunk DB documents, passages and
+         SFT examples, and the token generation stops at (an error naming the model
+         file if it has none)
+    pad  the model's pad id; the EOS id when the model has no pad piece (Megatron
+         pads retrieved neighbors and chunk DB documents with EOD)
+    bos  the model's BOS id, or None; unk  the model's unk id, or None
+
+Two layouts meet this rule. Models trained here (``train_sentencepiece``) use the
+T5/seqio layout, and the constants below are only what this trainer writes:
 
     PAD_ID = 0  ``<pad>``  pads chunk DB documents to a multiple of m (seqio's pad)
     EOS_ID = 1  ``</s>``   appended to every document in the chunk DB (the EOD token)
     UNK_ID = 2  ``<unk>``  unused in practice: byte fallback encodes any text
     no BOS
+
+NVIDIA's released InstructRetro checkpoints use Megatron's GPTSentencePieceTokenizer
+over a SentencePiece model with its own ids: typically unk 0, bos 1 ``<s>``, eos 2
+``</s>`` and no pad piece, so pad = eos = 2 there. Beware ``seqio``'s vocabulary: its
+``pad_id`` is always 0 whatever the model says (``special_ids`` reads the model). Where
+pad == eos, a pretraining example's loss weights count the first EOD after a document's
+tokens and not the EOD padding after it (``retro_jax.data.tasks.loss_weights``).
 
 Training is deterministic: a seeded reservoir sample of at most ``max_sentences``
 lines of the corpus (kept in corpus order), fed to SentencePiece's trainer with a
@@ -23,9 +42,10 @@ is the plain-SentencePiece loader the offline stages use.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -34,9 +54,97 @@ import sentencepiece as spm
 from retro_jax.utils.io import atomic_path
 from retro_jax.utils.io import atomic_write_text
 
+# The ids ``train_sentencepiece`` writes (our own layout); never a default for a
+# loaded vocabulary: ask ``special_ids``.
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
+
+# A default argument meaning "the vocabulary's own id" (``special_ids``), where None
+# already means something else (e.g. ``Generator(eos_id=None)``: never stop early).
+FROM_VOCAB = "vocab"
+
+
+def is_from_vocab(value: Any) -> bool:
+  """Whether an id argument is ``FROM_VOCAB`` (any other string is an error)."""
+  if isinstance(value, str):
+    if value != FROM_VOCAB:
+      raise ValueError(f"an id argument is a token id, None or {FROM_VOCAB!r}; got "
+                       f"{value!r}")
+    return True
+  return False
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  """The special ids of a vocabulary (the module docstring's rule).
+
+  Attributes:
+    pad: Padding id (the EOS id when the model has no pad piece).
+    eos: EOS, the end-of-document (EOD) token.
+    bos: BOS id, or None.
+    unk: unk id, or None.
+  """
+  pad: int
+  eos: int
+  bos: Optional[int] = None
+  unk: Optional[int] = None
+
+
+# The ids of the models ``train_sentencepiece`` writes.
+OWN_LAYOUT = SpecialIds(pad=PAD_ID, eos=EOS_ID, bos=None, unk=UNK_ID)
+
+
+def _processor_of(vocab: Any) -> tuple[Optional[spm.SentencePieceProcessor], str]:
+  """(The SentencePiece processor behind ``vocab`` or None, a name for messages)."""
+  if isinstance(vocab, (str, os.PathLike)):
+    return load_sentencepiece(os.fspath(vocab)), os.fspath(vocab)
+  if isinstance(vocab, spm.SentencePieceProcessor):
+    return vocab, f"the SentencePiece model ({vocab.get_piece_size()} pieces)"
+  processor = getattr(vocab, "processor", None)      # chunk_db.Tokenizer
+  if isinstance(processor, spm.SentencePieceProcessor):
+    return processor, str(getattr(vocab, "source", None) or
+                          f"the SentencePiece model ({processor.get_piece_size()} pieces)")
+  if hasattr(vocab, "sp_model") and hasattr(vocab, "tokenizer"):   # seqio vocabulary
+    name = getattr(vocab, "sentencepiece_model_file", None) or "the seqio vocabulary"
+    return vocab.tokenizer, str(name)
+  return None, type(vocab).__name__
+
+
+def special_ids(vocab: Any, *, default: Optional[SpecialIds] = None,
+                name: Optional[str] = None) -> SpecialIds:
+  """The special ids of ``vocab`` by the module docstring's rule.
+
+  Args:
+    vocab: A SentencePiece model path, a ``SentencePieceProcessor``, a
+      ``seqio.SentencePieceVocabulary`` (read from its model, not from seqio's
+      ``pad_id``, which is always 0), anything with a ``processor`` attribute holding
+      one (``chunk_db.Tokenizer``), or an object with a ``special_ids`` attribute (a
+      ``SpecialIds``; test vocabularies).
+    default: Returned for an object that is none of these (e.g. a toy vocabulary
+      with only ``encode``/``decode``); None raises ``TypeError``.
+    name: The model's name in error messages (default: its path when known).
+  Raises:
+    ValueError naming the model file: the model has no EOS piece.
+  """
+  declared = getattr(vocab, "special_ids", None)
+  if isinstance(declared, SpecialIds):
+    return declared
+  processor, known = _processor_of(vocab)
+  if processor is None:
+    if default is not None:
+      return default
+    raise TypeError(f"special_ids: {known} is not a SentencePiece model path, processor "
+                    "or seqio vocabulary")
+  eos = processor.eos_id()
+  if eos < 0:
+    raise ValueError(f"{name or known}: the SentencePiece model has no EOS piece "
+                     "(eos_id=-1); documents, passages and SFT examples end with EOS and "
+                     "generation stops at it")
+  pad = processor.pad_id()
+  bos, unk = processor.bos_id(), processor.unk_id()
+  return SpecialIds(pad=pad if pad >= 0 else eos, eos=eos,
+                    bos=bos if bos >= 0 else None, unk=unk if unk >= 0 else None)
 
 
 def get_vocabulary(path: str, extra_ids: int = 0):
@@ -94,7 +202,7 @@ def train_sentencepiece(documents: Iterable[str], output_prefix: str,
   Writes ``<output_prefix>.model`` and ``<output_prefix>.vocab`` (piece, tab, score
   per line) through temporary names; the ``.model`` lands last. The model bytes
   depend only on the sample and the arguments (not on the output path). Ids:
-  ``PAD_ID``, ``EOS_ID``, ``UNK_ID``, no BOS.
+  ``PAD_ID``, ``EOS_ID``, ``UNK_ID``, no BOS (``OWN_LAYOUT``).
 
   Args:
     documents: Texts (e.g. ``text for _, text in corpus.documents()``); split into

@@ -21,6 +21,11 @@ How one call runs (the chunk rule is ``retro_jax.models.cca``'s; the caches are
 4. An example stops at EOS (later tokens are padding) or after ``max_new_tokens``; the
    call ends when every example stopped.
 
+Special ids are the vocabulary's (``vocab_lib.special_ids``): generation stops at its
+EOS (Megatron's EOD: 2 for NVIDIA's InstructRetro tokenizer, 1 for ours), passages end
+with it, and padding is its pad id, or its EOS where it has no pad piece (Megatron pads
+neighbors with EOD).
+
 Neighbors come from one of (``generate``'s arguments):
 
 * ``retriever``: live retrieval, a ``Retriever`` (or any callable with its contract
@@ -120,8 +125,9 @@ class FixedNeighbors:
 
 
 def passages_to_neighbors(vocab: Any, passages: Sequence[Sequence[str]],
-                          neighbor_length: int, *, pad_id: int = vocab_lib.PAD_ID,
-                          eod_id: Optional[int] = vocab_lib.EOS_ID
+                          neighbor_length: int, *,
+                          pad_id: Union[int, str] = vocab_lib.FROM_VOCAB,
+                          eod_id: Union[int, str, None] = vocab_lib.FROM_VOCAB
                           ) -> FixedNeighbors:
   """Tokenises each example's passages into r-token neighbors (as the chunk DB stores
   a neighbor: text, EOD, then padding; cut at r tokens).
@@ -129,7 +135,13 @@ def passages_to_neighbors(vocab: Any, passages: Sequence[Sequence[str]],
   Args:
     passages: per example, its passages (examples may have different counts; k is
       the largest count and missing ones are masked).
+    pad_id, eod_id: default the vocabulary's pad and EOS ids (``_vocab_ids``);
+      ``eod_id=None``: no EOD.
   """
+  if vocab_lib.is_from_vocab(pad_id) or vocab_lib.is_from_vocab(eod_id):
+    ids = _vocab_ids(vocab)
+    pad_id = ids.pad if vocab_lib.is_from_vocab(pad_id) else pad_id
+    eod_id = ids.eos if vocab_lib.is_from_vocab(eod_id) else eod_id
   batch = len(passages)
   k = max((len(p) for p in passages), default=0)
   if k == 0:
@@ -188,6 +200,12 @@ class GenerationResult:
 # Helpers ----------------------------------------------------------------------------
 
 
+def _vocab_ids(vocab: Any) -> vocab_lib.SpecialIds:
+  """The vocabulary's special ids (``vocab_lib.special_ids``); a toy vocabulary that is
+  no SentencePiece model and declares none (tests) is taken to be in our own layout."""
+  return vocab_lib.special_ids(vocab, default=vocab_lib.OWN_LAYOUT)
+
+
 def _tokenizer_size(vocab: Any, default: int) -> int:
   """Ids the tokenizer can decode: SentencePiece's piece count, seqio's vocab_size."""
   size = getattr(vocab, "get_piece_size", None) or getattr(vocab, "vocab_size", None)
@@ -227,20 +245,31 @@ class Generator:
     params: its parameters (a Retro tree; a GPT tree works with retrieval off).
     vocab: ``encode(text) -> ids`` and ``decode(ids) -> text`` (SentencePiece, seqio).
     retriever: default live retriever of ``generate`` (None: no live retrieval).
-    eos_id: end-of-sequence id (an example stops after it); None: never stop early
-      (benchmarks). Passages end with it (``vocab.EOS_ID`` when None), like DB chunks.
-    pad_id: padding id.
+    eos_id: end-of-sequence id (an example stops after it); default the vocabulary's
+      EOS (``vocab_lib.special_ids``: Megatron's EOD); None: never stop early
+      (benchmarks).
+    pad_id: padding id; default the vocabulary's (its EOS where it has no pad piece).
     sync_every: steps between checks whether every example has stopped.
+
+  Attributes:
+    eod_id: the end-of-document id that passages end with (like DB chunks) and that
+      is dropped from retrieval queries: ``eos_id``, or the vocabulary's EOS when
+      ``eos_id`` is None.
   """
 
   def __init__(self, config: RetroConfig, params: Any, vocab: Any,
                retriever: Optional[Callable] = None, *,
-               eos_id: Optional[int] = vocab_lib.EOS_ID, pad_id: int = vocab_lib.PAD_ID,
+               eos_id: Union[int, str, None] = vocab_lib.FROM_VOCAB,
+               pad_id: Union[int, str] = vocab_lib.FROM_VOCAB,
                sync_every: int = 16):
     self.config, self.params, self.vocab = config, params, vocab
     self.retriever = retriever
+    ids = _vocab_ids(vocab)
+    if vocab_lib.is_from_vocab(eos_id):
+      eos_id = ids.eos
     self.eos_id = None if eos_id is None else int(eos_id)
-    self.pad_id = int(pad_id)
+    self.pad_id = ids.pad if vocab_lib.is_from_vocab(pad_id) else int(pad_id)
+    self.eod_id = ids.eos if self.eos_id is None else self.eos_id
     self.sync_every = sync_every
     self._tokenizer_size = _tokenizer_size(vocab, config.vocab_size)
     # A GPT checkpoint (decoder only) can only generate with retrieval off.
@@ -280,7 +309,7 @@ class Generator:
         raise ValueError(f"generate: {len(passages)} passage lists for {len(prompts)} "
                          "prompts")
       neighbors = passages_to_neighbors(self.vocab, passages, self.config.neighbor_length,
-                                        pad_id=self.pad_id, eod_id=self._eod_id)
+                                        pad_id=self.pad_id, eod_id=self.eod_id)
     elif retrieval and (retriever or self.retriever) is not None:
       neighbors = LiveNeighbors(retriever or self.retriever)
     return self.generate_tokens(prompt_tokens, max_new_tokens=max_new_tokens,
@@ -416,15 +445,11 @@ class Generator:
 
   # Internals ------------------------------------------------------------------------
 
-  @property
-  def _eod_id(self) -> int:
-    return vocab_lib.EOS_ID if self.eos_id is None else self.eos_id
-
   def _decode_ids(self, ids: Sequence[int], drop_special: bool = True) -> str:
     """Text of ids, without ids the tokenizer lacks (and pad/EOD with drop_special)."""
     ids = [int(i) for i in ids if 0 <= i < self._tokenizer_size]
     if drop_special:
-      ids = [i for i in ids if i != self.pad_id and i != self._eod_id]
+      ids = [i for i in ids if i != self.pad_id and i != self.eod_id]
     return self.vocab.decode(ids)
 
   @staticmethod

@@ -4,7 +4,9 @@ r"""Stage: build a chunk DB (NeMo retmmap) from a corpus, sharded and resumable.
         --output_dir=/data/retrieval_db --retrieval_db [--shard_id=3 --num_shards=8]
 
 Each document is tokenized with the SentencePiece vocabulary, gets the EOD (EOS)
-token appended, is padded with the pad id to a multiple of m (``chunk_size``, 64)
+token appended, is padded with the pad id (the EOS id for a vocabulary without a pad
+piece, as Megatron pads with EOD; ``vocab_lib.special_ids``) to a multiple of m
+(``chunk_size``, 64)
 and is written to a retmmap pair: the *retrieval* flavour (``retrieval_db=True``)
 stores one more pad chunk per document, so every chunk has a ``[2m]`` continuation
 inside its document; the *training* flavour does not. Empty documents are skipped.
@@ -34,6 +36,7 @@ Python::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -48,6 +51,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from retro_jax.data import corpus as corpus_lib
+from retro_jax.data import vocab as vocab_lib
 from retro_jax.retrieval import formats
 from retro_jax.utils.io import Manifest, atomic_path
 
@@ -75,23 +79,38 @@ class Tokenizer:
   """
 
   def __init__(self, vocab: Any, num_threads: Optional[int] = None):
+    self.source = None                                     # the model file, if known
     if isinstance(vocab, (str, os.PathLike)):
       if not os.path.exists(vocab):
         raise FileNotFoundError(f"{vocab}: SentencePiece model not found")
+      self.source = os.fspath(vocab)
       self.processor = spm.SentencePieceProcessor(model_file=os.fspath(vocab))
     elif isinstance(vocab, spm.SentencePieceProcessor):
       self.processor = vocab
     elif hasattr(vocab, "sp_model"):                       # seqio vocabulary
+      self.source = getattr(vocab, "sentencepiece_model_file", None)
       self.processor = spm.SentencePieceProcessor(model_proto=vocab.sp_model)
     else:
       raise TypeError(f"vocab must be a model path, a SentencePieceProcessor or a "
                       f"seqio SentencePieceVocabulary, got {type(vocab).__name__}")
     self.num_threads = num_threads
     self.vocab_size = self.processor.get_piece_size()
-    self.pad_id = self.processor.pad_id()
-    self.eos_id = self.processor.eos_id()
     self.fingerprint = hashlib.sha256(
         self.processor.serialized_model_proto()).hexdigest()
+
+  @functools.cached_property
+  def special_ids(self) -> vocab_lib.SpecialIds:
+    """The vocabulary's ids (``vocab_lib.special_ids``: pad = EOS when it has no pad
+    piece); raises naming the model file when it has no EOS."""
+    return vocab_lib.special_ids(self.processor, name=self.source)
+
+  @property
+  def pad_id(self) -> int:
+    return self.special_ids.pad
+
+  @property
+  def eos_id(self) -> int:
+    return self.special_ids.eos
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     kwargs = {} if self.num_threads is None else {"num_threads": self.num_threads}
@@ -156,8 +175,11 @@ def build_chunk_db(input: str | Sequence[str],  # pylint: disable=redefined-buil
     sharding: ``'contiguous'`` (merged DB = one-shard build) or ``'interleaved'``.
     input_format, text_key, text_unit, tfds_split, tfds_data_dir: Corpus options.
     append_eod: Append ``eod_id`` to every document (NeMo's ``--append-eod``).
-    pad_id: Padding token; default the vocabulary's pad id (0 for our models).
-    eod_id: End-of-document token; default the vocabulary's EOS id (1).
+    pad_id: Padding token; default the vocabulary's pad id, or its EOS id when it has
+      no pad piece (``vocab_lib.special_ids``: 0 for our models, EOD = 2 for
+      Megatron's, which pads with EOD).
+    eod_id: End-of-document token; default the vocabulary's EOS id (1 for our
+      models, 2 for Megatron's).
     batch_size: Documents tokenized per call.
     tokenizer_threads: SentencePiece batch-encoding threads.
     merge: After this shard, merge all shards if every one is complete.
@@ -167,13 +189,14 @@ def build_chunk_db(input: str | Sequence[str],  # pylint: disable=redefined-buil
     A ``BuildResult``.
   """
   tokenizer = Tokenizer(vocab, tokenizer_threads)
-  pad_id = tokenizer.pad_id if pad_id is None else pad_id
-  eod_id = tokenizer.eos_id if eod_id is None else eod_id
+  # The vocabulary's ids are read only where an argument leaves them to it, so that a
+  # model without EOS still builds with pad_id= and append_eod=False.
+  pad_id = tokenizer.pad_id if pad_id is None else int(pad_id)
+  eod_id = tokenizer.eos_id if eod_id is None and append_eod else eod_id
   if pad_id < 0:
-    raise ValueError("the vocabulary has no pad piece; pass pad_id= (NeMo's "
-                     "--need-pad-id)")
+    raise ValueError(f"pad_id={pad_id} must be a token id (>= 0)")
   if append_eod and eod_id < 0:
-    raise ValueError("the vocabulary has no EOS piece; pass eod_id= or "
+    raise ValueError(f"eod_id={eod_id} must be a token id (>= 0), or pass "
                      "append_eod=False")
   corpus = corpus_lib.open_corpus(input, format=input_format, text_key=text_key,
                                   text_unit=text_unit, tfds_split=tfds_split,
@@ -260,6 +283,39 @@ def _load_manifest(output_dir: str) -> Manifest:
   if settings.get("stage") != STAGE:
     raise ValueError(f"{path}: not a chunk DB build (stage {settings.get('stage')!r})")
   return Manifest(output_dir, settings)
+
+
+def built_ids(db_prefix: str | os.PathLike) -> tuple[Optional[int], Optional[int]]:
+  """``(pad_id, eod_id)`` a DB built by this stage was written with (its manifest);
+  ``(None, None)`` for a DB without a chunk-stage manifest beside it (``eod_id`` is
+  None also for a build with ``append_eod=False``)."""
+  path = os.path.join(os.path.dirname(os.fspath(formats.chunk_db_paths(db_prefix)[0])),
+                      Manifest.FILENAME)
+  try:
+    with open(path, encoding="utf-8") as f:
+      settings = json.load(f).get("settings", {})
+  except (OSError, ValueError):
+    return None, None
+  if settings.get("stage") != STAGE:
+    return None, None
+  pad, eod = settings.get("pad_id"), settings.get("eod_id")
+  return (None if pad is None else int(pad)), (None if eod is None else int(eod))
+
+
+def layout_ids(layout: Any) -> dict[str, Optional[int]]:
+  """``{"pad_id", "eod_id"}`` of a prepared retrieval directory (a ``RetrievalLayout``):
+  its ``retrieval.json`` record, else its vocabulary's (``vocab_lib.special_ids``);
+  None where neither says. A recorded -1 (a model without that piece, as written
+  before pad fell back to EOS) counts as unrecorded."""
+  config = layout.read_config() if os.path.exists(layout.config_path) else {}
+  pad, eod = config.get("pad_id"), config.get("eod_id")
+  pad = None if pad is None or int(pad) < 0 else int(pad)
+  eod = None if eod is None or int(eod) < 0 else int(eod)
+  if (pad is None or eod is None) and os.path.exists(layout.vocab_path):
+    ids = vocab_lib.special_ids(layout.vocab_path)
+    pad = ids.pad if pad is None else pad
+    eod = ids.eos if eod is None else eod
+  return {"pad_id": pad, "eod_id": eod}
 
 
 def _missing_shards(manifest: Manifest, num_shards: int) -> list[str]:

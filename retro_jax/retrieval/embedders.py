@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from retro_jax.data import vocab as vocab_lib
 from retro_jax.models.layers import Attention, Embed, Mlp, Norm
 
 
@@ -691,15 +692,20 @@ class ChunkEmbedder:
     vocab: The model's SentencePiece vocabulary: a ``.model`` path, a
       ``SentencePieceProcessor`` or a seqio vocabulary (anything with ``decode``).
     pad_id, eod_id: Ids dropped before detokenising; default the vocabulary's pad and
-      EOS ids when it has them, else 0 and 1 (our layout, ``data/vocab.py``).
+      EOS ids (``vocab_lib.special_ids``: pad = EOS where it has no pad piece; read
+      from the model, never seqio's ``pad_id``, which is always 0); a vocabulary that
+      is no SentencePiece model and declares none is taken to be in our layout.
   """
 
   def __init__(self, embedder: Embedder, vocab: Any, *, pad_id: Optional[int] = None,
                eod_id: Optional[int] = None):
     self.embedder = embedder
     self.vocab = _as_vocabulary(vocab)
-    self.pad_id = _special_id(self.vocab, "pad_id", 0) if pad_id is None else pad_id
-    self.eod_id = _special_id(self.vocab, "eos_id", 1) if eod_id is None else eod_id
+    if pad_id is None or eod_id is None:
+      ids = vocab_lib.special_ids(self.vocab, default=vocab_lib.OWN_LAYOUT)
+      pad_id = ids.pad if pad_id is None else pad_id
+      eod_id = ids.eos if eod_id is None else eod_id
+    self.pad_id, self.eod_id = int(pad_id), int(eod_id)
     self.dim = embedder.dim
 
   def texts(self, chunk_tokens: np.ndarray) -> list[str]:
@@ -713,9 +719,3 @@ class ChunkEmbedder:
   def __call__(self, chunk_tokens: np.ndarray) -> np.ndarray:
     """chunk_tokens: int [n, m] -> float32 [n, dim]."""
     return np.asarray(self.embedder.embed_texts(self.texts(chunk_tokens)), np.float32)
-
-
-def _special_id(vocab: Any, method: str, default: int) -> int:
-  value = getattr(vocab, method, None)     # a method (SentencePiece) or a property (seqio)
-  value = value() if callable(value) else value
-  return int(value) if value is not None and int(value) >= 0 else default

@@ -31,6 +31,7 @@ import faiss
 import gin
 import numpy as np
 
+from retro_jax.data import vocab as vocab_lib
 from retro_jax.retrieval.embedders import Embedder
 from retro_jax.retrieval.formats import pad_document
 from retro_jax.retrieval.layout import RetrievalLayout
@@ -45,6 +46,16 @@ class Vocabulary(Protocol):
     ...
 
 
+def _ids(vocab: Vocabulary, pad_id, eod_id) -> tuple[int, Optional[int]]:
+  """``(pad_id, eod_id)`` with ``vocab_lib.FROM_VOCAB`` replaced by the vocabulary's ids
+  (``vocab_lib.special_ids``; a toy vocabulary that declares none: our own layout)."""
+  if vocab_lib.is_from_vocab(pad_id) or vocab_lib.is_from_vocab(eod_id):
+    ids = vocab_lib.special_ids(vocab, default=vocab_lib.OWN_LAYOUT)
+    pad_id = ids.pad if vocab_lib.is_from_vocab(pad_id) else pad_id
+    eod_id = ids.eos if vocab_lib.is_from_vocab(eod_id) else eod_id
+  return int(pad_id), None if eod_id is None else int(eod_id)
+
+
 def chunk_text(vocab: Vocabulary, tokens: np.ndarray, pad_id: int, eod_id: Optional[int]
                ) -> str:
   """Detokenised text of a chunk without its pad and end-of-document tokens."""
@@ -55,16 +66,20 @@ def chunk_text(vocab: Vocabulary, tokens: np.ndarray, pad_id: int, eod_id: Optio
 class DocumentStore:
   """An in-memory, growable retrieval DB with its own exact Faiss index.
 
-  Documents are tokenised with ``vocab``, given an end-of-document token, padded like a
-  retrieval DB, chunked into m-token chunks and embedded chunk by chunk.
+  Documents are tokenised with ``vocab``, given an end-of-document token (``eod_id``;
+  None: none), padded with ``pad_id`` like a retrieval DB, chunked into m-token chunks
+  and embedded chunk by chunk. Both ids default to the vocabulary's
+  (``vocab_lib.special_ids``: pad = EOS where it has no pad piece, as Megatron).
   Thread-safe: one lock serialises ``add_documents``, ``reset`` and searches.
   """
 
   def __init__(self, vocab: Vocabulary, embedder: Embedder, *, chunk_length: int = 64,
-               pad_id: int = 0, eod_id: Optional[int] = 1, max_chunks: int = 1_000_000):
+               pad_id: int | str = vocab_lib.FROM_VOCAB,
+               eod_id: int | str | None = vocab_lib.FROM_VOCAB,
+               max_chunks: int = 1_000_000):
     self.vocab, self.embedder = vocab, embedder
     self.chunk_size = chunk_length
-    self.pad_id, self.eod_id = pad_id, eod_id
+    self.pad_id, self.eod_id = _ids(vocab, pad_id, eod_id)
     self.max_chunks = max_chunks
     self.is_retrieval_db = True
     self._lock = threading.RLock()
@@ -167,18 +182,20 @@ class Retriever:
     store: a ``DocumentStore`` (searches itself) or a ``ChunkDB`` (then pass ``index``).
     index: a Faiss index over the store's chunk embeddings (for a ``ChunkDB``).
     num_neighbors: k.
-    pad_id, eod_id: ids dropped before detokenising a query chunk.
+    pad_id, eod_id: ids dropped before detokenising a query chunk (``pad_id`` also
+      fills missing neighbors); default the vocabulary's (``vocab_lib.special_ids``).
     search_fn: ``search_fn(index, queries, k) -> (scores, ids)``; default Faiss'
       ``index.search`` (pass one that sets nprobe / efSearch).
   """
 
   def __init__(self, embedder: Embedder, vocab: Vocabulary, store: Any, *,
-               index: Any = None, num_neighbors: int = 2, pad_id: int = 0,
-               eod_id: Optional[int] = 1, search_fn=None):
+               index: Any = None, num_neighbors: int = 2,
+               pad_id: int | str = vocab_lib.FROM_VOCAB,
+               eod_id: int | str | None = vocab_lib.FROM_VOCAB, search_fn=None):
     self.embedder, self.vocab, self.store = embedder, vocab, store
     self.index = index
     self.num_neighbors = num_neighbors
-    self.pad_id, self.eod_id = pad_id, eod_id
+    self.pad_id, self.eod_id = _ids(vocab, pad_id, eod_id)
     self.search_fn = search_fn
     if index is None and not hasattr(store, "search"):
       raise ValueError("Retriever: a ChunkDB store needs the Faiss index of its chunks")
@@ -226,7 +243,8 @@ class Retriever:
                   embedder: Optional[Embedder] = None, use_gpu="auto") -> "Retriever":
     """A retriever over a prepared retrieval directory (``RetrievalLayout``).
 
-    Reads ``retrieval.json`` for the embedder, k, pad/EOD ids and search parameters;
+    Reads ``retrieval.json`` for the embedder, k, pad/EOD ids (else the vocabulary's:
+    ``chunk_db.layout_ids``) and search parameters;
     opens the vocabulary, the memory-mapped retrieval DB and the Faiss index, checking
     the index against the embedder's dimension and the DB's chunk count.
 
@@ -241,6 +259,7 @@ class Retriever:
     from retro_jax.data.vocab import load_sentencepiece
     from retro_jax.retrieval import formats
     from retro_jax.retrieval import index as index_lib
+    from retro_jax.retrieval.chunk_db import layout_ids
     # pylint: enable=g-import-not-at-top
     layout = root if isinstance(root, RetrievalLayout) else RetrievalLayout(root)
     config = layout.read_config()
@@ -268,9 +287,9 @@ class Retriever:
         ef_search=ef_search if ef_search is not None else config.get("ef_search"),
         refine=refine, k_factor=config.get("k_factor") if refine is not None else None,
         use_gpu=use_gpu, path=layout.index_path)
+    ids = {k: v for k, v in layout_ids(layout).items() if v is not None}
     return cls(embedder, load_sentencepiece(layout.vocab_path), store, index=searcher,
-               num_neighbors=num_neighbors or int(config["num_neighbors"]),
-               pad_id=int(config.get("pad_id", 0)), eod_id=config.get("eod_id", 1))
+               num_neighbors=num_neighbors or int(config["num_neighbors"]), **ids)
 
 
 @gin.configurable
