@@ -5,17 +5,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# Test-only, installed --no-deps (see requirements-test.txt).
+MEGATRON_CORE=megatron-core==0.12.3
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.retro_jax_installed
-want=$(cat requirements.txt; [ "${1:-}" = "--test" ] && cat requirements-test.txt; echo "${1:-}")
+want=$(cat requirements.txt; [ "${1:-}" = "--test" ] && cat requirements-test.txt \
+  && echo "$MEGATRON_CORE"; echo "${1:-}")
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q -r requirements.txt -r requirements-test.txt
+  .venv/bin/python -m pip install -q --no-deps "$MEGATRON_CORE"
 else
   .venv/bin/python -m pip install -q -r requirements.txt
 fi

@@ -563,7 +563,8 @@ def convert_tensors(ranks: Sequence[Mapping[str, Any]], args: Any, *,
                            f"{tuple(merged.shape)} (merged); {'/'.join(path)} needs "
                            f"{tuple(expected[path].shape)} by args")
         produced.add(path)
-        yield path, np.ascontiguousarray(value)
+        yield path, value
+      del merged, leaves, value  # before the next tensor is merged
     missing = sorted(set(expected) - produced)
     if missing:
       raise ValueError(f"{files_where[0]}: no tensor for {['/'.join(p) for p in missing[:5]]}"
@@ -599,13 +600,26 @@ def _dtype_name(dtype: np.dtype) -> str:
       np.dtype(dtype).name, "float32")
 
 
+def _copy_in_blocks(target: np.ndarray, source: np.ndarray,
+                    block_bytes: int = 64 * 2 ** 20) -> None:
+  """``target[...] = source`` (casting) in row blocks: assigning a transposed view in
+  one go makes a temporary copy of the whole array."""
+  if target.ndim == 0:
+    target[...] = source
+    return
+  row = max(1, target.nbytes // max(1, target.shape[0]))
+  step = max(1, block_bytes // row)
+  for start in range(0, target.shape[0], step):
+    target[start:start + step] = source[start:start + step]
+
+
 def import_checkpoint(load_dir: str, model_dir: str, *, tokenizer_model: Optional[str] = None,
                       iteration: Optional[str] = None, **overrides) -> RetroConfig:
   """Converts a Megatron-LM checkpoint directory into a retro_jax model directory.
 
   Writes ``model_dir/checkpoints/0/{params, meta}`` (orbax; meta holds the RetroConfig),
   ``model_dir/model.gin`` and ``model_dir/vocab/spm.model`` (the tokenizer, when
-  given). Streams: each tensor's shards are merged, written to a temporary .npy under
+  given). Streams: each tensor's shards are merged, written to a temporary memory-mapped file under
   ``model_dir`` and dropped, then orbax writes from those memory maps. The parameters
   keep the checkpoint's dtype (bf16 stays bf16) unless ``param_dtype`` is given.
   """
@@ -640,18 +654,33 @@ def import_checkpoint(load_dir: str, model_dir: str, *, tokenizer_model: Optiona
   flat = {}
   target = np.dtype(config.params_dtype)
   count = len(_abstract_param_shapes(config, retro))
-  for i, (path, value) in enumerate(tqdm(tensors, total=count, unit="param",
-                                          desc=f"merging {len(paths)} shard(s)")):
-    out = os.path.join(scratch, f"{i:06d}.npy")
-    mm = np.lib.format.open_memmap(out, mode="w+", dtype=target, shape=value.shape)
-    mm[...] = value.astype(target)
+  # No tqdm(...) or enumerate(...) around the iterator: both keep the previous item (a
+  # view of the last merged tensor) alive while the next one is merged.
+  progress = tqdm(total=count, unit="param", desc=f"merging {len(paths)} shard(s)")
+  for path, value in tensors:
+    out = os.path.join(scratch, f"{len(flat):06d}.bin")  # raw: .npy cannot say bfloat16
+    mm = np.memmap(out, mode="w+", dtype=target, shape=value.shape)
+    _copy_in_blocks(mm, value)
     mm.flush()
+    shape = value.shape
     del mm, value
-    flat[path] = np.load(out, mmap_mode="r")
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=True, enable_async_checkpointing=False))
+    flat[path] = np.memmap(out, mode="r", dtype=target, shape=shape)
+    progress.update(1)
+  progress.close()
+  largest = max(v.nbytes for v in flat.values())
+  # orbax's default numpy handler deep-copies every array before writing (the whole
+  # model in memory); these arrays are read-only memory maps, so write from them.
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=True,
+                                                      enable_async_checkpointing=False),
+      item_handlers={"params": ocp.PyTreeCheckpointHandler(
+          type_handler_registry=registry, save_concurrent_gb=(largest + 2 ** 20) / 1e9),
+                     "meta": ocp.JsonCheckpointHandler()})
   manager.save(0, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(traverse_util.unflatten_dict(flat)),
+      params=ocp.args.PyTreeSave(traverse_util.unflatten_dict(flat),
+                                 ocdbt_target_data_file_size=128 * 2 ** 20),
       meta=ocp.args.JsonSave({"step": 0, "imported_from": os.path.abspath(iter_dir),
                               "format": "megatron", "retro": retro,
                               **ckpt_lib.config_meta(config)})))
