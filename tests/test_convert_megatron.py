@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import gin
 import jax
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import megatron.core  # noqa: F401  pylint: disable=unused-import
 
 from retro_jax.convert import megatron  # pylint: disable=g-import-not-at-top
 from retro_jax.convert import megatron_files as files  # pylint: disable=g-import-not-at-top
-from retro_jax.models import Retro  # pylint: disable=g-import-not-at-top
+from retro_jax.models import Retro, RetroConfig  # pylint: disable=g-import-not-at-top
 from retro_jax.models import cca as cca_lib  # pylint: disable=g-import-not-at-top
 from retro_jax.training import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
 from retro_jax.training import partitioning  # pylint: disable=g-import-not-at-top
@@ -274,8 +275,13 @@ def test_command_line(reference, tmp_path):
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "CCA layers (2, 4)" in result.stdout
-  assert os.path.isfile(os.path.join(model_dir, "model.gin"))
   config = ckpt_lib.stored_model_config(model_dir)
+  with open(os.path.join(model_dir, "model.gin")) as f:  # model.gin = the stored config
+    gin.parse_config(f.read())
+  try:
+    assert RetroConfig() == config
+  finally:
+    gin.clear_config()
   mesh = partitioning.make_mesh({"data": 1}, devices=jax.devices()[:1])
   params, _, _ = ckpt_lib.load_model_params(model_dir, config, mesh)
   assert max_diff(logits_of(config, params, ref), ref["logits"]) < TOLERANCE

@@ -362,18 +362,6 @@ def load_hf_dir(hf_dir: str) -> tuple[dict[str, np.ndarray], dict]:
   return state_dict, config
 
 
-def config_gin(config: RetroConfig) -> str:
-  """gin bindings of every ``RetroConfig`` field that differs from its default."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  default = RetroConfig()
-  lines = []
-  for field in dataclasses.fields(RetroConfig):
-    value = getattr(config, field.name)
-    if value != getattr(default, field.name):
-      lines.append(f"RetroConfig.{field.name} = {value!r}")
-  return "\n".join(lines) + "\n"
-
-
 def import_checkpoint(hf_dir: str, model_dir: str, **retro_overrides) -> RetroConfig:
   """Writes a local HF decoder as a GPT checkpoint that the recipes start from.
 
@@ -406,7 +394,7 @@ def import_checkpoint(hf_dir: str, model_dir: str, **retro_overrides) -> RetroCo
   manager.close()
   atomic_write_text(os.path.join(model_dir, "model.gin"),
                     f"# Imported from {os.path.abspath(hf_dir)} by retro_jax.convert.hf\n"
-                    + config_gin(config))
+                    + config.gin_bindings())
   tokenizer = os.path.join(hf_dir, "tokenizer.model")
   if os.path.isfile(tokenizer):
     os.makedirs(os.path.join(model_dir, "vocab"), exist_ok=True)

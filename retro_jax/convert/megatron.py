@@ -625,7 +625,6 @@ def import_checkpoint(load_dir: str, model_dir: str, *, tokenizer_model: Optiona
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from retro_jax.convert.hf import config_gin  # pylint: disable=g-import-not-at-top
   from retro_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
   from retro_jax.training import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
   from retro_jax.utils.io import atomic_write_text  # pylint: disable=g-import-not-at-top
@@ -690,7 +689,7 @@ def import_checkpoint(load_dir: str, model_dir: str, *, tokenizer_model: Optiona
   shutil.rmtree(scratch, ignore_errors=True)
   atomic_write_text(os.path.join(model_dir, "model.gin"),
                     f"# Imported from {os.path.abspath(iter_dir)} by "
-                    "retro_jax.convert.megatron\n" + config_gin(config))
+                    "retro_jax.convert.megatron\n" + config.gin_bindings())
   if tokenizer_model is not None:
     os.makedirs(os.path.join(model_dir, "vocab"), exist_ok=True)
     shutil.copyfile(tokenizer_model, os.path.join(model_dir, "vocab", "spm.model"))

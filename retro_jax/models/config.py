@@ -228,6 +228,13 @@ class RetroConfig:
   def replace(self, **changes) -> "RetroConfig":
     return dataclasses.replace(self, **changes)
 
+  def gin_bindings(self) -> str:
+    """gin bindings (``RetroConfig.field = value`` lines) of every field that differs
+    from the dataclass default: a model directory's ``model.gin``."""
+    lines = [f"RetroConfig.{f.name} = {getattr(self, f.name)!r}"
+             for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+    return "\n".join(lines) + "\n"
+
   # Validation ------------------------------------------------------------------
 
   def validate(self) -> None:
