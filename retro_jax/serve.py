@@ -14,8 +14,11 @@ completed during generation retrieves again. The answer lists, per retrieved chu
 the documents' chunks it read. A GPT checkpoint (no encoder/CCA) serves generation
 without retrieval (queries still work).
 
-Binding beyond loopback requires ``--token``; request sizes and generation lengths are
-bounded (``--max_request_bytes``, ``--max_new_tokens_limit``).
+Binding beyond loopback requires ``--token``; without one, requests must name the
+loopback (or the bound host) in ``Host``/``Origin`` (no DNS rebinding, no cross-site
+posts). Request sizes, generation lengths and the generation queue are bounded
+(``--max_request_bytes``, ``--max_new_tokens_limit``, ``--max_pending_generates``: 503
+with ``Retry-After`` beyond it).
 """
 
 from __future__ import annotations
@@ -112,6 +115,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("max_request_bytes", 1 << 20, "Largest request body.")
   flags.DEFINE_integer("max_new_tokens_limit", 256, "Largest max_new_tokens a request "
                        "may ask.")
+  flags.DEFINE_integer("max_pending_generates", 4, "Generate requests running or waiting "
+                       "at once; more get 503 with Retry-After.")
 
 
 def main(argv) -> None:
@@ -126,7 +131,8 @@ def main(argv) -> None:
   check_bind(f.host, f.token)
   service = build_service(f.checkpoint, f.vocab, embedder=f.embedder)
   app_ = create_app(service, token=f.token, max_request_bytes=f.max_request_bytes,
-                    max_new_tokens_limit=f.max_new_tokens_limit)
+                    max_new_tokens_limit=f.max_new_tokens_limit,
+                    max_pending_generates=f.max_pending_generates, host=f.host, port=f.port)
   logging.info("serving %s on http://%s:%d/", service.model_name, f.host, f.port)
   uvicorn.run(app_, host=f.host, port=f.port, log_level="info")
 
