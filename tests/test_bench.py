@@ -1,7 +1,11 @@
 """Benchmarks run end to end at a tiny size (figures are not asserted: no timed tests)."""
 
+import pytest
+
 from retro_jax.bench import model as model_bench
 from retro_jax.bench import train as train_bench
+
+pytestmark = pytest.mark.slow  # see pytest.ini
 
 
 def test_model_bench_runs_all_variants():

@@ -65,6 +65,7 @@ def _llama_family(cls_name, **kw):
   return _randomize(getattr(transformers, cls_name + "ForCausalLM")(config))
 
 
+@pytest.mark.slow
 def test_gpt2_parity():
   model = _gpt2(n_layer=3, n_embd=48, n_head=4, vocab_size=101)
   tokens = _tokens(101)
@@ -76,6 +77,7 @@ def test_gpt2_parity():
   assert np.abs(with_retrieval - _hf_logits(model, tokens)).max() > 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
 def test_llama_gqa_parity(tied):
   torch.manual_seed(0)
@@ -93,6 +95,7 @@ def test_llama_gqa_parity(tied):
 
 @pytest.mark.parametrize("attention_bias,mlp_bias", [(True, False), (True, True),
                                                      (False, True)])
+@pytest.mark.slow
 def test_llama_attention_and_mlp_bias_parity(attention_bias, mlp_bias):
   """attention_bias=True: biases on q, k, v AND o_proj; mlp_bias: on the SwiGLU MLP."""
   model = _llama_family("Llama", attention_bias=attention_bias, mlp_bias=mlp_bias)
@@ -160,6 +163,7 @@ def test_decoder_fields_may_not_be_overridden(family, field, value):
     from_hf(model, chunk_length=8, **{field: value})
 
 
+@pytest.mark.slow
 def test_allowed_overrides_keep_parity():
   model = _llama_family("Llama")
   retrieval = dict(num_neighbors=3, retrieved_length=12, cca_layers=(1, 2),
@@ -245,6 +249,7 @@ def test_unsupported_and_contradicting_inputs_are_named():
     from_hf((llama.state_dict(), dict(cfg, hidden_act="gelu")))
 
 
+@pytest.mark.slow
 def test_import_local_dir_as_gpt_checkpoint_for_the_recipes(tmp_path):
   """A saved HF Llama (safetensors, bf16 on disk) -> the command line -> a GPT
   checkpoint + model.gin that the training/eval loaders read back with HF logits."""

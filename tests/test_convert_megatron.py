@@ -29,6 +29,8 @@ from retro_jax.training import partitioning  # pylint: disable=g-import-not-at-t
 sys.path.insert(0, os.path.dirname(__file__))
 import megatron_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+pytestmark = pytest.mark.slow  # see pytest.ini
+
 REFERENCE = os.path.join(os.path.dirname(__file__), "megatron_reference.py")
 TOLERANCE = 1e-4
 

@@ -165,6 +165,7 @@ def _check_against_full_forward(config, lengths, new_tokens, retrieval):
   return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_kv_cache_decoding_equals_full_forward_with_live_retrieval(name):
   # m = 4: prompts of 1 and 3 tokens (shorter than m), a multiple of m, others; three
@@ -181,6 +182,7 @@ def test_kv_cache_decoding_equals_full_forward_without_retrieval(name):
   _check_against_full_forward(CONFIGS[name], [2, 9, 4], 10, False)
 
 
+@pytest.mark.slow
 def test_sliding_window_decoding_equals_full_forward_and_the_window_matters():
   """Mistral-style window: query i sees keys i - w < j <= i, in the full pass (one
   attention function, with or without attention dropout) and in cached decode steps."""
@@ -283,6 +285,7 @@ def test_all_examples_stopping_ends_the_loop_early():
 # Sampling ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_top_k_1_equals_greedy_and_seeds_reproduce():
   generator = _generator(CONFIGS["rope_mha"])
   prompts = _prompts([2, 9, 4], seed=1)

@@ -59,6 +59,7 @@ def test_parity_with_sentence_transformers(flax_embedder, reference):
   np.testing.assert_allclose(ours, reference, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_embedding_does_not_depend_on_the_batch(flax_embedder):
   together = flax_embedder.embed_texts(TEXTS)
   alone = np.concatenate([flax_embedder.embed_texts([t]) for t in TEXTS[:6]])
@@ -72,6 +73,7 @@ def test_embedding_does_not_depend_on_the_batch(flax_embedder):
   assert flax_embedder.embed_texts([]).shape == (0, 384)
 
 
+@pytest.mark.slow
 def test_sharded_over_devices_equals_one_device(flax_embedder):
   one = load_embedder(devices=jax.local_devices()[:1], buckets=BUCKETS)
   assert len(one.devices) == 1

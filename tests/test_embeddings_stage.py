@@ -102,6 +102,7 @@ def test_float32_output_and_more_shards_than_needed(setup, tmp_path):
   np.testing.assert_allclose(vectors.get(0, len(vectors)), direct, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_killed_and_failed_runs_resume_byte_identical(setup, uninterrupted, tmp_path):
   layout, vocab, embedder = setup
   out = tmp_path / "resumed"

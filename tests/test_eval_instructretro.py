@@ -248,6 +248,7 @@ def _write_model_dir(root, spm):
   return config
 
 
+@pytest.mark.slow
 def test_eval_qa_instructretro_gin_end_to_end(tmp_path, spm_path, monkeypatch):
   import retro_jax.eval as eval_lib  # pylint: disable=g-import-not-at-top
   model_dir, out = str(tmp_path / "ir_tiny"), str(tmp_path / "eval")

@@ -35,6 +35,7 @@ def _db_and_queries(vectors):
   return vectors[~held_out], vectors[held_out]
 
 
+@pytest.mark.slow
 def test_default_ivf_index_recall_against_exact_search(real, tmp_path):
   db, queries = _db_and_queries(real[0])
   # The tier the default rule picks for a mid-size DB (10k..1M), forced at this N.
@@ -59,6 +60,7 @@ def test_default_ivf_index_recall_against_exact_search(real, tmp_path):
     ("Flat", False),
     ("PCA32,IVF16_HNSW32,PQ8x4", False),        # pre-transform + HNSW quantizer + PQ
 ])
+@pytest.mark.slow
 def test_sharded_build_equals_one_shot_add(real, tmp_path, factory, on_disk):
   db, queries = _db_and_queries(real[0])
   one = index.build_index(db, str(tmp_path / "one"), factory=factory, progress=False)
@@ -78,6 +80,7 @@ def test_sharded_build_equals_one_shot_add(real, tmp_path, factory, on_disk):
   assert got[1].min() >= 0 and got[1].max() < len(db)
 
 
+@pytest.mark.slow
 def test_killed_shard_resumes_to_the_same_index(real, tmp_path, monkeypatch):
   db, queries = _db_and_queries(real[0])
   factory = "IVF32,SQ8"
@@ -138,6 +141,7 @@ def test_too_few_training_vectors_is_a_clear_error(tmp_path):
   assert built.factory == "Flat"
 
 
+@pytest.mark.slow
 def test_open_time_validation_names_the_file(real, tmp_path):
   db = real[0][:500]
   built = index.build_index(db, str(tmp_path / "ok"), factory="IVF8,Flat", on_disk=True,
@@ -162,6 +166,7 @@ def test_open_time_validation_names_the_file(real, tmp_path):
     index.load_index(path)
 
 
+@pytest.mark.slow
 def test_embeddings_directory_source_and_command_line(real, tmp_path):
   """The index reads the embedding stage's sharded .npy files (and a .npy file) by path;
   the command line and gin bindings reach build_index."""
@@ -212,6 +217,7 @@ def test_embeddings_directory_source_and_command_line(real, tmp_path):
                                 index.load_index(from_array.index_path)(queries, 5)[1])
 
 
+@pytest.mark.slow
 def test_fast_scan_tier_reranks_with_the_stored_vectors(real, tmp_path):
   """The 1M..10M tier (fast-scan PQ + exact re-ranking from the embeddings), forced here."""
   db, queries = _db_and_queries(real[0])

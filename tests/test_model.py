@@ -73,6 +73,7 @@ def test_query_chunk_layout_roundtrip():
   np.testing.assert_array_equal(back[0, :, 0], expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [16, 18])  # a multiple of m, and a trailing partial chunk
 def test_causality_tokens_and_neighbors(n):
   """Position i never depends on tokens > i nor on neighbors that are not causal for i;
@@ -100,6 +101,7 @@ def test_causality_tokens_and_neighbors(n):
     assert np.abs(out[0, first:] - base[0, first:]).max(axis=-1).min() > 0
 
 
+@pytest.mark.slow
 def test_causality_gradient_wrt_neighbor_embeddings():
   """d logits[i] / d (embedded neighbors of chunk j) is exactly zero when j is not causal
   for i, and nonzero for i's own causal chunk."""
@@ -136,6 +138,7 @@ def test_causality_gradient_wrt_neighbor_embeddings():
 # Gating ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_retrieval_off_equals_gpt_decoder_exactly():
   config = small_config()
   tokens, neighbors = _inputs(2, 18)
@@ -151,6 +154,7 @@ def test_retrieval_off_equals_gpt_decoder_exactly():
   assert np.abs(on - gpt).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_per_example_and_per_chunk_masks():
   config = small_config()
   tokens, neighbors = _inputs(2, 16)
@@ -247,6 +251,7 @@ def test_megatron_golden_cca_parameter_count():
     dict(norm_zero_centered_gamma=True, rotary_fraction=0.5, encoder_hidden_size=16,
          encoder_num_heads=2, encoder_position_embedding="rope", remat_policy="full"),
 ])
+@pytest.mark.slow
 def test_architecture_options_run_and_gate(overrides):
   config = small_config(**overrides)
   tokens, neighbors = _inputs(2, 16)
@@ -258,6 +263,7 @@ def test_architecture_options_run_and_gate(overrides):
   assert np.abs(on - gpt).max() > 1e-5
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params():
   config = small_config(dtype="bfloat16")
   params = _params(config)
@@ -269,6 +275,7 @@ def test_bfloat16_compute_keeps_float32_params():
   assert np.abs(out - ref).max() < 0.1
 
 
+@pytest.mark.slow
 def test_remat_matches_no_remat_gradients():
   tokens, neighbors = _inputs(2, 16)
   grads = []
@@ -284,6 +291,7 @@ def test_remat_matches_no_remat_gradients():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dropout_is_active_only_when_not_deterministic():
   config = small_config(dropout_rate=0.5, encoder_dropout_rate=0.5)
   tokens, neighbors = _inputs(1, 16)
@@ -301,6 +309,7 @@ def test_dropout_is_active_only_when_not_deterministic():
 # Sharding -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sharded_mesh_matches_single_device():
   assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
   config = small_config(num_kv_heads=2, mlp_gated=True, mlp_activation="silu",

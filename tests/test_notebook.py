@@ -13,6 +13,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.slow  # see pytest.ini
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 kernelspec = pytest.importorskip("ipykernel.kernelspec")

@@ -29,6 +29,7 @@ def checkpoints(tmp_path_factory):
   return {"Retro": retro, "GPT baseline": gpt}, root
 
 
+@pytest.mark.slow
 def test_three_modes_on_identical_tokens(checkpoints):
   paths, root = checkpoints
   held_out = SyntheticRetroSource(64, 32, 8, chunk_length=8, seed=123)
@@ -43,6 +44,7 @@ def test_three_modes_on_identical_tokens(checkpoints):
   assert "| Retro | retrieval |" in table and load_results(str(root)) == rows
 
 
+@pytest.mark.slow
 def test_token_classes_share_the_forward_pass_and_partition_the_tokens(checkpoints):
   """token_class_table: its rows are perplexity_table's, and per row the class scores
   recombine to the whole (token-weighted losses of disjoint classes)."""

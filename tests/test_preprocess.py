@@ -81,6 +81,7 @@ def _files(layout):
   return out
 
 
+@pytest.mark.slow
 def test_every_output_opens_with_its_reader(uninterrupted):
   from retro_jax.retrieval.embeddings import Embeddings
   layout = uninterrupted
@@ -114,6 +115,7 @@ def test_every_output_opens_with_its_reader(uninterrupted):
   assert searcher.ntotal == db.num_chunks
 
 
+@pytest.mark.slow
 def test_same_document_exclusion_and_exact_neighbors(uninterrupted, embedder):
   from retro_jax.retrieval.embedders import ChunkEmbedder
   from retro_jax.retrieval.embeddings import Embeddings
@@ -147,6 +149,7 @@ def test_same_document_exclusion_and_exact_neighbors(uninterrupted, embedder):
     np.testing.assert_allclose(valid_scores[q, valid[q]], best, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_killed_midway_and_rerun_equals_uninterrupted(corpus, uninterrupted, tmp_path):
   out = tmp_path / "killed"
   process = subprocess.Popen(_command(corpus, out), stdout=subprocess.DEVNULL,
@@ -184,6 +187,7 @@ def test_killed_midway_and_rerun_equals_uninterrupted(corpus, uninterrupted, tmp
   assert config == uninterrupted.read_config()
 
 
+@pytest.mark.slow
 def test_sharded_run_equals_one_process(corpus, uninterrupted, embedder, tmp_path):
   from retro_jax.preprocess import preprocess
   kwargs = dict(splits={"valid": str(corpus / "heldout.jsonl")}, text_key="body",
@@ -210,6 +214,7 @@ def test_sharded_run_equals_one_process(corpus, uninterrupted, embedder, tmp_pat
     assert got[name] == _files(uninterrupted)[name]
 
 
+@pytest.mark.slow
 def test_retriever_from_layout_returns_the_db_rows(uninterrupted, embedder):
   from retro_jax.retrieval.embedders import ChunkEmbedder
   from retro_jax.retrieval.retriever import Retriever

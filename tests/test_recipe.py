@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # see pytest.ini
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALLEST = ["--scale=0.1", "--gin.GPT_STEPS=4", "--gin.FIT_STEPS=4", "--gin.SFT_STEPS=4",
             "--gin.EVAL_EVERY=0", "--gin.sample_questions.max_questions=20",

@@ -148,6 +148,7 @@ def test_a_size_file_after_a_recipe_gives_exactly_that_size():
   assert RetroConfig() == alone
 
 
+@pytest.mark.slow
 def test_retrofit_and_gptfit_read_identical_tokens(layout):
   batches = {}
   for recipe in ("retrofit.gin", "gptfit.gin"):
@@ -170,6 +171,7 @@ def _params(model_dir):
   return traverse_util.flatten_dict(jax.device_get(params)), has_retro
 
 
+@pytest.mark.slow
 def test_recipes_run_end_to_end(layout, tmp_path):
   gpt, retro, gptfit = (str(tmp_path / n) for n in ("gpt", "retro", "gptfit"))
   sft, sft_gpt = str(tmp_path / "sft"), str(tmp_path / "sft_gpt")

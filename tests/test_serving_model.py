@@ -35,6 +35,7 @@ def model_files(tmp_path_factory):
   return str(root / "model"), vocab_path
 
 
+@pytest.mark.slow
 def test_add_document_generate_and_read_retrievals(model_files):
   checkpoint, vocab_path = model_files
   service = serve.build_service(checkpoint, vocab_path, embedder=BagOfWordsEmbedder(),
@@ -66,6 +67,7 @@ def test_add_document_generate_and_read_retrievals(model_files):
     assert call(url + "/api/generate", {"prompt": "x", "max_new_tokens": 33})[0] == 422
 
 
+@pytest.mark.slow
 def test_generate_entry_point_with_passages(model_files, tmp_path):
   checkpoint, vocab_path = model_files
   prompts_file = tmp_path / "prompts.jsonl"

@@ -263,6 +263,7 @@ def _swap_tokens(params, a, b):
   return jax.tree_util.tree_map_with_path(swap, params)
 
 
+@pytest.mark.slow
 def test_generation_stops_at_the_vocabulary_eos(models):
   assert CONFIG.tie_embeddings
   megatron = spm.SentencePieceProcessor(model_file=models["megatron"])

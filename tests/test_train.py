@@ -21,6 +21,8 @@ from retro_jax.training import partitioning
 from retro_jax.training.optimizers import OptimizerConfig
 from retro_jax.training.trainer import Trainer, read_metrics
 
+pytestmark = pytest.mark.slow  # see pytest.ini
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = RetroConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64,
                      chunk_length=8, encoder_dropout_rate=0.0,
@@ -199,6 +201,7 @@ from retro_jax.data.synthetic import SyntheticRetroSource
 from retro_jax.models import RetroConfig
 from retro_jax.training.optimizers import OptimizerConfig
 from retro_jax.training.trainer import Trainer
+
 config = RetroConfig(**{json.dumps({k: getattr(CONFIG, k) for k in (
     "vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "chunk_length",
     "encoder_dropout_rate", "encoder_position_embedding")})})
