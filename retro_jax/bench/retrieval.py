@@ -18,6 +18,12 @@ Sections (``--sections``, comma-separated):
   MiniLM embeddings alone (queries: held-out real chunks).
 * ``db_rss``: peak RSS of ``build_chunk_db`` at two corpus sizes, each in a fresh
   subprocess (``resource.getrusage``): bounded, independent of the DB size.
+* ``db_open``: time to open a retmmap chunk DB of ``--db_open_chunks`` chunks with and
+  without the open-time index validation (``ChunkDB(check_index=...)``), for
+  documents of 10 chunks and of 1 chunk (the worst case: one document per chunk).
+  The index arrays are synthetic (written directly, as the writer would) and the
+  ``.bin`` is a sparse file, so no tokens are generated; the arrays are read from
+  the page cache (warm: the best of 3 opens).
 
 Vectors. Real vectors are MiniLM embeddings (the Flax embedder) of real English prose:
 ``prose_documents()`` = the Python documentation topics (``pydoc_data.topics``) and
@@ -382,11 +388,61 @@ def db_rss_section(doc_counts: Sequence[int] = (5_000, 50_000), *,
   return rows
 
 
+def _write_synthetic_index(prefix: str, num_docs: int, chunks_per_doc: int, *,
+                           chunk_size: int = 64, retrieval_db: bool = True) -> None:
+  """A valid retmmap pair of ``num_docs`` documents of ``chunks_per_doc`` chunks each:
+  the four index arrays as the writer computes them, and a sparse ``.bin``."""
+  import struct  # pylint: disable=g-import-not-at-top
+  from retro_jax.retrieval import formats  # pylint: disable=g-import-not-at-top
+  item = 2                                                        # uint16 tokens
+  sizes = np.full(num_docs, chunks_per_doc * chunk_size, np.int32)
+  spans = (sizes.astype(np.int64) + (chunk_size if retrieval_db else 0)) * item
+  pointers = np.cumsum(spans) - spans
+  counts = np.full(num_docs, chunks_per_doc, np.int64)
+  starts = np.cumsum(counts) - counts
+  addresses = formats.chunk_addresses(pointers, counts, chunk_size * item)
+  header = struct.pack("<9sLLBQQQB", formats.RETMMAP_MAGIC, formats.FORMAT_VERSION,
+                       chunk_size, 8, num_docs, chunk_size, addresses.size,
+                       int(retrieval_db))
+  with open(prefix + ".idx", "wb") as f:
+    for part in (header, sizes, pointers, starts, addresses):
+      f.write(part if isinstance(part, bytes) else part.astype(part.dtype.newbyteorder(
+          "<")).tobytes())
+  with open(prefix + ".bin", "wb") as f:
+    f.truncate(int(spans.sum()))
+
+
+def db_open_section(num_chunks: int = 10_000_000, chunks_per_doc: Sequence[int] = (10, 1),
+                    *, workdir: Optional[str] = None, repeats: int = 3) -> list[dict]:
+  """Seconds to open a chunk DB with and without the index validation (best of 3)."""
+  from retro_jax.retrieval import formats  # pylint: disable=g-import-not-at-top
+  if workdir is None:
+    with tempfile.TemporaryDirectory(prefix="bench_db_open_") as tmp:
+      return db_open_section(num_chunks, chunks_per_doc, workdir=tmp, repeats=repeats)
+  rows = []
+  for per_doc in chunks_per_doc:
+    prefix = os.path.join(workdir, f"db_{per_doc}")
+    _write_synthetic_index(prefix, num_chunks // per_doc, per_doc)
+    row = {"chunks": num_chunks // per_doc * per_doc, "documents": num_chunks // per_doc,
+           "idx_mib": os.path.getsize(prefix + ".idx") / 2**20}
+    for check in (False, True):
+      best = float("inf")
+      for _ in range(repeats):
+        began = time.perf_counter()
+        formats.ChunkDB(prefix, check_index=check).close()
+        best = min(best, time.perf_counter() - began)
+      row["checked_seconds" if check else "unchecked_seconds"] = best
+    rows.append(row)
+    for suffix in (".idx", ".bin"):
+      os.remove(prefix + suffix)
+  return rows
+
+
 # ----------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------
 
-SECTIONS = ("embedding", "index", "real_recall", "db_rss")
+SECTIONS = ("embedding", "index", "real_recall", "db_rss", "db_open")
 
 
 def _default_cache_dir() -> str:
@@ -400,7 +456,8 @@ def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
         ef_search: Optional[int] = None, k_factor: Optional[int] = None,
         train_size: Optional[int] = None, embedding_texts: int = 1024,
         db_docs: Sequence[int] = (5_000, 50_000), cache_dir: Optional[str] = None,
-        seed: int = 0, progress: bool = True, print_fn=print) -> dict:
+        seed: int = 0, progress: bool = True, db_open_chunks: int = 10_000_000,
+        print_fn=print) -> dict:
   """Runs the sections; prints markdown tables; returns the figures."""
   import faiss  # pylint: disable=g-import-not-at-top
   unknown = sorted(set(sections) - set(SECTIONS))
@@ -418,6 +475,15 @@ def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
     for r in rows:
       print_fn(f"| {r['documents']:,} | {r['corpus_mib']:.1f} | {r['chunks']:,} | "
                f"{r['db_mib']:.1f} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} |")
+  if "db_open" in sections:
+    rows = db_open_section(db_open_chunks)
+    results["db_open"] = rows
+    print_fn("\nopening a retmmap chunk DB (synthetic index arrays, page cache warm; "
+             "best of 3)\n| chunks | documents | .idx MiB | open, header + ends s | "
+             "open, full index check s |\n|---|---|---|---|---|")
+    for r in rows:
+      print_fn(f"| {r['chunks']:,} | {r['documents']:,} | {r['idx_mib']:.0f} | "
+               f"{r['unchecked_seconds']:.4f} | {r['checked_seconds']:.3f} |")
   if "embedding" in sections:
     from retro_jax.bench.embedding import run_embedding_bench  # pylint: disable=g-import-not-at-top
     texts, _ = prose_chunk_texts(prose_documents())
@@ -496,7 +562,8 @@ def main(argv):
       factory=f.factory, nprobe=f.nprobe, ef_search=f.ef_search, k_factor=f.k_factor,
       train_size=f.train_size,
       embedding_texts=f.embedding_texts, db_docs=[int(x) for x in f.db_docs.split(",")],
-      cache_dir=f.cache_dir, seed=f.seed, progress=f.progress)
+      cache_dir=f.cache_dir, seed=f.seed, progress=f.progress,
+      db_open_chunks=f.db_open_chunks)
 
 
 if __name__ == "__main__":
@@ -518,5 +585,6 @@ if __name__ == "__main__":
   _flags.DEFINE_string("cache_dir", None, "Cache of the real embeddings (default "
                        "~/.cache/retro_jax/bench).")
   _flags.DEFINE_integer("seed", 0, "Generator and index seed.")
+  _flags.DEFINE_integer("db_open_chunks", 10_000_000, "Chunks of the db_open DB.")
   _flags.DEFINE_bool("progress", True, "Progress bars.")
   app.run(main)

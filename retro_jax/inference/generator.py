@@ -417,6 +417,15 @@ class Generator:
     # 2. One token per step.
     step = self._jit("step", retrieval, sampling)
     positions = lengths.copy()  # position of each example's next input token
+    # The jitted step cannot check its traced positions against the caches (a
+    # position >= cache_length would be dropped from the cache: wrong logits), so the
+    # known lengths are checked here, once: the last step feeds position
+    # length + max_new_tokens - 2.
+    last = int(lengths.max()) + max_new_tokens - 2
+    if max_new_tokens > 1 and last >= cache_length:
+      raise ValueError(f"generate: decoding would reach position {last}, outside the "
+                       f"cache of {cache_length} positions (prompt lengths "
+                       f"{int(lengths.max())} + max_new_tokens={max_new_tokens})")
     for i in range(1, max_new_tokens):
       boundary = None
       at_boundary = cca.completes_chunk(positions, m) if retrieval else np.zeros(batch, bool)

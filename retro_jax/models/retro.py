@@ -215,11 +215,40 @@ class Retro(nn.Module):
       neighbor_mask: bool [S, k].
     Returns:
       logits [batch, 1, vocab].
+    Raises:
+      ValueError: a position outside ``[0, cache_length)`` (the caches' length from
+        prefill), when ``positions`` are concrete (an eager call). Under ``jit`` the
+        positions are traced and cannot be checked on the host: the logits of such
+        rows are NaN instead of silently wrong (their key/value would be dropped),
+        and the caller checks first, as ``retro_jax.inference.Generator`` does.
     """
+    cache_length = self._cache_length()
+    if cache_length is not None:
+      try:
+        host = np.asarray(positions)
+      except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        host = None
+      if host is not None and host.size and (host.min() < 0 or
+                                             host.max() >= cache_length):
+        bad = int(host.max()) if host.max() >= cache_length else int(host.min())
+        raise ValueError(f"decode_step: position {bad} is outside the decoding cache "
+                         f"[0, {cache_length}) that prefill allocated (cache_length="
+                         f"{cache_length}); prefill with a longer cache_length")
     decode = decoding.DecodeInputs(decoding.STEP, retrieval=retrieval, rows=rows,
                                    neighbor_tokens=neighbor_tokens,
                                    neighbor_mask=neighbor_mask)
-    return self(tokens, positions=positions, decode=decode)
+    logits = self(tokens, positions=positions, decode=decode)
+    if cache_length is not None:   # traced positions: out of range -> NaN, not garbage
+      outside = (positions < 0) | (positions >= cache_length)      # [batch, 1]
+      logits = jnp.where(outside[..., None], jnp.nan, logits)
+    return logits
+
+  def _cache_length(self) -> Optional[int]:
+    """Positions the self-attention caches hold (static: an array shape), or None."""
+    if not self.has_variable("cache", "layers_0"):
+      return None
+    key = self.variables["cache"]["layers_0"].get("cached_key")
+    return None if key is None else int(key.shape[1])
 
 
 def dummy_inputs(config: RetroConfig, batch: int = 1, num_chunks: int = 2

@@ -5,7 +5,14 @@ are readable by NeMo's ``MMapRetrievalIndexedDataset`` / ``KNNIndex``
 (nemo/collections/nlp/data/language_modeling/megatron/indexed_retrieval_dataset.py)
 and files NeMo wrote are readable here. Every reader validates on open (magic,
 version, dtype, flags, and both file sizes against the header counts) and raises a
-``ValueError`` that names the file and the field, never returning garbage.
+``ValueError`` that names the file and the field, never returning garbage. A chunk
+DB's open also checks its four index arrays against each other and against the
+``.bin`` length (``ChunkDB._check_index``: vectorised numpy over the memory-mapped
+arrays in blocks, about 0.1 s per 10M chunks; ``check_index=False`` skips it), and
+every gather is bounds-checked, so a corrupt interior entry is an error naming the
+file and field rather than wrong tokens. A KNN map's open checks its shape against
+the file size; its ids are checked against a DB by ``validate_against`` and, row by
+row, on every read (ids below -1).
 
 Chunk DB ("retmmap"), a pair ``<prefix>.idx`` + ``<prefix>.bin``. ``.idx``, all
 little-endian, no alignment padding (header: 43 bytes)::
@@ -62,6 +69,7 @@ Where we differ from NeMo (readers accept everything NeMo writes):
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import os
@@ -114,7 +122,14 @@ def chunk_db_paths(prefix: str | os.PathLike) -> tuple[str, str]:
 
 
 def chunk_db_exists(prefix: str | os.PathLike) -> bool:
-  return all(os.path.exists(p) for p in chunk_db_paths(prefix))
+  """Whether a chunk DB was written at ``prefix``: its ``.idx`` exists.
+
+  The writer renames the ``.idx`` into place last, so its presence marks a complete
+  pair; a ``.bin`` missing beside it is damage, which opening (``ChunkDB``) reports
+  naming the missing ``.bin`` (rather than a caller reporting "no DB" about an
+  ``.idx`` that exists).
+  """
+  return os.path.exists(chunk_db_paths(prefix)[0])
 
 
 def pad_document(tokens, chunk_size: int, pad_id: int, *, retrieval_db: bool,
@@ -240,6 +255,17 @@ def _check_ids(ids: np.ndarray, upper: int, what: str, allow_missing: bool) -> N
     raise ValueError(f"{what} contains {bad}, outside [0, {upper})")
 
 
+def _where_true(mask: np.ndarray) -> Optional[int]:
+  """The first index where ``mask`` holds, or None (fast when none does)."""
+  return int(np.argmax(mask)) if mask.any() else None
+
+
+def _remainder(values: np.ndarray, divisor: int) -> np.ndarray:
+  if divisor & (divisor - 1) == 0:                  # a power of two: a mask is cheaper
+    return values & (divisor - 1)
+  return values % divisor
+
+
 class ChunkDB:
   """A memory-mapped retmmap chunk DB (read-only).
 
@@ -254,11 +280,15 @@ class ChunkDB:
     tokens: ``[total tokens]`` the ``.bin`` file as a memmap of ``dtype``.
 
   Chunk ids run over the whole DB, documents in order. Token arrays are returned as
-  int32. ``verify()`` runs a full O(N) consistency check beyond the O(1) checks done
-  on open. Instances pickle by path (they reopen the files).
+  int32. Opening validates the header, both file sizes and (``check_index=True``,
+  the default) every entry of the four index arrays (``_check_index``: vectorised,
+  streamed in blocks; ~0.1 s per 10M chunks from the page cache). Gathers are
+  bounds-checked either way. ``verify()`` is an independent, slower full check.
+  Instances pickle by path (they reopen the files).
   """
 
-  def __init__(self, prefix: str | os.PathLike):
+  def __init__(self, prefix: str | os.PathLike, *, check_index: bool = True):
+    self.check_index = check_index
     self.idx_path, self.bin_path = chunk_db_paths(prefix)
     self.prefix = self.idx_path[:-4]
     self.header = header = read_chunk_db_header(self.idx_path)
@@ -278,6 +308,8 @@ class ChunkDB:
     else:
       self.tokens = np.zeros(0, header.dtype)
     self._check_ends()
+    if check_index:
+      self._check_index()
 
   # -- validation ------------------------------------------------------------------
 
@@ -293,6 +325,9 @@ class ChunkDB:
         self.dtype.itemsize)
 
   def _check_bin(self) -> None:
+    if self.num_docs and (self.sizes[-1] < 0 or self.pointers[-1] < 0):
+      raise _error(self.idx_path, "sizes/pointers", f"the last document has size "
+                   f"{int(self.sizes[-1])} at byte {int(self.pointers[-1])} (negative)")
     if not os.path.exists(self.bin_path):
       raise FileNotFoundError(f"{self.bin_path}: chunk DB tokens not found (the "
                               f"index {self.idx_path} exists)")
@@ -320,6 +355,97 @@ class ChunkDB:
       if self.chunk_address[0] != 0 or end > self._expected_bin_bytes():
         raise _error(self.idx_path, "chunk_address", "chunk addresses fall outside "
                      f"{self.bin_path}")
+
+  def _check_index(self, block: int = 1 << 16) -> None:
+    """Every entry of the four index arrays, vectorised over blocks of ``block``.
+
+    Documents (in blocks): sizes are non-negative multiples of m; pointers are the
+    running sum of the documents' byte spans (``(size + tail) * itemsize``, tail = m
+    for a retrieval DB's pad chunk) and stay inside ``.bin``; chunk_id_start is the
+    running sum of the chunk counts (``chunks_per_doc``; the pad chunk holds no
+    chunk id) and stays within num_chunks; each document's first chunk address is
+    its pointer. Chunks (in blocks): consecutive addresses inside a document differ
+    by ``stride * itemsize``. Together with the ends (``_check_ends``) and the
+    ``.bin`` size this pins every chunk address to its document. Memory: O(block).
+
+    Raises:
+      ValueError naming the index file, the field and the first bad document/chunk.
+    """
+    n, c, m = self.num_docs, self.num_chunks, self.chunk_size
+    item = self.dtype.itemsize
+    stride_bytes = self.stride * item
+    tail = self._tail_tokens
+    bin_bytes = os.path.getsize(self.bin_path)
+    byte, chunk = 0, 0
+    for lo in range(0, n, block):
+      hi = min(lo + block, n)
+      sizes = self.sizes[lo:hi].astype(np.int64)
+      bad = _where_true((sizes < 0) | (_remainder(sizes, m) != 0))
+      if bad is not None:
+        raise _error(self.idx_path, "sizes", f"document {lo + bad} has "
+                     f"{sizes[bad]} tokens, not a non-negative multiple of "
+                     f"chunk_size {m}")
+      spans = (sizes + tail) * item
+      ends = byte + np.cumsum(spans)
+      if ends[-1] > bin_bytes:
+        d = int(np.argmax(ends > bin_bytes))
+        raise _error(self.idx_path, "sizes", f"document {lo + d} ({sizes[d]} tokens) "
+                     f"ends at byte {ends[d]}, past the end of {self.bin_path} "
+                     f"({bin_bytes} bytes)")
+      starts = ends - spans
+      pointers = self.pointers[lo:hi].astype(np.int64)   # aligned copies: the arrays
+      bad = _where_true(pointers != starts)            # sit at odd offsets
+      if bad is not None:
+        raise _error(self.idx_path, "pointers", f"document {lo + bad}: found "
+                     f"{pointers[bad]}, expected {starts[bad]} (the running sum "
+                     "of the document sizes)")
+      counts = chunks_per_doc(sizes, m, self.stride)
+      chunk_ends = chunk + np.cumsum(counts)
+      if chunk_ends[-1] > c:
+        d = int(np.argmax(chunk_ends > c))
+        raise _error(self.idx_path, "sizes", f"document {lo + d} ends at chunk "
+                     f"{chunk_ends[d]}, past num_chunks={c}")
+      first = chunk_ends - counts
+      got = self.chunk_id_start[lo:hi].astype(np.int64)
+      bad = _where_true(got != first)
+      if bad is not None:
+        raise _error(self.idx_path, "chunk_id_start", f"document {lo + bad}: found "
+                     f"{got[bad]}, expected {first[bad]} (the running sum of the "
+                     "chunk counts)")
+      nonempty = np.flatnonzero(counts)
+      if chunk_ends[-1] - chunk <= 4 * block:     # gather from an aligned copy (fast)
+        got = self.chunk_address[chunk:chunk_ends[-1]].astype(np.int64)[
+            first[nonempty] - chunk]
+      else:                                        # long documents: few gathers
+        got = self.chunk_address[first[nonempty]]
+      bad = _where_true(got != starts[nonempty])
+      if bad is not None:
+        d = nonempty[bad]
+        raise _error(self.idx_path, "chunk_address", f"chunk {first[d]} (the first of "
+                     f"document {lo + d}): found {got[bad]}, expected the document's "
+                     f"pointer {starts[d]}")
+      byte, chunk = int(ends[-1]), int(chunk_ends[-1])
+    if byte != bin_bytes or chunk != c:
+      raise _error(self.idx_path, "sizes", f"the documents hold {chunk} chunks and "
+                   f"{byte} bytes; the header says num_chunks={c} and "
+                   f"{self.bin_path} has {bin_bytes} bytes")
+    for lo in range(0, c, block):
+      hi = min(lo + block + 1, c)        # one chunk of overlap: differences across blocks
+      address = self.chunk_address[lo:hi].astype(np.int64)
+      ok = np.diff(address) == stride_bytes          # [j]: chunk lo + j + 1
+      # Chunks that start a document (checked against its pointer above) may jump.
+      # (bisect: O(log n) scalar reads; np.searchsorted would copy the unaligned array)
+      d_lo = bisect.bisect_left(self.chunk_id_start, lo + 1)
+      d_hi = bisect.bisect_right(self.chunk_id_start, hi - 1)
+      doc_starts = self.chunk_id_start[d_lo:d_hi].astype(np.int64) - lo - 1
+      ok[doc_starts] = True
+      bad = _where_true(~ok)
+      if bad is not None:
+        j = lo + bad + 1
+        raise _error(self.idx_path, "chunk_address", f"chunk {j}: found "
+                     f"{int(self.chunk_address[j])}, expected "
+                     f"{int(self.chunk_address[j - 1]) + stride_bytes} (the previous "
+                     f"chunk's address + stride {self.stride} x {item} bytes)")
 
   def verify(self, block_docs: int = _BLOCK) -> None:
     """Full check: every size, pointer, chunk start and chunk address (O(N), streamed).
@@ -418,12 +544,20 @@ class ChunkDB:
     """
     length = self._chunk_length(with_continuation)
     ids = np.asarray(chunk_ids)
-    _check_ids(ids, self.num_chunks, "chunk_ids", missing_value is not None)
+    _check_ids(ids, self.num_chunks, f"{self.idx_path}: chunk_ids",
+               missing_value is not None)
     flat = ids.reshape(-1)
     out = np.empty((flat.size, length), np.int32)
     present = flat >= 0
     if np.any(present):
-      starts = self.chunk_address[flat[present]] // self.dtype.itemsize
+      address = self.chunk_address[flat[present]]
+      starts = address // self.dtype.itemsize
+      bad = np.flatnonzero((address < 0) | (address % self.dtype.itemsize != 0) |
+                           (starts > self.tokens.size - length))
+      if bad.size:
+        raise _error(self.idx_path, "chunk_address", f"chunk {flat[present][bad[0]]} "
+                     f"at byte {address[bad[0]]}: its {length} tokens fall outside "
+                     f"{self.bin_path} ({self.tokens.size} tokens) or off the token grid")
       out[present] = self.tokens[starts[:, None] + np.arange(length)]
     if missing_value is not None:
       out[~present] = missing_value
@@ -444,7 +578,7 @@ class ChunkDB:
   def doc_of_chunk(self, chunk_ids) -> np.ndarray:
     """Document index of each chunk id: ``[...]`` -> ``[...]`` int64."""
     ids = np.asarray(chunk_ids)
-    _check_ids(ids, self.num_chunks, "chunk_ids", allow_missing=False)
+    _check_ids(ids, self.num_chunks, f"{self.idx_path}: chunk_ids", allow_missing=False)
     return np.searchsorted(self.chunk_id_start, ids, side="right").astype(np.int64) - 1
 
   # -- documents -------------------------------------------------------------------
@@ -456,14 +590,23 @@ class ChunkDB:
     start = int(self.chunk_id_start[doc_id])
     count = int(chunks_per_doc(self.sizes[doc_id:doc_id + 1], self.chunk_size,
                                self.stride)[0])
+    if start < 0 or start + count > self.num_chunks:
+      raise _error(self.idx_path, "chunk_id_start/sizes", f"document {doc_id} covers "
+                   f"chunks [{start}, {start + count}), outside [0, {self.num_chunks})")
     return start, start + count
 
   def get_document(self, doc_id: int) -> np.ndarray:
     """``[sizes[doc_id]]`` int32 tokens of a document, including its padding to m."""
     if not 0 <= doc_id < self.num_docs:
       raise IndexError(f"document {doc_id} outside [0, {self.num_docs})")
-    start = int(self.pointers[doc_id]) // self.dtype.itemsize
-    return np.asarray(self.tokens[start:start + int(self.sizes[doc_id])], np.int32)
+    pointer, size = int(self.pointers[doc_id]), int(self.sizes[doc_id])
+    start = pointer // self.dtype.itemsize
+    end = start + size + self._tail_tokens
+    if pointer < 0 or size < 0 or pointer % self.dtype.itemsize or end > self.tokens.size:
+      raise _error(self.idx_path, "pointers/sizes", f"document {doc_id}: {size} tokens "
+                   f"at byte {pointer} fall outside {self.bin_path} "
+                   f"({self.tokens.size} tokens)")
+    return np.asarray(self.tokens[start:start + size], np.int32)
 
   # -- lifetime --------------------------------------------------------------------
 
@@ -479,7 +622,11 @@ class ChunkDB:
     self.close()
 
   def __reduce__(self):
-    return (ChunkDB, (self.prefix,))
+    return (_open_chunk_db, (self.prefix, self.check_index))
+
+
+def _open_chunk_db(prefix: str, check_index: bool) -> ChunkDB:
+  return ChunkDB(prefix, check_index=check_index)
 
 
 # ----------------------------------------------------------------------------------
@@ -785,7 +932,11 @@ class NeighborMap:
     if ids.size and (ids.min() < self.chunk_start_id or ids.max() >= self.chunk_end_id):
       raise IndexError(f"{self.path}: query chunk ids {ids.min()}..{ids.max()} "
                        f"outside [{self.chunk_start_id}, {self.chunk_end_id})")
-    return np.asarray(self.neighbors[ids - self.chunk_start_id])
+    rows = np.asarray(self.neighbors[ids - self.chunk_start_id])
+    if rows.size and rows.min() < -1:
+      raise _error(self.path, "neighbors", f"id {int(rows.min())} (below -1, the "
+                   "missing marker) in the rows read: corrupt map")
+    return rows
 
   def validate_against(self, db: ChunkDB, *, query_db: Optional[ChunkDB] = None,
                        block_rows: int = _BLOCK) -> None:
