@@ -338,6 +338,7 @@ def test_missing_bin_names_the_missing_file(tmp_path):
                                      with_neighbors=False)
 
 
+@pytest.mark.slow
 def test_decode_step_past_the_cache_raises():
   import jax  # pylint: disable=g-import-not-at-top
   from retro_jax.models import Retro, RetroConfig, init_params  # pylint: disable=g-import-not-at-top

@@ -263,7 +263,9 @@ def test_verify_finds_inconsistent_arrays(tmp_path):
   header = formats.ChunkDBHeader.SIZE
   # The second document's pointer (sizes are 3 x int32, pointers follow).
   _patch(prefix + ".idx", header + 12 + 8, struct.pack("<q", 2))
-  db = formats.ChunkDB(prefix)                # O(1) checks pass: first/last entries
+  with pytest.raises(ValueError, match=r"db\.idx: pointers: document 1"):
+    formats.ChunkDB(prefix)                   # open validates every index entry
+  db = formats.ChunkDB(prefix, check_index=False)   # the scan skipped: verify() finds it
   with pytest.raises(ValueError, match=r"db\.idx: pointers: document 1"):
     db.verify()
 
