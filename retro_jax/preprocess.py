@@ -172,9 +172,10 @@ def _vocab_stage(layout: RetrievalLayout, inputs: Inputs, corpus_options: dict, 
         shutil.copyfile(vocab, tmp)
       return StageReport("vocab", time.time() - began, False, f"copied {vocab}")
     corpus = corpus_lib.open_corpus(inputs, **corpus_options)
-    settings = {"stage": "vocab", "input": corpus.describe(), "vocab_size": vocab_size,
-                "seed": seed, "hard_vocab_limit": False}
-    manifest = Manifest(layout.vocab_dir, settings)
+    settings = {"stage": "vocab", "input": chunk_db_lib.corpus_identity(corpus),
+                "vocab_size": vocab_size, "seed": seed, "hard_vocab_limit": False}
+    # A changed corpus retrains the vocabulary (and so, by its fingerprint, the rest).
+    manifest = Manifest(layout.vocab_dir, settings, input_keys=("input",))
     if manifest.is_done("spm"):
       return StageReport("vocab", time.time() - began, True, manifest.info("spm")["detail"])
     path = vocab_lib.train_sentencepiece(
@@ -450,7 +451,10 @@ def _load_embedder(embedder: Any) -> Any:
 
 def _embedder_name(embedder_obj: Any, given: Any) -> str:
   if isinstance(given, (str, os.PathLike)):
-    return os.fspath(given)
+    given = os.fspath(given)
+    # A local model is the same however its path is spelled (its weights are in the
+    # embedder_fingerprint); a hub name stays as given.
+    return os.path.abspath(given) if os.path.exists(given) else given
   return str(getattr(embedder_obj, "name", type(embedder_obj).__name__))
 
 

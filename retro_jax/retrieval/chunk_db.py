@@ -53,7 +53,7 @@ from tqdm import tqdm
 from retro_jax.data import corpus as corpus_lib
 from retro_jax.data import vocab as vocab_lib
 from retro_jax.retrieval import formats
-from retro_jax.utils.io import Manifest, atomic_path
+from retro_jax.utils.io import Manifest, atomic_path, file_fingerprint
 
 MERGED_NAME = "chunks"
 MERGED_UNIT = "merged"
@@ -151,6 +151,22 @@ class BuildResult:
   merged_prefix: Optional[str] = None
 
 
+# Settings that identify the inputs by content (utils.io.Manifest: a change re-runs).
+INPUT_KEYS = ("input", "vocab_sha256")
+
+
+def corpus_identity(corpus: corpus_lib.Corpus) -> Any:
+  """The corpus as manifests record it: its format and the content fingerprint of each
+  file in order (``utils.io.file_fingerprint``), never its paths, so an input edited in
+  place is a new input and one spelled as a relative or an absolute path is the same;
+  a corpus without files (TFDS) is its description."""
+  paths = getattr(corpus, "paths", None)
+  if paths is None:
+    return corpus.describe()
+  return {"format": corpus.describe().split(":", 1)[0],
+          "files": [file_fingerprint(p) for p in paths]}
+
+
 @gin.configurable
 def build_chunk_db(input: str | Sequence[str],  # pylint: disable=redefined-builtin
                    vocab: Any, output_dir: str, *, retrieval_db: bool,
@@ -203,13 +219,13 @@ def build_chunk_db(input: str | Sequence[str],  # pylint: disable=redefined-buil
                                   tfds_data_dir=tfds_data_dir)
   dtype = formats.token_dtype(tokenizer.vocab_size)
   settings = {
-      "stage": STAGE, "input": corpus.describe(), "vocab_sha256": tokenizer.fingerprint,
+      "stage": STAGE, "input": corpus_identity(corpus), "vocab_sha256": tokenizer.fingerprint,
       "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
       "retrieval_db": bool(retrieval_db), "chunk_size": chunk_size,
       "num_shards": num_shards, "sharding": sharding, "append_eod": append_eod,
       "pad_id": pad_id, "eod_id": eod_id if append_eod else None,
   }
-  manifest = Manifest(output_dir, settings)
+  manifest = Manifest(output_dir, settings, INPUT_KEYS)
   name = shard_name(shard_id, num_shards)
   prefix = os.path.join(output_dir, name)
   if manifest.is_done(name):
@@ -223,10 +239,11 @@ def build_chunk_db(input: str | Sequence[str],  # pylint: disable=redefined-buil
                         num_shards=num_shards, sharding=sharding,
                         batch_size=batch_size, progress=progress)
     # Re-read the manifest so that shards finishing meanwhile are kept.
-    Manifest(output_dir, settings).mark_done(name, [name + ".idx", name + ".bin"], info)
+    Manifest(output_dir, settings, INPUT_KEYS).mark_done(
+        name, [name + ".idx", name + ".bin"], info)
     result = BuildResult(prefix, info, skipped=False)
   if merge:
-    missing = _missing_shards(Manifest(output_dir, settings), num_shards)
+    missing = _missing_shards(Manifest(output_dir, settings, INPUT_KEYS), num_shards)
     if missing:
       logging.info("%d of %d shards still to build; merge later", len(missing),
                    num_shards)

@@ -15,7 +15,8 @@ is ``RetrievalLayout(root).embeddings_dir``. Outputs::
 
 The settings the vectors depend on are recorded in the manifest (DB identity and size,
 vocabulary fingerprint, pad/EOD ids, embedder name and weights fingerprint, dtype,
-number of shards); a re-run with other settings in the same directory is refused. A
+number of shards); a re-run with other settings in the same directory is refused, but
+a changed DB or vocabulary (their content fingerprints) re-embeds every shard. A
 shard is written block by block into a temporary memory-mapped .npy and renamed into
 place when complete, so memory stays bounded by one block and a killed run leaves no
 file that looks finished; a re-run skips finished shards and redoes the rest from
@@ -58,6 +59,11 @@ from retro_jax.utils.io import Manifest, atomic_path
 STAGE = "embeddings"
 DTYPES = ("float16", "float32")
 _FINGERPRINT_BYTES = 1 << 20
+
+
+# Settings that identify the inputs by content (utils.io.Manifest: a changed DB or
+# vocabulary re-embeds instead of being refused).
+INPUT_KEYS = ("db", "vocab_sha256")
 
 
 def shard_name(shard_id: int, num_shards: int) -> str:
@@ -154,7 +160,7 @@ def build_embeddings(db_prefix: str, vocab_path: Any, output_dir: str, *,
       "embedder": embedder_name, "embedder_fingerprint": embedder_fingerprint,
       "dim": int(embedder.dim), "dtype": dtype, "num_shards": int(num_shards),
   }
-  manifest = Manifest(output_dir, settings)
+  manifest = Manifest(output_dir, settings, INPUT_KEYS)
   name = shard_name(shard_id, num_shards)
   path = os.path.join(output_dir, name)
   start, end = shard_chunk_range(db.num_chunks, shard_id, num_shards)
@@ -167,12 +173,12 @@ def build_embeddings(db_prefix: str, vocab_path: Any, output_dir: str, *,
                                  eod_id=eod_id)
     seconds = _write_shard(db, embed_chunks, path, start, end, int(embedder.dim), dtype,
                            block_size, progress, f"embeddings {shard_id}/{num_shards}")
-    Manifest(output_dir, settings).mark_done(
+    Manifest(output_dir, settings, INPUT_KEYS).mark_done(
         name, [name], {"start": start, "end": end, "seconds": round(seconds, 3)})
     logging.info("embeddings: shard %d/%d, chunks [%d, %d) in %.1fs (%.1f chunks/s)",
                  shard_id, num_shards, start, end, seconds,
                  (end - start) / max(seconds, 1e-9))
-  fresh = Manifest(output_dir, settings)
+  fresh = Manifest(output_dir, settings, INPUT_KEYS)
   complete = all(fresh.is_done(shard_name(s, num_shards)) for s in range(num_shards))
   return EmbeddingsResult(path, start, end, skipped=skipped, complete=complete)
 

@@ -98,9 +98,12 @@ import numpy as np
 import tqdm
 
 from retro_jax.data.corpus import shard_range
-from retro_jax.utils.io import Manifest, atomic_path
+from retro_jax.utils.io import Manifest, atomic_path, file_fingerprint
 
 STAGE = "index"
+# Settings that identify the input vectors (utils.io.Manifest): other embeddings
+# rebuild the index (train, add, merge) instead of being refused.
+INPUT_KEYS = ("embeddings", "num_vectors", "dim")
 INDEX_NAME = "index.faissindex"       # == RetrievalLayout.index_path's name
 IVFDATA_NAME = "index.ivfdata"
 TRAINED_NAME = "trained.faissindex"
@@ -282,15 +285,17 @@ class VectorSource:
 
 
 def _describe(source: Any, num_vectors: int, dim: int) -> str:
-  """An identity of the vectors for manifests (their build's settings when known)."""
-  where = getattr(source, "output_dir", None) or getattr(source, "filename", None)
+  """An identity of the vectors for manifests: their build's settings when known (they
+  hold the DB's content fingerprint), else the file's content fingerprint; never a
+  path, so a moved output directory keeps its index (``utils.io`` on inputs)."""
   settings = getattr(source, "settings", None)
+  where = getattr(source, "filename", None)
   text = f"{type(source).__name__}[{num_vectors}x{dim}]"
-  if where:
-    text += f" {os.path.abspath(where)}"
   if settings:
     text += " " + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()
                                  ).hexdigest()[:16]
+  elif where and os.path.isfile(where):
+    text += " " + file_fingerprint(where)
   return text
 
 
@@ -548,7 +553,7 @@ def build_index(embeddings: Any, output_dir: str, *, factory: Optional[str] = No
   os.makedirs(output_dir, exist_ok=True)
 
   with _locked(output_dir, "train"):
-    manifest = Manifest(output_dir, settings)
+    manifest = Manifest(output_dir, settings, INPUT_KEYS)
     if not manifest.is_done(TRAINED_UNIT):
       _remove_stale_temporaries(output_dir, TRAINED_NAME)
       began = time.time()
@@ -559,7 +564,7 @@ def build_index(embeddings: Any, output_dir: str, *, factory: Optional[str] = No
       write_index(trained, os.path.join(output_dir, TRAINED_NAME))
       manifest.mark_done(TRAINED_UNIT, [TRAINED_NAME],
                          {"seconds": time.time() - began, "train_size": train_size})
-  manifest = Manifest(output_dir, settings)
+  manifest = Manifest(output_dir, settings, INPUT_KEYS)
   skipped = manifest.is_done(name)
   if skipped:
     info = manifest.info(name)
@@ -576,7 +581,7 @@ def build_index(embeddings: Any, output_dir: str, *, factory: Optional[str] = No
     seconds = time.time() - began
     info = {"start": start, "stop": stop, "seconds": seconds,
             "vectors_per_second": (stop - start) / max(seconds, 1e-9)}
-    Manifest(output_dir, settings).mark_done(name, [name], info)
+    Manifest(output_dir, settings, INPUT_KEYS).mark_done(name, [name], info)
     logging.info("index: shard %d/%d added vectors [%d, %d) in %.1fs (%.0f vectors/s)",
                  shard_id, num_shards, start, stop, seconds, info["vectors_per_second"])
   merged = None
@@ -595,7 +600,7 @@ def _load_manifest(output_dir: str) -> Manifest:
     settings = json.load(f).get("settings", {})
   if settings.get("stage") != STAGE:
     raise ValueError(f"{path}: not an index build (stage {settings.get('stage')!r})")
-  return Manifest(output_dir, settings)
+  return Manifest(output_dir, settings, INPUT_KEYS)
 
 
 @gin.configurable

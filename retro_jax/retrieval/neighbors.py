@@ -43,6 +43,10 @@ import tqdm
 from retro_jax.retrieval import formats
 from retro_jax.utils.io import Manifest
 
+# Settings that identify the inputs by content (utils.io.Manifest): changed DBs redo
+# the map instead of being refused.
+INPUT_KEYS = ("query_db", "retrieval_db", "query_chunks", "db_chunks")
+
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 MERGED_NAME = "neighbors.knn"
@@ -152,10 +156,13 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
     if rows < query_db.num_chunks:
       raise ValueError(f"query_embeddings: {rows} rows for the {query_db.num_chunks} "
                        f"chunks of {query_db.idx_path}")
+  # The DBs by content (never by path): changed DBs redo the map, a moved one keeps it.
+  from retro_jax.retrieval.embeddings import db_fingerprint  # pylint: disable=g-import-not-at-top
   manifest = Manifest(output_dir, dict(
       settings or {}, k=k, extra=extra, exclude_same_document=exclude_same_document,
       num_shards=num_shards, query_chunks=query_db.num_chunks,
-      db_chunks=retrieval_db.num_chunks))
+      db_chunks=retrieval_db.num_chunks, query_db=db_fingerprint(query_db),
+      retrieval_db=db_fingerprint(retrieval_db)), INPUT_KEYS)
   name = shard_name(shard_id, num_shards)
   if not manifest.is_done(name):
     start, end = shard_chunk_range(query_db.num_chunks, shard_id, num_shards)
@@ -184,7 +191,7 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
 def merge_shards(output_dir: str, num_shards: int, manifest: Manifest) -> Optional[str]:
   """Merges finished shard maps into ``neighbors.knn`` (None if some are missing)."""
   names = [shard_name(i, num_shards) for i in range(num_shards)]
-  fresh = Manifest(output_dir, manifest.settings)
+  fresh = Manifest(output_dir, manifest.settings, INPUT_KEYS)
   if not all(fresh.is_done(n) for n in names):
     return None
   merged = os.path.join(output_dir, MERGED_NAME)

@@ -9,16 +9,66 @@ file that looks complete, and a re-run can tell which shards are finished.
 * ``Manifest``: a small JSON file ``<dir>/manifest.json`` recording finished shards and
   the settings they were produced with; ``is_done`` is true only when the recorded
   settings match and every listed output still exists.
+* ``file_fingerprint(path)``: the content identity of an input file, so that manifests
+  key inputs by what they hold, not by how their path is spelled (see below).
+
+Inputs in manifests
+-------------------
+A manifest never stores the path of an input or of the output directory: a stage puts
+``file_fingerprint`` of each input file (or an upstream stage's identity) under the
+settings keys it names ``input_keys``. The rule of ``file_fingerprint``:
+
+* a file of at most ``FULL_HASH_BYTES`` (8 MiB): its size and the SHA-256 of all its
+  bytes (``"full:<size>:<sha256>"``); any edit is noticed, a copy or a ``touch`` is not
+  a change;
+* a larger file: its size, ``st_mtime_ns`` and the SHA-256 of its first and last MiB
+  (``"sampled:<size>:<mtime_ns>:<sha256>"``), O(1) in the file size; an in-place edit
+  changes the mtime (or the size / the sampled bytes), so it is noticed; a copy that
+  does not keep the mtime (``cp`` without ``-p``) reads as changed and re-runs.
+
+So the same input spelled as an absolute or a relative path, or an output directory
+moved elsewhere, has the same settings; an input edited in place does not.
+
+``Manifest(directory, settings, input_keys=...)`` compares the recorded settings with
+the new ones: equal -> finished units are kept; a difference in an ``input_keys`` entry
+(the input changed) -> the manifest starts afresh (every unit re-runs, and settings
+that follow from the input, such as sizes, may differ too); a difference in other
+settings only -> ``ValueError`` naming both (outputs of other settings are never
+silently replaced). A stage whose outputs changed changes the identity the next stage
+records as its input, so a change propagates down the chain of stages and only there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
 from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from absl import logging
+
+
+FULL_HASH_BYTES = 8 << 20
+SAMPLE_BYTES = 1 << 20
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+  """The content identity of an input file (rule in the module docstring)."""
+  path = os.fspath(path)
+  st = os.stat(path)
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    if st.st_size <= FULL_HASH_BYTES:
+      for block in iter(lambda: f.read(SAMPLE_BYTES), b""):
+        digest.update(block)
+      return f"full:{st.st_size}:{digest.hexdigest()}"
+    digest.update(f.read(SAMPLE_BYTES))
+    f.seek(st.st_size - SAMPLE_BYTES)
+    digest.update(f.read(SAMPLE_BYTES))
+  return f"sampled:{st.st_size}:{st.st_mtime_ns}:{digest.hexdigest()}"
 
 
 @contextlib.contextmanager
@@ -70,15 +120,22 @@ class Manifest:
       {"settings": {...}, "done": {"<unit>": {"outputs": [...], "info": {...}}}}
 
   ``settings`` are the parameters the outputs depend on; opening a manifest with
-  different settings raises, naming both, instead of mixing incompatible outputs.
+  different settings raises, naming both, instead of mixing incompatible outputs,
+  unless a key in ``input_keys`` (an input's content identity) differs: then the
+  inputs changed and the manifest starts afresh (``self.inputs_changed``), so every
+  unit is redone. Paths in ``outputs`` are relative to the directory, so a moved
+  directory keeps its manifest.
   """
 
   FILENAME = "manifest.json"
 
-  def __init__(self, directory: str | os.PathLike, settings: Mapping[str, Any]):
+  def __init__(self, directory: str | os.PathLike, settings: Mapping[str, Any],
+               input_keys: Sequence[str] = ()):
     self.directory = os.fspath(directory)
     self.path = os.path.join(self.directory, self.FILENAME)
     self.settings = json.loads(json.dumps(dict(settings), sort_keys=True))
+    self.input_keys = tuple(input_keys)
+    self.inputs_changed: list[str] = []
     self._done: dict[str, dict[str, Any]] = {}
     if os.path.exists(self.path):
       with open(self.path, encoding="utf-8") as f:
@@ -86,7 +143,16 @@ class Manifest:
           data = json.load(f)
         except json.JSONDecodeError as e:
           raise ValueError(f"{self.path}: corrupt manifest ({e})") from e
-      if data.get("settings") != self.settings:
+      old = data.get("settings")
+      changed = [k for k in self.input_keys
+                 if not isinstance(old, dict) or old.get(k) != self.settings.get(k)]
+      if old != self.settings and changed:
+        # The inputs changed: what was done was done for other inputs; redo it all.
+        self.inputs_changed = changed
+        logging.warning("%s: inputs changed (%s); redoing the outputs in %s", self.path,
+                        ", ".join(changed), self.directory)
+        return
+      if old != self.settings:
         raise ValueError(
             f"{self.path}: outputs in {self.directory} were made with settings "
             f"{data.get('settings')}, not {self.settings}; use a fresh directory "
@@ -115,7 +181,11 @@ class Manifest:
       fcntl.flock(fd, fcntl.LOCK_EX)
       if os.path.exists(self.path):
         with open(self.path, encoding="utf-8") as f:
-          self._done.update(json.load(f).get("done", {}))
+          data = json.load(f)
+        # Units another process finished meanwhile, if for these settings (entries
+        # made for older inputs are dropped).
+        if data.get("settings") == self.settings:
+          self._done.update(data.get("done", {}))
       self._done[unit] = {"outputs": list(outputs), "info": dict(info or {})}
       atomic_write_json(self.path, {"settings": self.settings, "done": self._done})
     finally:
