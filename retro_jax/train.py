@@ -16,8 +16,9 @@ receives). The run:
    run's losses; metrics every ``log_every`` steps to the log, ``metrics.jsonl`` and
    TensorBoard; eval every ``eval_every`` steps; checkpoints every ``checkpoint_every``
    steps and at the end (async, keep the last ``keep_checkpoints``);
-4. stops with a clear error on a non-finite loss or gradient, keeping the last good
-   checkpoint.
+4. stops with a clear error on a non-finite loss, gradient or parameter norm, naming the
+   last good checkpoint: a checkpoint is saved only when its params and opt_state are
+   finite (every value and the global norm), so the one named always resumes.
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
         step=jax.device_put(jax.numpy.asarray(start, jax.numpy.int32),
                             trainer.state_shardings.step),
         params=params, opt_state=opt_state)
+    problem = ckpt_lib.state_problem(params, opt_state)
+    if problem is not None:  # Written before saves were checked: it would diverge.
+      earlier = [s for s in checkpointer.all_steps() if s < start]
+      raise FloatingPointError(
+          f"cannot resume from {checkpointer.directory}/{start}: {problem}. Remove that "
+          f"step directory to resume from an earlier one ({earlier or 'none left'})")
     logging.info("resumed from %s at step %d (%s)", checkpointer.directory, start, meta)
   else:
     start = 0
@@ -133,8 +140,11 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   def finish_step(step: int, device_metrics: dict) -> None:
     nonlocal last
     metrics = {key: float(v) for key, v in jax.device_get(device_metrics).items()}
+    # param_norm is the norm after the update: an overflow here (e.g. a huge learning
+    # rate) stops before the diverged params can be saved as a "good" checkpoint.
     trainer_lib.check_finite(step, {"loss": trainer_lib.per_step_loss(metrics),
-                                    "grad_norm": metrics["grad_norm"]}, last_checkpoint)
+                                    "grad_norm": metrics["grad_norm"],
+                                    "param_norm": metrics["param_norm"]}, last_checkpoint)
     interval.append(metrics)
     timer.tick()
     if step_callback is not None:
@@ -158,6 +168,11 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
       if done % checkpoint_every == 0 or done == train_steps:
         finish_step(*pending)
         pending = None
+        problem = ckpt_lib.state_problem(state.params, state.opt_state)
+        if problem is not None:
+          raise FloatingPointError(
+              f"non-finite state after step {done}: {problem}; stopping without saving "
+              f"it. {trainer_lib.last_good_checkpoint_text(last_checkpoint)}")
         checkpointer.save(done, state.params, state.opt_state,
                           {"step": done, "time": time.time(),
                            **ckpt_lib.config_meta(model_config)})

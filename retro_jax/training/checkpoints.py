@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 from absl import logging
 import jax
+import jax.numpy as jnp
+import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
@@ -50,6 +52,12 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, params: Any, opt_state: Any, meta: dict) -> None:
+    """Saves a step; refuses (``FloatingPointError``) params/opt_state that are not
+    finite (a non-finite leaf or an overflowing global norm): such a checkpoint could
+    never be resumed, and keeping it would evict a good one (keep-last-N)."""
+    problem = state_problem(params, opt_state)
+    if problem is not None:
+      raise FloatingPointError(f"not saving checkpoint step {step}: {problem}")
     self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave(meta)), force=True)
@@ -57,11 +65,43 @@ class Checkpointer:
   def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any
               ) -> tuple[Any, Any, dict]:
     """Restores into the shardings of the abstract trees (ShapeDtypeStruct + sharding)."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params),
-        opt_state=ocp.args.StandardRestore(abstract_opt_state),
-        meta=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_params),
+          opt_state=ocp.args.StandardRestore(abstract_opt_state),
+          meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:
+      raise self._mismatch_error(step, abstract_params, abstract_opt_state, e) from e
     return restored["params"], restored["opt_state"], dict(restored["meta"])
+
+  def _mismatch_error(self, step: int, abstract_params: Any, abstract_opt_state: Any,
+                      error: Exception) -> ValueError:
+    """A readable error for a checkpoint whose trees differ from the current run's."""
+    where = os.path.join(self.directory, str(step))
+    model_dir = os.path.dirname(self.directory)
+    for item, current in (("opt_state", abstract_opt_state), ("params", abstract_params)):
+      try:
+        metadata = ocp.StandardCheckpointer().metadata(os.path.join(where, item))
+        saved = _leaf_paths(getattr(metadata, "item_metadata", metadata))
+      except Exception:  # pylint: disable=broad-except
+        continue
+      diff = _describe_difference(saved, _leaf_paths(current))
+      if diff is None:
+        continue
+      if item == "opt_state":
+        return ValueError(
+            f"checkpoint {where}: its opt_state tree does not match the one the current "
+            f"OptimizerConfig builds ({diff}). The optimizer config changed since it was "
+            "saved (e.g. grad_clip_norm on/off, trainable, a different optimizer chain), "
+            "so the run cannot resume with this optimizer state. Either restore the old "
+            "OptimizerConfig, or start from its params only, with a fresh optimizer, in a "
+            f"new MODEL_DIR: --gin.INIT_CHECKPOINT={model_dir} "
+            "--gin.train.init_mode='params' --gin.MODEL_DIR=<new dir>")
+      return ValueError(
+          f"checkpoint {where}: its params tree does not match the current model config "
+          f"({diff}); resume with the model config it was trained with")
+    return ValueError(f"checkpoint {where} cannot be restored into the current run's "
+                      f"params/opt_state: {error}")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -69,6 +109,55 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+  """'/'-joined leaf paths, the same for a live optax state (namedtuples, tuples) and
+  orbax's metadata of it (dicts, lists)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return sorted("/".join(_key_name(k) for k in path) for path, _ in leaves)
+
+
+def _describe_difference(saved: list[str], current: list[str], limit: int = 3
+                         ) -> Optional[str]:
+  if saved == current:
+    return None
+  only_saved = [p for p in saved if p not in set(current)][:limit]
+  only_current = [p for p in current if p not in set(saved)][:limit]
+  return (f"saved: {len(saved)} leaves, current: {len(current)} leaves; first paths only "
+          f"in the checkpoint: {only_saved or 'none'}; first paths only in the current "
+          f"run: {only_current or 'none'}")
+
+
+@jax.jit
+def _finite_summary(tree: Any) -> tuple[jax.Array, jax.Array]:
+  leaves = [x for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.asarray(True), jnp.asarray(0.0, jnp.float32)
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+  return finite, optax.global_norm(leaves)
+
+
+def state_problem(params: Any, opt_state: Any) -> Optional[str]:
+  """None if params and opt_state are finite (every leaf, and a finite float32 global
+  norm of each tree), else what is wrong. A tree whose leaves are ~1e30 is finite
+  element-wise but its global norm overflows and the next step diverges: not good."""
+  problems = []
+  for name, tree in (("params", params), ("opt_state", opt_state)):
+    finite, norm = jax.device_get(_finite_summary(tree))
+    if not bool(finite):
+      problems.append(f"{name} have non-finite values")
+    elif not bool(jnp.isfinite(norm)):
+      problems.append(f"{name} global norm is {float(norm)}")
+  return "; ".join(problems) if problems else None
 
 
 def _resolve_checkpoint(path: str) -> tuple[str, int]:

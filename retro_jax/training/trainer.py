@@ -397,12 +397,22 @@ class StepTimer:
     return out
 
 
+def last_good_checkpoint_text(last_checkpoint: Optional[int]) -> str:
+  if last_checkpoint is None:
+    return ("There is no good checkpoint to resume from (none was saved with finite "
+            "params and opt_state); restart with a fixed config")
+  return (f"The last good checkpoint is step {last_checkpoint} (its params and opt_state "
+          "are finite; no checkpoint was written after it)")
+
+
 def check_finite(step: int, metrics: dict[str, float], last_checkpoint: Optional[int]) -> None:
-  for key in ("loss", "grad_norm"):
-    if not math.isfinite(metrics[key]):
+  """Raises ``FloatingPointError`` on the first non-finite value of ``metrics`` (loss,
+  grad_norm, param_norm...), naming the last checkpoint that resumes."""
+  for key, value in metrics.items():
+    if not math.isfinite(value):
       raise FloatingPointError(
-          f"non-finite {key}={metrics[key]} at step {step}; stopping. The last good "
-          f"checkpoint is step {last_checkpoint} (no checkpoint was written after it)")
+          f"non-finite {key}={value} at step {step}; stopping. "
+          f"{last_good_checkpoint_text(last_checkpoint)}")
 
 
 def summarize_train_metrics(sums: Iterable[dict]) -> dict[str, float]:
