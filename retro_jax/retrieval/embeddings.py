@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import os
 import time
@@ -58,7 +57,6 @@ from retro_jax.utils.io import Manifest, atomic_path
 
 STAGE = "embeddings"
 DTYPES = ("float16", "float32")
-_FINGERPRINT_BYTES = 1 << 20
 
 
 # Settings that identify the inputs by content (utils.io.Manifest: a changed DB or
@@ -68,21 +66,6 @@ INPUT_KEYS = ("db", "vocab_sha256")
 
 def shard_name(shard_id: int, num_shards: int) -> str:
   return f"shard_{shard_id:05d}_of_{num_shards:05d}.npy"
-
-
-def db_fingerprint(db: formats.ChunkDB) -> str:
-  """A cheap identity of a chunk DB: the header, the first and last MiB of its index
-  (sizes, pointers, chunk addresses) and both file sizes; O(1) in the DB size."""
-  digest = hashlib.sha256()
-  for path in (db.idx_path, db.bin_path):
-    size = os.path.getsize(path)
-    digest.update(f"{os.path.basename(path)}:{size}".encode())
-    with open(path, "rb") as f:
-      digest.update(f.read(_FINGERPRINT_BYTES))
-      if size > _FINGERPRINT_BYTES:
-        f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
-        digest.update(f.read())
-  return digest.hexdigest()
 
 
 def _remove_stale_temporaries(output_dir: str, name: str) -> None:
@@ -155,7 +138,7 @@ def build_embeddings(db_prefix: str, vocab_path: Any, output_dir: str, *,
   settings = {
       "stage": STAGE,
       "db": {"num_docs": db.num_docs, "num_chunks": db.num_chunks,
-             "chunk_size": db.chunk_size, "fingerprint": db_fingerprint(db)},
+             "chunk_size": db.chunk_size, "fingerprint": formats.db_fingerprint(db)},
       "vocab_sha256": tokenizer.fingerprint, "pad_id": int(pad_id), "eod_id": int(eod_id),
       "embedder": embedder_name, "embedder_fingerprint": embedder_fingerprint,
       "dim": int(embedder.dim), "dtype": dtype, "num_shards": int(num_shards),

@@ -72,6 +72,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import hashlib
 import os
 import shutil
 import struct
@@ -130,6 +131,25 @@ def chunk_db_exists(prefix: str | os.PathLike) -> bool:
   ``.idx`` that exists).
   """
   return os.path.exists(chunk_db_paths(prefix)[0])
+
+
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def db_fingerprint(db: "ChunkDB") -> str:
+  """A cheap identity of a chunk DB's content (manifests key their inputs by it): the
+  file names and sizes, the first and last MiB of the index (header, sizes, pointers,
+  chunk addresses) and of the tokens; O(1) in the DB size and independent of its path."""
+  digest = hashlib.sha256()
+  for path in (db.idx_path, db.bin_path):
+    size = os.path.getsize(path)
+    digest.update(f"{os.path.basename(path)}:{size}".encode())
+    with open(path, "rb") as f:
+      digest.update(f.read(_FINGERPRINT_BYTES))
+      if size > _FINGERPRINT_BYTES:
+        f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
+        digest.update(f.read())
+  return digest.hexdigest()
 
 
 def pad_document(tokens, chunk_size: int, pad_id: int, *, retrieval_db: bool,

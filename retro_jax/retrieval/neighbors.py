@@ -157,12 +157,11 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
       raise ValueError(f"query_embeddings: {rows} rows for the {query_db.num_chunks} "
                        f"chunks of {query_db.idx_path}")
   # The DBs by content (never by path): changed DBs redo the map, a moved one keeps it.
-  from retro_jax.retrieval.embeddings import db_fingerprint  # pylint: disable=g-import-not-at-top
   manifest = Manifest(output_dir, dict(
       settings or {}, k=k, extra=extra, exclude_same_document=exclude_same_document,
       num_shards=num_shards, query_chunks=query_db.num_chunks,
-      db_chunks=retrieval_db.num_chunks, query_db=db_fingerprint(query_db),
-      retrieval_db=db_fingerprint(retrieval_db)), INPUT_KEYS)
+      db_chunks=retrieval_db.num_chunks, query_db=formats.db_fingerprint(query_db),
+      retrieval_db=formats.db_fingerprint(retrieval_db)), INPUT_KEYS)
   name = shard_name(shard_id, num_shards)
   if not manifest.is_done(name):
     start, end = shard_chunk_range(query_db.num_chunks, shard_id, num_shards)
