@@ -84,7 +84,7 @@ def write_synthetic(config, directory: str, tensor_parallel: int) -> int:
   from retro_jax.convert import megatron  # pylint: disable=g-import-not-at-top
   from retro_jax.convert import megatron_files as files  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  shapes = megatron._abstract_param_shapes(config, retro=True)  # pylint: disable=protected-access
+  shapes = megatron.param_shapes(config, retro=True)
   rng = np.random.default_rng(0)
   params = {}
   for path, shape in shapes.items():

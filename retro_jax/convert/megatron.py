@@ -59,7 +59,6 @@ of whole chunks, which is what training and the parity tests use.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import re
 import shutil
@@ -71,7 +70,7 @@ import numpy as np
 from flax import traverse_util
 
 from retro_jax.convert import megatron_files as files
-from retro_jax.models import RetroConfig, Retro, default_cca_layers, dummy_inputs
+from retro_jax.models import RetroConfig, abstract_params, default_cca_layers
 
 LEGACY = "legacy"
 MCORE = "mcore"
@@ -505,12 +504,10 @@ def _to_layout(canonical: dict[str, Any], layout: str) -> dict[str, Any]:
 # In memory ---------------------------------------------------------------------------------
 
 
-def _abstract_param_shapes(config: RetroConfig, retro: bool) -> dict[tuple[str, ...], Any]:
+def param_shapes(config: RetroConfig, retro: bool) -> dict[tuple[str, ...], Any]:
+  """Flat ``{path: ShapeDtypeStruct}`` of the parameters of ``config``."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  tokens, neighbors = dummy_inputs(config)
-  boxed = jax.eval_shape(lambda: Retro(config).init(
-      jax.random.PRNGKey(0), tokens, neighbors if retro else None)["params"])
-  return traverse_util.flatten_dict(nn.unbox(boxed))
+  return traverse_util.flatten_dict(nn.unbox(abstract_params(config, retrieval=retro)))
 
 
 def _state_dicts(state_dict: Any) -> list[Mapping[str, Any]]:
@@ -521,9 +518,10 @@ def _state_dicts(state_dict: Any) -> list[Mapping[str, Any]]:
 
 def convert_tensors(ranks: Sequence[Mapping[str, Any]], args: Any, *,
                     vocab_size: Optional[int] = None, where: Sequence[str] = (),
-                    **overrides) -> tuple[RetroConfig, bool, Iterator]:
-  """The config, whether it is a Retro model, and an iterator of ``(path, array)``
-  over every retro_jax parameter, merging one tensor's ranks at a time."""
+                    **overrides) -> tuple[RetroConfig, dict, Iterator]:
+  """The config, the flat parameter shapes it has (``param_shapes``: decoder only for
+  a GPT checkpoint), and an iterator of ``(path, array)`` over every one of them,
+  merging one tensor's ranks at a time."""
   files_where = list(where) or [f"rank {r}" for r in range(len(ranks))]
   names = list(ranks[0])
   for rank, sd in enumerate(ranks[1:], 1):
@@ -540,7 +538,7 @@ def convert_tensors(ranks: Sequence[Mapping[str, Any]], args: Any, *,
   config = config_from_args(args, list(canonical), layout=layout, vocab_size=vocab_size,
                             where=files_where[0], **overrides)
   retro = any(".cross_attention.attn." in n for n in canonical)
-  expected = _abstract_param_shapes(config, retro)
+  expected = param_shapes(config, retro)
 
   def generate():
     produced = set()
@@ -570,7 +568,7 @@ def convert_tensors(ranks: Sequence[Mapping[str, Any]], args: Any, *,
       raise ValueError(f"{files_where[0]}: no tensor for {['/'.join(p) for p in missing[:5]]}"
                        f"{' ...' if len(missing) > 5 else ''}")
 
-  return config, retro, generate()
+  return config, expected, generate()
 
 
 def from_megatron(state_dict: Any, args: Any, *, vocab_size: Optional[int] = None,
@@ -645,17 +643,18 @@ def import_checkpoint(load_dir: str, model_dir: str, *, tokenizer_model: Optiona
   source_dtype = _dtype_name(files.to_numpy(first[:1]).dtype)
   overrides.setdefault("param_dtype", source_dtype)
   overrides.setdefault("dtype", "bfloat16" if source_dtype == "bfloat16" else "float32")
-  config, retro, tensors = convert_tensors([s.tensors for s in shards], args,
-                                           vocab_size=vocab_size, where=paths, **overrides)
+  config, expected, tensors = convert_tensors([s.tensors for s in shards], args,
+                                              vocab_size=vocab_size, where=paths,
+                                              **overrides)
+  retro = any(part in ckpt_lib.RETRO_PARAM_NAMES for path in expected for part in path)
   scratch = os.path.join(model_dir, ".megatron_import")
   shutil.rmtree(scratch, ignore_errors=True)
   os.makedirs(scratch)
   flat = {}
   target = np.dtype(config.params_dtype)
-  count = len(_abstract_param_shapes(config, retro))
   # No tqdm(...) or enumerate(...) around the iterator: both keep the previous item (a
   # view of the last merged tensor) alive while the next one is merged.
-  progress = tqdm(total=count, unit="param", desc=f"merging {len(paths)} shard(s)")
+  progress = tqdm(total=len(expected), unit="param", desc=f"merging {len(paths)} shard(s)")
   for path, value in tensors:
     out = os.path.join(scratch, f"{len(flat):06d}.bin")  # raw: .npy cannot say bfloat16
     mm = np.memmap(out, mode="w+", dtype=target, shape=value.shape)
@@ -794,7 +793,7 @@ def export_checkpoint(model_dir: str, save_dir: str, *, tensor_parallel: int = 1
   if not ckpt_lib.has_retro_params(model_dir):
     raise ValueError(f"{model_dir}: a decoder-only (GPT) checkpoint; export takes a "
                      "Retro model")
-  shapes = _abstract_param_shapes(config, retro=True)
+  shapes = param_shapes(config, retro=True)
   abstract = traverse_util.unflatten_dict(
       {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in shapes.items()})
   params = jax.device_get(ckpt_lib.load_params(model_dir, abstract))

@@ -270,6 +270,14 @@ def init_variables(config: RetroConfig, rng: Array) -> dict:
   return Retro(config).init(rng, tokens, neighbors)
 
 
+def abstract_params(config: RetroConfig, retrieval: bool = True) -> dict:
+  """The parameter tree's shapes and dtypes (``jax.ShapeDtypeStruct``, boxed with their
+  logical axes) without allocating it; ``retrieval=False``: the decoder's alone."""
+  tokens, neighbors = dummy_inputs(config)
+  return jax.eval_shape(lambda: Retro(config).init(
+      jax.random.PRNGKey(0), tokens, neighbors if retrieval else None)["params"])
+
+
 def init_params(config: RetroConfig, rng: Array) -> dict:
   """Plain (unboxed) parameter pytree of a freshly initialised model."""
   return nn.unbox(init_variables(config, rng))["params"]

@@ -288,13 +288,11 @@ def load_model_params(path: str, config: Any, mesh: jax.sharding.Mesh,
   decoder parameters, usable with retrieval off.
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from retro_jax.models import Retro, dummy_inputs  # pylint: disable=g-import-not-at-top
+  from retro_jax.models import abstract_params  # pylint: disable=g-import-not-at-top
   from retro_jax.training import partitioning  # pylint: disable=g-import-not-at-top
   rules = partitioning.LOGICAL_AXIS_RULES if rules is None else rules
   retro = has_retro_params(path)
-  tokens, neighbors = dummy_inputs(config)
-  boxed = jax.eval_shape(lambda: Retro(config).init(
-      jax.random.PRNGKey(0), tokens, neighbors if retro else None)["params"])
+  boxed = abstract_params(config, retrieval=retro)
   shardings = partitioning.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
