@@ -48,3 +48,24 @@ def test_manifest_rejects_other_settings_and_missing_outputs(tmp_path):
     Manifest(str(tmp_path), {"k": 2})
   os.remove(tmp_path / "a.bin")
   assert not Manifest(str(tmp_path), {"k": 1}).is_done("a")
+
+
+def test_read_jsonl_names_the_line_and_tolerates_only_a_torn_tail(tmp_path):
+  from retro_jax.utils.io import read_jsonl
+  path = tmp_path / "rows.jsonl"
+  path.write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3}', encoding="utf-8")
+  assert [(w.rsplit(":", 1)[1], r) for w, r in read_jsonl(path)] == [
+      ("1", {"a": 1}), ("3", {"a": 2}), ("4", {"a": 3})]
+  path.write_text('{"a": 1}\n{"a": 2\n', encoding="utf-8")
+  with pytest.raises(ValueError, match=r"rows.jsonl:2: invalid JSON"):
+    list(read_jsonl(path))
+  assert [r for _, r in read_jsonl(path, torn_tail=True)] == [{"a": 1}]
+  path.write_text('{"a": \n{"a": 2}\n', encoding="utf-8")
+  with pytest.raises(ValueError, match=r"rows.jsonl:1: invalid JSON"):
+    list(read_jsonl(path, torn_tail=True))
+  path.write_text('[1, 2]\n', encoding="utf-8")
+  with pytest.raises(ValueError, match=r"rows.jsonl:1: expected a JSON object, found list"):
+    list(read_jsonl(path))
+  path.write_bytes(b'{"a": "\xff"}\n')
+  with pytest.raises(ValueError, match=r"rows.jsonl:1: not UTF-8"):
+    list(read_jsonl(path))

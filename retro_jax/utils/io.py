@@ -112,6 +112,39 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def read_jsonl(path: str | os.PathLike, *, torn_tail: bool = False
+               ) -> Iterator[tuple[str, dict[str, Any]]]:
+  """The one reader of JSON-lines files: yields ``("<path>:<line>", object)`` per
+  non-blank line, so callers name the line in their own errors.
+
+  Invalid UTF-8, invalid JSON and a line that is not a JSON object raise ``ValueError``
+  naming ``path:line``. ``torn_tail=True`` is for files this project appends to while
+  running (partial predictions): an invalid *last* line (a write cut short by a kill)
+  ends the file instead of raising; invalid JSON before the last line still raises.
+  """
+  path = os.fspath(path)
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  last = max((i for i, raw in enumerate(lines) if raw.strip()), default=-1)
+  for index, raw in enumerate(lines[:last + 1]):
+    where = f"{path}:{index + 1}"
+    if not raw.strip():
+      continue
+    try:
+      obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+      if torn_tail and index == last:
+        return
+      raise ValueError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from e
+    except json.JSONDecodeError as e:
+      if torn_tail and index == last:
+        return
+      raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+    if not isinstance(obj, dict):
+      raise ValueError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+    yield where, obj
+
+
 class Manifest:
   """Records which units of work (shards) of a stage are complete.
 
