@@ -40,7 +40,7 @@ from retro_jax.inference.generator import Generator, GenerationResult
 from retro_jax.inference.sampling import SamplingConfig
 from retro_jax.models import RetroConfig
 from retro_jax.training import checkpoints as ckpt_lib
-from retro_jax.training import partitioning
+from retro_jax.models import partitioning
 from retro_jax.utils import gin_utils
 from retro_jax.utils.io import atomic_write_text
 

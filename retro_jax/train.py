@@ -34,7 +34,7 @@ import jax
 
 from retro_jax.models import RetroConfig
 from retro_jax.training import checkpoints as ckpt_lib
-from retro_jax.training import partitioning
+from retro_jax.models import partitioning
 from retro_jax.training import trainer as trainer_lib
 from retro_jax.training.optimizers import OptimizerConfig
 from retro_jax.utils import gin_utils

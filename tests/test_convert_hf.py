@@ -259,7 +259,8 @@ def test_import_local_dir_as_gpt_checkpoint_for_the_recipes(tmp_path):
   import sys  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from retro_jax.models import RetroConfig  # pylint: disable=g-import-not-at-top
-  from retro_jax.training import checkpoints, partitioning  # pylint: disable=g-import-not-at-top
+  from retro_jax.models import partitioning  # pylint: disable=g-import-not-at-top
+  from retro_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
   import gin  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)

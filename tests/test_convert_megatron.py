@@ -24,7 +24,7 @@ from retro_jax.convert import megatron_files as files  # pylint: disable=g-impor
 from retro_jax.models import Retro, RetroConfig  # pylint: disable=g-import-not-at-top
 from retro_jax.models import cca as cca_lib  # pylint: disable=g-import-not-at-top
 from retro_jax.training import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
-from retro_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+from retro_jax.models import partitioning  # pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, os.path.dirname(__file__))
 import megatron_reference  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from retro_jax.models import Retro, RetroConfig, default_cca_layers, init_params, param_count
 from retro_jax.models import cca
-from retro_jax.training import partitioning
+from retro_jax.models import partitioning
 
 M = 4  # chunk length of the small test models
 

@@ -16,7 +16,7 @@ from flax import traverse_util
 from retro_jax.models import Retro
 from retro_jax.train import train
 from retro_jax.training import checkpoints as ckpt_lib
-from retro_jax.training import partitioning
+from retro_jax.models import partitioning
 from retro_jax.training.optimizers import OptimizerConfig
 from retro_jax.training.trainer import Trainer, read_metrics
 from train_fixture import CONFIG, OPT, source as _source
@@ -175,7 +175,7 @@ def test_two_processes_with_jax_distributed_agree_with_one(tmp_path):
   worker.write_text(f"""
 import json, os, sys
 sys.path.insert(0, {REPO!r})
-from retro_jax.training import partitioning
+from retro_jax.models import partitioning
 partitioning.initialize_distributed()
 import jax
 from retro_jax.data.synthetic import SyntheticRetroSource

@@ -14,7 +14,7 @@ import pytest
 
 from retro_jax.train import train
 from retro_jax.training import checkpoints as ckpt_lib
-from retro_jax.training import partitioning
+from retro_jax.models import partitioning
 from retro_jax.training.optimizers import OptimizerConfig
 from retro_jax.training.trainer import Trainer, read_metrics
 from train_fixture import CONFIG, OPT, source as _source

@@ -26,7 +26,7 @@ import numpy as np
 from retro_jax.data.synthetic import SyntheticRetroSource
 from retro_jax.models import RetroConfig, param_count
 from retro_jax.models.flops import peak_tflops
-from retro_jax.training import partitioning
+from retro_jax.models import partitioning
 from retro_jax.training.optimizers import OptimizerConfig
 from retro_jax.training.trainer import Trainer
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from retro_jax.models import RetroConfig
 from retro_jax.training import checkpoints as ckpt_lib
-from retro_jax.training import partitioning
+from retro_jax.models import partitioning
 from retro_jax.training.trainer import BatchSource, Evaluator
 from retro_jax.utils.io import atomic_write_json, atomic_write_text
 

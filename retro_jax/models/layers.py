@@ -2,7 +2,7 @@
 
 One attention (``Attention``, over ``dot_product_attention``), one norm, one MLP, one
 embedding, one RoPE. Every parameter carries logical axis names; the mesh mapping
-lives in ``retro_jax.training.partitioning``.
+lives in ``retro_jax.models.partitioning``.
 
 Logical axis names used here:
   parameters:  'vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp', 'norm',

@@ -23,7 +23,7 @@ frozen BERT-family sentence encoder. Two pieces:
   Texts are tokenised, sorted by length and padded to a few bucket lengths (so jit
   compiles a handful of shapes and padding stays small); each batch runs encoder,
   pooling and normalisation in one jitted call, its rows split over the local devices
-  (a 1-D ``data`` mesh from ``training.partitioning``) when there are several.
+  (a 1-D ``data`` mesh from ``models.partitioning``) when there are several.
   Parity with sentence-transformers on all-MiniLM-L6-v2 is tested (cosine >= 0.999).
 
     embedder = load_embedder("all-MiniLM-L6-v2")            # or a local directory
@@ -494,7 +494,7 @@ class FlaxSentenceEmbedder:
                name: Optional[str] = None):
     import tokenizers  # pylint: disable=g-import-not-at-top
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    from retro_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+    from retro_jax.models import partitioning  # pylint: disable=g-import-not-at-top
 
     if dtype not in _DTYPES:
       raise ValueError(f"dtype={dtype!r}: use one of {sorted(_DTYPES)}")

@@ -289,7 +289,7 @@ def load_model_params(path: str, config: Any, mesh: jax.sharding.Mesh,
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   from retro_jax.models import abstract_params  # pylint: disable=g-import-not-at-top
-  from retro_jax.training import partitioning  # pylint: disable=g-import-not-at-top
+  from retro_jax.models import partitioning  # pylint: disable=g-import-not-at-top
   rules = partitioning.LOGICAL_AXIS_RULES if rules is None else rules
   retro = has_retro_params(path)
   boxed = abstract_params(config, retrieval=retro)

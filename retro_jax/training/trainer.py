@@ -12,7 +12,7 @@ one, and resuming never replays the stream). Features:
     neighbor_mask          bool    [batch, n//m, k]      (Retro batches only)
 
 The train step is jitted with explicit in/out shardings over a (data, fsdp, tensor)
-mesh (``retro_jax.training.partitioning``); the state is donated. Gradient
+mesh (``retro_jax.models.partitioning``); the state is donated. Gradient
 accumulation splits the batch into micro-batches inside the step (``lax.scan``) and
 normalises by the token count of the whole batch, so it equals the unsplit step.
 """
@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from retro_jax.models import Retro, RetroConfig, dummy_inputs
 from retro_jax.models.flops import count_flops, peak_tflops
-from retro_jax.training import partitioning
+from retro_jax.models import partitioning
 from retro_jax.training.optimizers import OptimizerConfig, make_optimizer
 
 NEIGHBOR_FEATURES = ("neighbor_tokens", "neighbor_mask")
