@@ -3,15 +3,20 @@ executed headless, so that it cannot rot as the recipe's API changes.
 
 The notebook runs in a kernel of this interpreter (a kernelspec installed into a
 temporary directory, so no Jupyter installation is needed), from the repository root,
-with its ``parameters`` cell replaced by the smallest setting of ``tests/test_recipe.py``
-(a tenth of the corpus, 4 steps per training stage, 20 QA questions). Its Colab setup
-cell does nothing outside Colab but find the repository root.
+with its ``parameters`` cell replaced by the smallest setting of ``tests/recipe_fixture.py``
+(a tenth of the corpus, 4 steps per training stage, 20 QA questions) and ``RUN_DIR`` set
+to the session's finished run of that setting (``miniature_run``, shared with
+tests/test_recipe.py): the recipe cell skips every finished step and rewrites the report,
+and the cells after it read, display and generate from that run. Its Colab setup cell
+does nothing outside Colab but find the repository root.
 """
 
 import json
 import os
 
 import pytest
+
+import recipe_fixture
 
 pytestmark = pytest.mark.slow  # see pytest.ini
 
@@ -22,12 +27,6 @@ kernelspec = pytest.importorskip("ipykernel.kernelspec")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "launch", "colab", "retro_jax_miniature.ipynb")
 KERNEL = "retro_jax_test"
-
-
-def smallest_parameters(run_dir):
-  return "\n".join([
-      "SCALE = 0.1", "GPT_STEPS = 4", "FIT_STEPS = 4", "SFT_STEPS = 4", "EVAL_EVERY = 0",
-      "MAX_QUESTIONS = 20", f"RUN_DIR = {str(run_dir)!r}", "EXTRA_GIN = []"])
 
 
 def outputs_text(notebook):
@@ -55,18 +54,17 @@ def test_committed_notebook_has_no_outputs():
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def executed(tmp_path_factory, miniature_run):
+  run_dir, _ = miniature_run
   tmp = tmp_path_factory.mktemp("notebook")
   # A kernelspec for this interpreter (its argv is sys.executable).
   kernelspec.install(kernel_name=KERNEL, prefix=str(tmp / "jupyter"))
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  run_dir = tmp / "run"
   for cell in notebook.cells:
     if "parameters" in cell.metadata.get("tags", []):
-      cell.source = smallest_parameters(run_dir)
+      cell.source = recipe_fixture.notebook_parameters(run_dir)
   env = dict(os.environ, JUPYTER_PATH=str(tmp / "jupyter" / "share" / "jupyter"),
-             # One CPU device, as the recipe runs from a shell (conftest fakes 8).
-             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             XLA_FLAGS=recipe_fixture.XLA_FLAGS,
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   old_path = os.environ.get("JUPYTER_PATH")
   os.environ["JUPYTER_PATH"] = env["JUPYTER_PATH"]  # where the kernelspec is looked up
@@ -98,6 +96,8 @@ def test_notebook_runs_the_recipe(executed):
   assert all(r["count"] == 20 for r in qa)
 
   text = outputs_text(notebook)
+  # The run was finished: the recipe cell re-ran only the report.
+  assert "[recipe] report: running" in text and "[recipe] gpt: done (skipped)" in text
   assert headline in text and "## Zero-shot QA" in text   # the report, displayed
   images = [o for c in notebook.cells for o in c.get("outputs", [])
             if "image/png" in o.get("data", {})]

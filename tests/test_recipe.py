@@ -1,7 +1,8 @@
 """The miniature InstructRetro recipe (``python -m retro_jax.recipe``) end to end.
 
 One run at the smallest scale (a tenth of the embedded corpus, 4 steps per training
-stage) through the command line, as a user runs it; then what it wrote is checked:
+stage) through the command line, as a user runs it (``miniature_run`` in conftest.py,
+shared with tests/test_notebook.py); then what it wrote is checked:
 every step recorded, the three perplexity modes on identical tokens, the QA table,
 the knowledge update re-embedding only changed chunks and retrieving the new facts,
 and a re-run skipping every finished step.
@@ -14,19 +15,12 @@ import sys
 
 import pytest
 
+import recipe_fixture
+from recipe_fixture import run_recipe
+
 pytestmark = pytest.mark.slow  # see pytest.ini
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALLEST = ["--scale=0.1", "--gin.GPT_STEPS=4", "--gin.FIT_STEPS=4", "--gin.SFT_STEPS=4",
-            "--gin.EVAL_EVERY=0", "--gin.sample_questions.max_questions=20",
-            "--gin.generate_corpus.update_fraction=0.3"]
-
-
-def run_recipe(run_dir, *args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  return subprocess.run([sys.executable, "-m", "retro_jax.recipe", f"--run_dir={run_dir}",
-                         *SMALLEST, *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, check=False)
+REPO = recipe_fixture.REPO
 
 
 def read_jsonl(path):
@@ -34,17 +28,9 @@ def read_jsonl(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  run_dir = tmp_path_factory.mktemp("recipe") / "run"
-  proc = run_recipe(run_dir)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-  return run_dir, proc
-
-
-def test_every_step_runs_and_is_recorded(run):
+def test_every_step_runs_and_is_recorded(miniature_run):
   from retro_jax.recipe import STEPS   # pylint: disable=g-import-not-at-top
-  run_dir, proc = run
+  run_dir, proc = miniature_run
   with open(run_dir / "manifest.json", encoding="utf-8") as f:
     manifest = json.load(f)
   done = manifest["done"] if "done" in manifest else manifest
@@ -62,8 +48,8 @@ def test_every_step_runs_and_is_recorded(run):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", plot
 
 
-def test_perplexity_modes_score_identical_tokens(run):
-  run_dir, _ = run
+def test_perplexity_modes_score_identical_tokens(miniature_run):
+  run_dir, _ = miniature_run
   with open(run_dir / "eval" / "perplexity.json", encoding="utf-8") as f:
     rows = json.load(f)
   modes = {(r["model"], r["mode"]) for r in rows}
@@ -84,8 +70,8 @@ def test_perplexity_modes_score_identical_tokens(run):
     assert min(counts.values()) > 0
 
 
-def test_qa_rows_and_prompts_with_retrieved_passages(run):
-  run_dir, _ = run
+def test_qa_rows_and_prompts_with_retrieved_passages(miniature_run):
+  run_dir, _ = miniature_run
   with open(run_dir / "eval" / "qa.json", encoding="utf-8") as f:
     rows = json.load(f)
   assert [(r["model"], r["mode"]) for r in rows] == [
@@ -113,8 +99,8 @@ def test_qa_rows_and_prompts_with_retrieved_passages(run):
   assert sft[0]["messages"][-1]["content"].startswith("The answer is ")
 
 
-def test_knowledge_update_reembeds_only_changed_chunks_and_retrieves_new_facts(run):
-  run_dir, _ = run
+def test_knowledge_update_reembeds_only_changed_chunks_and_retrieves_new_facts(miniature_run):
+  run_dir, _ = miniature_run
   with open(run_dir / "eval" / "knowledge_update" / "knowledge_update.json",
             encoding="utf-8") as f:
     info = json.load(f)
@@ -137,8 +123,8 @@ def test_knowledge_update_reembeds_only_changed_chunks_and_retrieves_new_facts(r
   assert set(info["completions"]) == {"original DB", "updated DB"}
 
 
-def test_rerun_skips_finished_steps(run):
-  run_dir, _ = run
+def test_rerun_skips_finished_steps(miniature_run):
+  run_dir, _ = miniature_run
   proc = run_recipe(run_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count(": running") == 1 and "report: running" in proc.stdout
@@ -177,10 +163,10 @@ def test_user_corpus_split_and_errors(tmp_path):
     recipe.Recipe(str(tmp_path / "r")).run(["corpus", "pretrain"])
 
 
-def test_eval_command_lines_on_the_run(run, tmp_path):
+def test_eval_command_lines_on_the_run(miniature_run, tmp_path):
   """``python -m retro_jax.eval`` with the shipped eval gin files, on the run's models."""
-  run_dir, _ = run
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  run_dir, _ = miniature_run
+  env = dict(os.environ, XLA_FLAGS=recipe_fixture.XLA_FLAGS)
   common = [sys.executable, "-m", "retro_jax.eval", "--gin_file=miniature/model.gin",
             f"--gin.RETRIEVAL_DIR={run_dir / 'retrieval'}", f"--gin.OUTPUT_DIR={tmp_path}"]
   ppl = subprocess.run(
