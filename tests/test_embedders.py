@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from retro_jax.bench.embedding import prose_chunks, run_embedding_bench
+from retro_jax.bench.embedding import run_embedding_bench
 from retro_jax.data import vocab as vocab_lib
+from retro_jax.data.prose import prose_chunks
 from retro_jax.retrieval import embedders
 from retro_jax.retrieval.embedders import (ChunkEmbedder, FlaxSentenceEmbedder, load_embedder,
                                            plan_batches, pool, resolve_embedder_dir)

@@ -11,8 +11,8 @@ import faiss
 import numpy as np
 import pytest
 
-from retro_jax.bench.embedding import prose_chunks
 from retro_jax.data import vocab as vocab_lib
+from retro_jax.data.prose import prose_chunks
 from retro_jax.retrieval import formats
 from retro_jax.retrieval.embedders import ChunkEmbedder, load_embedder
 from retro_jax.retrieval.embeddings import Embeddings, build_embeddings, shard_name

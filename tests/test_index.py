@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from retro_jax.bench.retrieval import real_embeddings
+from retro_jax.data.prose import real_embeddings
 from retro_jax.retrieval import index
 
 N_REAL = 3000                     # real chunks (~90% DB, 10% held-out queries)

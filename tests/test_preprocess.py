@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from retro_jax.bench.retrieval import prose_documents
+from retro_jax.data.prose import prose_documents
 from retro_jax.retrieval import formats
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval.layout import RetrievalLayout

@@ -25,7 +25,15 @@ import time
 
 from absl import app
 from absl import flags
+from flax import traverse_util
+import jax
+import ml_dtypes
 import numpy as np
+
+from retro_jax.convert import megatron
+from retro_jax.convert import megatron_files as files
+from retro_jax.models import RetroConfig
+from retro_jax.utils import gin_utils
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("gin_file", "instructretro_843m.gin", "Model size (gin/models).")
@@ -79,11 +87,6 @@ def _measure(args: list[str]) -> tuple[float, int, int]:
 def write_synthetic(config, directory: str, tensor_parallel: int) -> int:
   """A random bf16 Megatron checkpoint of ``config``'s shape; returns the largest
   tensor's bytes."""
-  import ml_dtypes  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from retro_jax.convert import megatron  # pylint: disable=g-import-not-at-top
-  from retro_jax.convert import megatron_files as files  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   shapes = megatron.param_shapes(config, retro=True)
   rng = np.random.default_rng(0)
   params = {}
@@ -103,8 +106,6 @@ def write_synthetic(config, directory: str, tensor_parallel: int) -> int:
 
 def main(argv):
   del argv
-  from retro_jax.models import RetroConfig  # pylint: disable=g-import-not-at-top
-  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
   gin_utils.parse_gin([FLAGS.gin_file])
   config = RetroConfig().replace(vocab_size=FLAGS.vocab_size, param_dtype="bfloat16",
                                  final_norm=True, encoder_cross_attention_residual="stream")

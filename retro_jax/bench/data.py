@@ -28,12 +28,18 @@ from typing import Callable, Optional
 
 from absl import app
 from absl import flags
+import gin
 import numpy as np
 
 from retro_jax.bench import train as train_bench
+from retro_jax.data import instructions
 from retro_jax.data import tasks
+from retro_jax.data import vocab as vocab_lib
+from retro_jax.models import RetroConfig
+from retro_jax.models.flops import count_flops
 from retro_jax.retrieval import formats
 from retro_jax.retrieval.layout import RetrievalLayout
+from retro_jax.utils import gin_utils
 
 HEADER = ("| pipeline | n | k | batch | batches | seconds | examples/s | tokens/s | "
           "neighbor tokens/s |\n|---|---|---|---|---|---|---|---|---|")
@@ -128,9 +134,6 @@ def sft_row(vocab_path: str, *, seq_len: int, batch: int, steps: int) -> dict:
 
 def train_step_row(seq_len: int, batch: int, steps: int) -> dict:
   """The tiny model's Retro train step (``gin/models/tiny.gin``) on this machine."""
-  import gin  # pylint: disable=g-import-not-at-top
-  from retro_jax.models import RetroConfig  # pylint: disable=g-import-not-at-top
-  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
   with gin.unlock_config():
     gin.clear_config()
     gin_utils.parse_gin(["tiny.gin"])
@@ -144,10 +147,6 @@ def train_step_row(seq_len: int, batch: int, steps: int) -> dict:
 def instructretro_8b_need(*, mfu: float, peak_tflops: float, gpus_per_host: int,
                           seq_len: int = 4096, k: int = 2) -> dict:
   """Examples/s an 8B Retro train step consumes per GPU and per host."""
-  import gin  # pylint: disable=g-import-not-at-top
-  from retro_jax.models import RetroConfig  # pylint: disable=g-import-not-at-top
-  from retro_jax.models.flops import count_flops  # pylint: disable=g-import-not-at-top
-  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   gin_utils.parse_gin(["instructretro_8b.gin"])
   config = RetroConfig()
@@ -192,8 +191,6 @@ def run(print_fn=print, *, workdir: Optional[str] = None) -> dict:
                            steps=_STEPS.value, tf_data=label != "8B shape"):
         rows.append(r)
         print_fn(format_row(r))
-    from retro_jax.data import instructions  # pylint: disable=g-import-not-at-top
-    from retro_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
     texts = [line for name in ("chat.jsonl", "prompt_response.jsonl", "qa.jsonl")
              for line in open(instructions.shipped_data_path("sft", name), encoding="utf-8")]
     spm = vocab_lib.train_sentencepiece(texts, os.path.join(workdir, "spm"), 1000,

@@ -8,7 +8,8 @@ encoder, pooling, normalisation; output on the host): ``FlaxSentenceEmbedder.emb
 and ``SentenceTransformer.encode`` (its default batch of 32, sorted by length). Texts
 default to chunk-sized pieces (~256 characters, about 64 SentencePiece / 70
 WordPiece tokens, the length of a RETRO chunk) of real English prose: the Python
-documentation topics shipped with the standard library (``pydoc_data.topics``).
+documentation topics shipped with the standard library
+(``retro_jax.data.prose.prose_chunks``).
 Each side gets an untimed warm-up (the Flax side over all texts, so that every
 padded shape is compiled; sentence-transformers over 64 texts), then the best of
 ``repeats`` timed passes. PyTorch gets as many threads as JAX's CPU backend
@@ -22,32 +23,19 @@ tests/test_embedders.py).
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from absl import app
+from absl import flags
+import jax
 import numpy as np
+
+from retro_jax.data.prose import prose_chunks
+from retro_jax.retrieval.embedders import load_embedder
 
 HEADER = ("| embedder | device | dtype | texts | mean tokens | seconds | chunks/s | "
           "vs sentence-transformers | min cosine |\n|---|---|---|---|---|---|---|---|---|")
-
-
-def prose_chunks(num_texts: int = 512, chars: int = 256) -> list[str]:
-  """``num_texts`` pieces of about ``chars`` characters of English prose, cut at word
-  boundaries from the Python documentation topics (deterministic)."""
-  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
-  words = re.sub(r"\s+", " ", " ".join(topics[k] for k in sorted(topics))).split(" ")
-  pieces, current, size = [], [], 0
-  while len(pieces) < num_texts:
-    for word in words:
-      current.append(word)
-      size += len(word) + 1
-      if size >= chars:
-        pieces.append(" ".join(current))
-        current, size = [], 0
-        if len(pieces) == num_texts:
-          break
-  return pieces
 
 
 def cpu_threads() -> int:
@@ -94,8 +82,6 @@ def run_embedding_bench(texts: Optional[Sequence[str]] = None, *, num_texts: int
   """
   if repeats < 1:
     raise ValueError(f"repeats={repeats} must be at least 1")
-  import jax  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval.embedders import load_embedder  # pylint: disable=g-import-not-at-top
   texts = list(texts) if texts is not None else prose_chunks(num_texts, chunk_chars)
   flax_embedder = load_embedder(embedder, dtype=dtype, **(embedder_options or {}))
   mean_tokens = float(np.mean([len(x) for x in flax_embedder.tokenize(texts)]))
@@ -148,7 +134,6 @@ def format_row(r: dict) -> str:
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   options = {}
   if f.tokens_per_batch:
@@ -160,14 +145,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags as _flags  # pylint: disable=g-import-not-at-top
-  _flags.DEFINE_integer("num_texts", 512, "Chunk texts to embed.")
-  _flags.DEFINE_integer("chunk_chars", 256, "Characters per text (cut at word boundaries).")
-  _flags.DEFINE_string("embedder", "all-MiniLM-L6-v2", "Known name or local directory.")
-  _flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Flax compute dtype.")
-  _flags.DEFINE_integer("repeats", 2, "Timed passes after a warm-up (best reported).")
-  _flags.DEFINE_bool("sentence_transformers", True, "Also time sentence-transformers.")
-  _flags.DEFINE_integer("st_batch_size", 32, "sentence-transformers batch size.")
-  _flags.DEFINE_integer("tokens_per_batch", 0, "Flax padded tokens per batch (0: default).")
+  flags.DEFINE_integer("num_texts", 512, "Chunk texts to embed.")
+  flags.DEFINE_integer("chunk_chars", 256, "Characters per text (cut at word boundaries).")
+  flags.DEFINE_string("embedder", "all-MiniLM-L6-v2", "Known name or local directory.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Flax compute dtype.")
+  flags.DEFINE_integer("repeats", 2, "Timed passes after a warm-up (best reported).")
+  flags.DEFINE_bool("sentence_transformers", True, "Also time sentence-transformers.")
+  flags.DEFINE_integer("st_batch_size", 32, "sentence-transformers batch size.")
+  flags.DEFINE_integer("tokens_per_batch", 0, "Flax padded tokens per batch (0: default).")
   app.run(main)

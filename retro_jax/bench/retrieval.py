@@ -25,11 +25,11 @@ Sections (``--sections``, comma-separated):
   ``.bin`` is a sparse file, so no tokens are generated; the arrays are read from
   the page cache (warm: the best of 3 opens).
 
-Vectors. Real vectors are MiniLM embeddings (the Flax embedder) of real English prose:
-``prose_documents()`` = the Python documentation topics (``pydoc_data.topics``) and
-the docstrings of the standard library's modules, cut into 40-word chunks (~64
-WordPiece tokens); about 8k chunks, deterministic, no download. They are cached in
-``--cache_dir``. Embedding a million chunks does not fit this benchmark's budget on a
+Vectors. Real vectors are MiniLM embeddings (the Flax embedder) of real English prose
+(``retro_jax.data.prose.real_embeddings``): ``prose_documents()`` = the Python
+documentation topics (``pydoc_data.topics``) and the docstrings of the standard
+library's modules, cut into 40-word chunks (~64 WordPiece tokens); about 8k chunks,
+deterministic, no download. They are cached in ``--cache_dir``. Embedding a million chunks does not fit this benchmark's budget on a
 CPU (MiniLM embeds tens of chunks/s per core), so larger sets are made by a documented
 generator, ``synthetic_like(real, n)``: a smoothed bootstrap (kernel density sample) of
 the real embeddings. Each synthetic vector is a random real vector plus Gaussian noise
@@ -43,129 +43,27 @@ vector). How the vectors were made is printed with the results.
 
 from __future__ import annotations
 
-import ast
-import contextlib
-import hashlib
-import inspect
 import json
 import os
+import struct
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
+from absl import app
+from absl import flags
+import faiss
 import numpy as np
 
-WORDS_PER_CHUNK = 40
-_SKIP_DIRS = ("test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__",
-              "turtledemo", "ensurepip")
-
-
-# ----------------------------------------------------------------------------------
-# Real text and real vectors
-# ----------------------------------------------------------------------------------
-
-
-def _stdlib_docstring_documents() -> Iterator[tuple[str, str]]:
-  root = sysconfig.get_paths()["stdlib"]
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
-    for filename in sorted(filenames):
-      if not filename.endswith(".py"):
-        continue
-      path = os.path.join(dirpath, filename)
-      try:
-        with open(path, encoding="utf-8") as f:
-          tree = ast.parse(f.read())
-      except (SyntaxError, UnicodeDecodeError, ValueError):
-        continue
-      parts = []
-      for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
-                             ast.AsyncFunctionDef)):
-          doc = ast.get_docstring(node)
-          if doc and len(doc.split()) >= 8:
-            parts.append(doc)
-      if parts:
-        yield os.path.relpath(path, root), "\n\n".join(parts)
-
-
-def prose_documents(max_documents: Optional[int] = None, *, stdlib: bool = True
-                    ) -> list[tuple[str, str]]:
-  """Real English prose shipped with Python, as ``(title, text)`` documents.
-
-  The documentation topics (``pydoc_data.topics``, sorted by name), then (``stdlib``)
-  the docstrings of each standard-library module (sorted by path). Deterministic for a
-  Python version; no download.
-  """
-  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
-  docs = [(f"pydoc:{name}", topics[name]) for name in sorted(topics)]
-  if stdlib:
-    docs.extend(_stdlib_docstring_documents())
-  return docs[:max_documents] if max_documents is not None else docs
-
-
-def prose_chunk_texts(documents: Sequence[tuple[str, str]],
-                      words_per_chunk: int = WORDS_PER_CHUNK
-                      ) -> tuple[list[str], np.ndarray]:
-  """Documents cut into chunks of ``words_per_chunk`` words: (texts, doc index [n])."""
-  texts, docs = [], []
-  for i, (_, text) in enumerate(documents):
-    words = text.split()
-    for start in range(0, len(words), words_per_chunk):
-      texts.append(" ".join(words[start:start + words_per_chunk]))
-      docs.append(i)
-  return texts, np.asarray(docs, np.int64)
-
-
-def real_embeddings(embedder: Any = None, *, max_chunks: Optional[int] = None,
-                    cache_dir: Optional[str] = None, progress: bool = True
-                    ) -> tuple[np.ndarray, np.ndarray]:
-  """MiniLM embeddings of ``prose_documents()``'s chunks: (float32 [n, dim], docs [n]).
-
-  Args:
-    embedder: An embedder (``embed_texts``); default ``load_embedder()`` (Flax MiniLM).
-    max_chunks: Keep the first chunks only.
-    cache_dir: Cache the vectors there (keyed by the texts and the embedder).
-  """
-  texts, docs = prose_chunk_texts(prose_documents())
-  if max_chunks is not None:
-    texts, docs = texts[:max_chunks], docs[:max_chunks]
-  if embedder is None:
-    from retro_jax.retrieval.embedders import load_embedder  # pylint: disable=g-import-not-at-top
-    embedder = load_embedder()
-  key = hashlib.sha256()
-  key.update("\n".join(texts).encode())
-  key.update(str(getattr(embedder, "fingerprint", type(embedder).__name__)).encode())
-  with contextlib.suppress(TypeError, OSError):     # the embedder's code, too
-    with open(inspect.getsourcefile(type(embedder)), "rb") as f:
-      key.update(f.read())
-  key = key.hexdigest()[:16]
-  path = os.path.join(cache_dir, f"prose_{len(texts)}_{key}.npy") if cache_dir else None
-  if path and os.path.exists(path):
-    return np.load(path), docs
-  began = time.time()
-  out = []
-  block = 512
-  for lo in range(0, len(texts), block):
-    out.append(np.asarray(embedder.embed_texts(texts[lo:lo + block]), np.float32))
-    if progress:
-      done = min(len(texts), lo + block)
-      print(f"\rembedding real chunks: {done}/{len(texts)} "
-            f"({done / max(time.time() - began, 1e-9):.0f} chunks/s)", end="",
-            file=sys.stderr, flush=True)
-  if progress:
-    print(file=sys.stderr)
-  vectors = np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)
-  if path:
-    os.makedirs(cache_dir, exist_ok=True)
-    from retro_jax.utils.io import atomic_path  # pylint: disable=g-import-not-at-top
-    with atomic_path(path) as tmp:
-      with open(tmp, "wb") as f:
-        np.save(f, vectors)
-  return vectors, docs
+from retro_jax.bench.embedding import run_embedding_bench
+from retro_jax.data.prose import prose_chunk_texts, prose_documents, real_embeddings
+from retro_jax.data.vocab import train_sentencepiece
+from retro_jax.retrieval import formats
+from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval.embedders import load_embedder
+from retro_jax.retrieval.neighbors import build_neighbor_map
 
 
 # ----------------------------------------------------------------------------------
@@ -175,7 +73,6 @@ def real_embeddings(embedder: Any = None, *, max_chunks: Optional[int] = None,
 
 def nearest_neighbor_cosine(real: np.ndarray, docs: Optional[np.ndarray] = None) -> float:
   """Mean cosine of a real vector to its nearest other vector (of another document)."""
-  import faiss  # pylint: disable=g-import-not-at-top
   index = faiss.IndexFlatIP(real.shape[1])
   index.add(real)
   scores, ids = index.search(real, 16)
@@ -229,7 +126,6 @@ def _write_random_db(prefix: str, num_chunks: int, *, retrieval_db: bool, seed: 
                      chunks_per_doc: int = 16, chunk_size: int = 64) -> None:
   """A chunk DB of ``num_chunks`` chunks of random tokens (the neighbor workload reads
   its documents for alignment only; the vectors come from the generator)."""
-  from retro_jax.retrieval import formats  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   with formats.ChunkDBWriter(prefix, dtype=np.uint16, pad_id=0, chunk_size=chunk_size,
                              retrieval_db=retrieval_db) as writer:
@@ -256,11 +152,6 @@ def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int =
                            nprobe=nprobe, ef_search=ef_search, k_factor=k_factor,
                            train_size=train_size, recall_queries=recall_queries,
                            workdir=tmp, progress=progress, seed=seed)
-  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import formats
-  from retro_jax.retrieval import index as index_lib
-  from retro_jax.retrieval.neighbors import build_neighbor_map
-  # pylint: enable=g-import-not-at-top
   n, dim = db_vectors.shape
   # Stored as the embedding stage stores them: float16 .npy files, memory-mapped.
   for name, array in (("db.npy", db_vectors), ("queries.npy", query_vectors)):
@@ -317,7 +208,6 @@ def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int =
 
 def real_recall_section(real: np.ndarray, *, ks: Sequence[int] = (2, 10)) -> dict:
   """The default mid-size IVF index at its default nprobe on real vectors alone."""
-  from retro_jax.retrieval import index as index_lib  # pylint: disable=g-import-not-at-top
   held_out = np.arange(len(real)) % 10 == 0
   db, queries = real[~held_out], real[held_out]
   factory = index_lib.default_factory(len(db), db.shape[1], exact_below=0)
@@ -362,8 +252,6 @@ def _write_corpus(path: str, documents: Sequence[tuple[str, str]], num_docs: int
 def db_rss_section(doc_counts: Sequence[int] = (5_000, 50_000), *,
                    workdir: Optional[str] = None) -> list[dict]:
   """Peak RSS of ``build_chunk_db`` (retrieval flavour) in a fresh process per size."""
-  from retro_jax.data.vocab import train_sentencepiece  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import formats  # pylint: disable=g-import-not-at-top
   if workdir is None:
     with tempfile.TemporaryDirectory(prefix="bench_db_rss_") as tmp:
       return db_rss_section(doc_counts, workdir=tmp)
@@ -392,8 +280,6 @@ def _write_synthetic_index(prefix: str, num_docs: int, chunks_per_doc: int, *,
                            chunk_size: int = 64, retrieval_db: bool = True) -> None:
   """A valid retmmap pair of ``num_docs`` documents of ``chunks_per_doc`` chunks each:
   the four index arrays as the writer computes them, and a sparse ``.bin``."""
-  import struct  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import formats  # pylint: disable=g-import-not-at-top
   item = 2                                                        # uint16 tokens
   sizes = np.full(num_docs, chunks_per_doc * chunk_size, np.int32)
   spans = (sizes.astype(np.int64) + (chunk_size if retrieval_db else 0)) * item
@@ -415,7 +301,6 @@ def _write_synthetic_index(prefix: str, num_docs: int, chunks_per_doc: int, *,
 def db_open_section(num_chunks: int = 10_000_000, chunks_per_doc: Sequence[int] = (10, 1),
                     *, workdir: Optional[str] = None, repeats: int = 3) -> list[dict]:
   """Seconds to open a chunk DB with and without the index validation (best of 3)."""
-  from retro_jax.retrieval import formats  # pylint: disable=g-import-not-at-top
   if workdir is None:
     with tempfile.TemporaryDirectory(prefix="bench_db_open_") as tmp:
       return db_open_section(num_chunks, chunks_per_doc, workdir=tmp, repeats=repeats)
@@ -459,7 +344,6 @@ def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
         seed: int = 0, progress: bool = True, db_open_chunks: int = 10_000_000,
         print_fn=print) -> dict:
   """Runs the sections; prints markdown tables; returns the figures."""
-  import faiss  # pylint: disable=g-import-not-at-top
   unknown = sorted(set(sections) - set(SECTIONS))
   if unknown:
     raise ValueError(f"unknown sections {unknown}; known: {SECTIONS}")
@@ -485,12 +369,12 @@ def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
       print_fn(f"| {r['chunks']:,} | {r['documents']:,} | {r['idx_mib']:.0f} | "
                f"{r['unchecked_seconds']:.4f} | {r['checked_seconds']:.3f} |")
   if "embedding" in sections:
-    from retro_jax.bench.embedding import run_embedding_bench  # pylint: disable=g-import-not-at-top
     texts, _ = prose_chunk_texts(prose_documents())
     results["embedding"] = run_embedding_bench(texts[:embedding_texts], print_fn=print_fn)
   real = None
   if {"index", "real_recall"} & set(sections):
-    real, _ = real_embeddings(cache_dir=cache_dir or _default_cache_dir(), progress=progress)
+    real, _ = real_embeddings(load_embedder(), cache_dir=cache_dir or _default_cache_dir(),
+                              progress=progress)
   if "real_recall" in sections:
     row = real_recall_section(real)
     results["real_recall"] = row
@@ -536,8 +420,7 @@ def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
 
 
 def index_gpus() -> int:
-  from retro_jax.retrieval.index import _gpu_count  # pylint: disable=g-import-not-at-top
-  return _gpu_count()
+  return index_lib._gpu_count()  # pylint: disable=protected-access
 
 
 def _machine() -> str:
@@ -555,7 +438,6 @@ def _machine() -> str:
 
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   run(sections=[s for s in f.sections.split(",") if s], num_vectors=f.num_vectors,
       num_queries=f.num_queries, recall_queries=f.recall_queries, k=f.k,
@@ -567,24 +449,22 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags as _flags  # pylint: disable=g-import-not-at-top
-  _flags.DEFINE_string("sections", ",".join(SECTIONS), f"Comma-separated: {SECTIONS}.")
-  _flags.DEFINE_integer("num_vectors", 1_000_000, "DB chunks of the index section.")
-  _flags.DEFINE_integer("num_queries", None, "Query chunks (default: num_vectors).")
-  _flags.DEFINE_integer("recall_queries", 2000, "Queries checked against exact search.")
-  _flags.DEFINE_integer("k", 2, "Neighbors per chunk.")
-  _flags.DEFINE_string("factory", None, "Faiss factory (default: by DB size).")
-  _flags.DEFINE_integer("nprobe", None, "IVF nprobe (default: by index size).")
-  _flags.DEFINE_integer("ef_search", None, "HNSW efSearch.")
-  _flags.DEFINE_integer("k_factor", None, "Re-ranked candidates per result (fast-scan).")
-  _flags.DEFINE_integer("train_size", None, "Index training sample (default 40 per "
+  flags.DEFINE_string("sections", ",".join(SECTIONS), f"Comma-separated: {SECTIONS}.")
+  flags.DEFINE_integer("num_vectors", 1_000_000, "DB chunks of the index section.")
+  flags.DEFINE_integer("num_queries", None, "Query chunks (default: num_vectors).")
+  flags.DEFINE_integer("recall_queries", 2000, "Queries checked against exact search.")
+  flags.DEFINE_integer("k", 2, "Neighbors per chunk.")
+  flags.DEFINE_string("factory", None, "Faiss factory (default: by DB size).")
+  flags.DEFINE_integer("nprobe", None, "IVF nprobe (default: by index size).")
+  flags.DEFINE_integer("ef_search", None, "HNSW efSearch.")
+  flags.DEFINE_integer("k_factor", None, "Re-ranked candidates per result (fast-scan).")
+  flags.DEFINE_integer("train_size", None, "Index training sample (default 40 per "
                         "centroid).")
-  _flags.DEFINE_integer("embedding_texts", 1024, "Texts for the embedding section.")
-  _flags.DEFINE_string("db_docs", "5000,50000", "Corpus sizes (documents) for db_rss.")
-  _flags.DEFINE_string("cache_dir", None, "Cache of the real embeddings (default "
+  flags.DEFINE_integer("embedding_texts", 1024, "Texts for the embedding section.")
+  flags.DEFINE_string("db_docs", "5000,50000", "Corpus sizes (documents) for db_rss.")
+  flags.DEFINE_string("cache_dir", None, "Cache of the real embeddings (default "
                        "~/.cache/retro_jax/bench).")
-  _flags.DEFINE_integer("seed", 0, "Generator and index seed.")
-  _flags.DEFINE_integer("db_open_chunks", 10_000_000, "Chunks of the db_open DB.")
-  _flags.DEFINE_bool("progress", True, "Progress bars.")
+  flags.DEFINE_integer("seed", 0, "Generator and index seed.")
+  flags.DEFINE_integer("db_open_chunks", 10_000_000, "Chunks of the db_open DB.")
+  flags.DEFINE_bool("progress", True, "Progress bars.")
   app.run(main)
