@@ -12,12 +12,10 @@ log(tokens_per_chunk)). Every batch is a pure function of (seed, step, shard).
 
 from __future__ import annotations
 
-import gin
 import jax
 import numpy as np
 
 
-@gin.configurable
 class SyntheticRetroSource:
   """``get_batch(step)`` -> the trainer's features for this host's share of a batch.
 
