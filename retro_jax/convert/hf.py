@@ -40,9 +40,7 @@ import numpy as np
 from flax import traverse_util
 
 from retro_jax.models import RetroConfig, init_params
-
-# Parameters of the decoder that a GPT checkpoint does not have (they start fresh).
-RETRO_ONLY_KEYS = ("cca", "retro_encoder", "pre_cca_norm")
+from retro_jax.models import lm
 
 # The RetroConfig fields that ``from_hf`` overrides may set: retrieval (the encoder and
 # CCA start fresh) and numerics. Every other field describes the HF decoder and comes
@@ -317,7 +315,7 @@ def from_hf(model: Any, *, rng: jax.Array | int = 0, **retro_overrides
   if isinstance(rng, int):
     rng = jax.random.PRNGKey(rng)
   fresh = traverse_util.flatten_dict(jax.device_get(init_params(config, rng)))
-  decoder_keys = {k for k in fresh if not any(part in RETRO_ONLY_KEYS for part in k)}
+  decoder_keys = {k for k in fresh if not lm.is_retro_path(k)}
   missing = decoder_keys - set(converted)
   extra = set(converted) - decoder_keys
   if missing or extra:
@@ -378,7 +376,7 @@ def import_checkpoint(hf_dir: str, model_dir: str, **retro_overrides) -> RetroCo
   from retro_jax.utils.io import atomic_write_text  # pylint: disable=g-import-not-at-top
   state_dict, hf_config = load_hf_dir(hf_dir)
   config, params = from_hf((state_dict, hf_config), **retro_overrides)
-  decoder, _ = ckpt_lib.split_retro_params(params)
+  decoder, _ = lm.split_retro_params(params)
   decoder = traverse_util.unflatten_dict({k: np.asarray(v) for k, v in decoder.items()})
   directory = ckpt_lib.checkpoint_dir(model_dir)
   if os.path.isdir(directory) and os.listdir(directory):

@@ -71,6 +71,7 @@ from flax import traverse_util
 
 from retro_jax.convert import megatron_files as files
 from retro_jax.models import RetroConfig, abstract_params, default_cca_layers
+from retro_jax.models import lm
 
 LEGACY = "legacy"
 MCORE = "mcore"
@@ -646,7 +647,7 @@ def import_checkpoint(load_dir: str, model_dir: str, *, tokenizer_model: Optiona
   config, expected, tensors = convert_tensors([s.tensors for s in shards], args,
                                               vocab_size=vocab_size, where=paths,
                                               **overrides)
-  retro = any(part in ckpt_lib.RETRO_PARAM_NAMES for path in expected for part in path)
+  retro = any(lm.is_retro_path(path) for path in expected)
   scratch = os.path.join(model_dir, ".megatron_import")
   shutil.rmtree(scratch, ignore_errors=True)
   os.makedirs(scratch)

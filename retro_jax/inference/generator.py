@@ -48,7 +48,6 @@ import time
 from typing import Any, Callable, Optional, Sequence, Union
 
 from absl import logging
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +56,7 @@ from retro_jax.data import vocab as vocab_lib
 from retro_jax.inference.sampling import SamplingConfig, sample
 from retro_jax.models import Retro, RetroConfig
 from retro_jax.models import cca
-from retro_jax.training.optimizers import RETRO_PARAM_NAMES
+from retro_jax.models import lm
 
 Array = jax.Array
 
@@ -213,12 +212,6 @@ def _tokenizer_size(vocab: Any, default: int) -> int:
   return int(size) if size else default
 
 
-def _has_retro_params(params: Any) -> bool:
-  paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  return any(getattr(key, "key", None) in RETRO_PARAM_NAMES
-             for path, _ in paths for key in path)
-
-
 def _next_power_of_two(n: int) -> int:
   return 1 << max(0, int(n - 1).bit_length())
 
@@ -236,7 +229,6 @@ def bucket_length(n: int, quantum: int) -> int:
 # The generator ---------------------------------------------------------------------
 
 
-@gin.configurable(denylist=["config", "params", "vocab", "retriever"])
 class Generator:
   """Batched generation with a KV cache and chunk-wise retrieval (module docstring).
 
@@ -273,7 +265,7 @@ class Generator:
     self.sync_every = sync_every
     self._tokenizer_size = _tokenizer_size(vocab, config.vocab_size)
     # A GPT checkpoint (decoder only) can only generate with retrieval off.
-    self.has_retro = _has_retro_params(params)
+    self.has_retro = lm.has_retro_params(params)
 
   # Public API -----------------------------------------------------------------------
 

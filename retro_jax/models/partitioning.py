@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import logging
@@ -34,9 +35,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
@@ -75,7 +77,6 @@ def resolve_mesh_shape(mesh_shape: Mapping[str, int], num_devices: int) -> dict[
   return shape
 
 
-@gin.configurable
 def make_mesh(mesh_shape: Optional[Mapping[str, int]] = None,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """Builds a ('data', 'fsdp', 'tensor') mesh over all (global) devices."""
@@ -136,15 +137,37 @@ def activation_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_A
     yield
 
 
+def batch_sharding(mesh: Mesh, batch_dim: int = 0) -> NamedSharding:
+  """Shards dimension ``batch_dim`` of an array over the batch axes ('data', 'fsdp');
+  the dimensions before and after it are replicated."""
+  return NamedSharding(mesh, PartitionSpec(*(None,) * batch_dim, BATCH_AXES))
+
+
+def sharded_abstract(init_fn: Callable[[jax.Array], Any], mesh: Mesh,
+                     rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES
+                     ) -> tuple[Any, Any]:
+  """``(abstract, shardings)`` of what ``init_fn(rng)`` returns (boxed variables, e.g.
+  ``Retro(cfg).init``), without computing it: ``jax.ShapeDtypeStruct`` leaves that
+  carry their ``NamedSharding``s, and those shardings (plain, unboxed trees)."""
+  boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  shardings = logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
+      shardings)
+  return abstract, shardings
+
+
 def sharded_init(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh,
-                 rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> tuple[Any, Any]:
+                 rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES, *,
+                 shardings: Any = None) -> tuple[Any, Any]:
   """Initialises variables directly into their shardings (no host-side full copy).
 
-  ``init_fn(rng)`` returns boxed variables (e.g. ``Retro(cfg).init``). Returns
+  ``init_fn(rng)`` returns boxed variables (e.g. ``Retro(cfg).init``); ``shardings``
+  (``sharded_abstract``'s) saves working them out again. Returns
   ``(variables, shardings)`` with plain arrays.
   """
-  abstract = jax.eval_shape(init_fn, rng)
-  shardings = logical_shardings(abstract, mesh, rules)
+  if shardings is None:
+    _, shardings = sharded_abstract(init_fn, mesh, rules)
   with activation_sharding(mesh, rules):
     variables = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
   return variables, shardings
@@ -159,7 +182,6 @@ def initialize_distributed(mode: str = "auto") -> None:
   JAX_NUM_PROCESSES and JAX_PROCESS_ID are read too (e.g. for local multi-process runs);
   otherwise JAX detects Slurm and TPU environments itself.
   """
-  import os  # pylint: disable=g-import-not-at-top
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"initialize_distributed.mode={mode!r}: must be auto, on or off")
   env = os.environ

@@ -24,6 +24,9 @@ into Retro unchanged)::
     final_norm                                                      (unless final_norm=False)
     output_layer/kernel                      [embed, vocab]        (untied output)
 
+The loss, the batch contract, which parameters are Retro's and initialisation live in
+``retro_jax.models.lm`` (``RetroLM``); this module is the pure Flax module.
+
 Incremental decoding (KV cache, chunk-wise retrieval) uses the same parameters:
 ``Retro.prefill`` and ``Retro.decode_step`` with ``mutable=['cache']``; see
 ``retro_jax.models.decoding`` and ``retro_jax.inference``.
@@ -249,39 +252,3 @@ class Retro(nn.Module):
       return None
     key = self.variables["cache"]["layers_0"].get("cached_key")
     return None if key is None else int(key.shape[1])
-
-
-def dummy_inputs(config: RetroConfig, batch: int = 1, num_chunks: int = 2
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """Token and neighbor arrays that create every parameter when passed to ``init``."""
-  tokens = np.zeros((batch, num_chunks * config.chunk_length), np.int32)
-  neighbors = np.zeros((batch, num_chunks, config.num_neighbors, config.neighbor_length),
-                       np.int32)
-  return tokens, neighbors
-
-
-def init_variables(config: RetroConfig, rng: Array) -> dict:
-  """Initialises every parameter (decoder, encoder and CCA), boxed with logical axes.
-
-  ``nn.unbox`` / ``flax.core.meta.unbox`` gives plain arrays; ``nn.get_partition_spec``
-  gives the logical axes.
-  """
-  tokens, neighbors = dummy_inputs(config)
-  return Retro(config).init(rng, tokens, neighbors)
-
-
-def abstract_params(config: RetroConfig, retrieval: bool = True) -> dict:
-  """The parameter tree's shapes and dtypes (``jax.ShapeDtypeStruct``, boxed with their
-  logical axes) without allocating it; ``retrieval=False``: the decoder's alone."""
-  tokens, neighbors = dummy_inputs(config)
-  return jax.eval_shape(lambda: Retro(config).init(
-      jax.random.PRNGKey(0), tokens, neighbors if retrieval else None)["params"])
-
-
-def init_params(config: RetroConfig, rng: Array) -> dict:
-  """Plain (unboxed) parameter pytree of a freshly initialised model."""
-  return nn.unbox(init_variables(config, rng))["params"]
-
-
-def param_count(params: Any) -> int:
-  return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))

@@ -28,7 +28,9 @@ import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from retro_jax.training.optimizers import RETRO_PARAM_NAMES
+from retro_jax.models import RetroConfig, RetroLM
+from retro_jax.models import lm
+from retro_jax.models import partitioning
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -176,15 +178,14 @@ def _resolve_checkpoint(path: str) -> tuple[str, int]:
   return directory, steps[-1]
 
 
-def config_meta(config: Any) -> dict:
+def config_meta(config: RetroConfig) -> dict:
   """The JSON form of a ``RetroConfig`` stored in a checkpoint's ``meta``."""
   return {"model_config": dataclasses.asdict(config)}
 
 
-def stored_model_config(path: str) -> Optional[Any]:
+def stored_model_config(path: str) -> Optional[RetroConfig]:
   """The ``RetroConfig`` stored in a checkpoint's ``meta`` (None for checkpoints
   written without one)."""
-  from retro_jax.models import RetroConfig  # pylint: disable=g-import-not-at-top
   directory, step = _resolve_checkpoint(path)
   meta_dir = os.path.join(directory, str(step), "meta")
   files = [os.path.join(meta_dir, f) for f in
@@ -240,32 +241,15 @@ def load_params(path: str, abstract_params: Any, *, partial: bool = False) -> An
   return restored["params"]
 
 
-def split_retro_params(params: Any) -> tuple[dict, dict]:
-  """Splits a parameter tree into (decoder, retro-only) flat dicts keyed by tuples."""
-  flat = traverse_util.flatten_dict(params)
-  decoder = {k: v for k, v in flat.items() if not any(p in RETRO_PARAM_NAMES for p in k)}
-  retro = {k: v for k, v in flat.items() if any(p in RETRO_PARAM_NAMES for p in k)}
-  return decoder, retro
-
-
 def retrofit_params(path: str, fresh_params: Any, abstract_params: Any) -> Any:
   """Decoder parameters from a checkpoint, encoder and CCA from ``fresh_params``.
 
   The checkpoint may be a GPT (decoder-only tree) or a Retro checkpoint (its retrieval
   parameters are ignored). Returns a tree with the structure of ``fresh_params``.
   """
-  abstract_decoder, _ = split_retro_params(abstract_params)
+  abstract_decoder, _ = lm.split_retro_params(abstract_params)
   decoder = load_params(path, traverse_util.unflatten_dict(abstract_decoder), partial=True)
-  merged = traverse_util.flatten_dict(fresh_params)
-  for key, value in traverse_util.flatten_dict(decoder).items():
-    merged[key] = value
-  return traverse_util.unflatten_dict(merged)
-
-
-def tree_shapes_equal(a: Any, b: Any) -> bool:
-  sa = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), a)
-  sb = jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), b)
-  return sa == sb
+  return lm.replace_params(fresh_params, decoder)
 
 
 def checkpoint_param_keys(path: str) -> set[tuple[str, ...]]:
@@ -277,24 +261,17 @@ def checkpoint_param_keys(path: str) -> set[tuple[str, ...]]:
 
 
 def has_retro_params(path: str) -> bool:
-  return any(any(p in RETRO_PARAM_NAMES for p in key) for key in checkpoint_param_keys(path))
+  """Whether the checkpoint at ``path`` holds the Retro part (a GPT one does not)."""
+  return any(lm.is_retro_path(key) for key in checkpoint_param_keys(path))
 
 
-def load_model_params(path: str, config: Any, mesh: jax.sharding.Mesh,
-                      rules=None) -> tuple[Any, Any, bool]:
+def load_model_params(path: str, config: RetroConfig, mesh: jax.sharding.Mesh,
+                      rules=partitioning.LOGICAL_AXIS_RULES) -> tuple[Any, Any, bool]:
   """Loads a GPT or Retro checkpoint for ``config`` into its shardings on ``mesh``.
 
   Returns ``(params, shardings, has_retro)``; a GPT checkpoint (decoder only) gives
   decoder parameters, usable with retrieval off.
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from retro_jax.models import abstract_params  # pylint: disable=g-import-not-at-top
-  from retro_jax.models import partitioning  # pylint: disable=g-import-not-at-top
-  rules = partitioning.LOGICAL_AXIS_RULES if rules is None else rules
   retro = has_retro_params(path)
-  boxed = abstract_params(config, retrieval=retro)
-  shardings = partitioning.logical_shardings(boxed, mesh, rules)
-  abstract = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
-      shardings)
+  abstract, shardings = RetroLM(config, retrieval=retro).sharded_abstract_params(mesh, rules)
   return load_params(path, abstract), shardings, retro

@@ -1,8 +1,9 @@
 """Optimiser: AdamW with warmup + cosine/linear/constant decay, clipping, decay masks.
 
-Retro parameters are split in two groups by name: ``retro`` (the Retro encoder, CCA and
-the norms in front of CCA: what retro-fitting adds) and ``decoder`` (everything a GPT
-checkpoint has). Per group one may scale the learning rate or freeze it:
+Retro parameters are split in two groups (``retro_jax.models.lm.param_groups``):
+``retro`` (the Retro encoder, CCA and the norms in front of CCA: what retro-fitting
+adds) and ``decoder`` (everything a GPT checkpoint has). Per group one may scale the
+learning rate or freeze it:
 
 * ``trainable='all'``: InstructRetro retro-fitting (decoder unfrozen) and pretraining.
 * ``trainable='retro'``: the original RETRO "retrofitting" with a frozen decoder.
@@ -21,26 +22,10 @@ import gin
 import jax
 import optax
 
-RETRO_PARAM_NAMES = ("cca", "retro_encoder", "pre_cca_norm")
+from retro_jax.models.lm import param_groups
+
 _TRAINABLE = ("all", "decoder", "retro")
 _SCHEDULES = ("cosine", "linear", "constant")
-
-
-def _path_names(path) -> list[str]:
-  names = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        names.append(str(getattr(key, attr)))
-        break
-  return names
-
-
-def param_groups(params: Any) -> Any:
-  """'retro' or 'decoder' for every leaf of a parameter tree."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: "retro" if any(n in RETRO_PARAM_NAMES for n in _path_names(path))
-      else "decoder", params)
 
 
 def decay_mask(params: Any) -> Any:

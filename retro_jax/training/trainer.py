@@ -3,13 +3,8 @@
 Batches come from a *batch source*: any object with ``get_batch(step) -> dict`` that
 returns this host's slice of the global batch for ``step`` as numpy arrays, a pure
 function of the step (so a resumed run sees exactly the batches of an uninterrupted
-one, and resuming never replays the stream). Features:
-
-    decoder_input_tokens   int32   [batch, n]
-    decoder_target_tokens  int32   [batch, n]      (the next token of each input)
-    decoder_loss_weights   float32 [batch, n]
-    neighbor_tokens        int32   [batch, n//m, k, r]   (Retro batches only)
-    neighbor_mask          bool    [batch, n//m, k]      (Retro batches only)
+one, and resuming never replays the stream). Their features, the loss and the
+initialisation are the model's (``retro_jax.models.lm.RetroLM``).
 
 The train step is jitted with explicit in/out shardings over a (data, fsdp, tensor)
 mesh (``retro_jax.models.partitioning``); the state is donated. Gradient
@@ -28,20 +23,17 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Protocol
 
 from absl import logging
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
-from retro_jax.models import Retro, RetroConfig, dummy_inputs
-from retro_jax.models.flops import count_flops, peak_tflops
+from retro_jax.models import RetroConfig, RetroLM
 from retro_jax.models import partitioning
+from retro_jax.models.flops import count_flops, peak_tflops
+from retro_jax.models.lm import NEIGHBOR_FEATURES, TOKEN_FEATURES
 from retro_jax.training.optimizers import OptimizerConfig, make_optimizer
-
-NEIGHBOR_FEATURES = ("neighbor_tokens", "neighbor_mask")
-TOKEN_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
 
 
 class BatchSource(Protocol):
@@ -57,79 +49,12 @@ class TrainState:
   opt_state: Any
 
 
-def lm_loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
-                 z_loss: float = 0.0) -> dict[str, jax.Array]:
-  """Weighted sums over tokens of cross-entropy, z-loss and accuracy.
-
-  Args:
-    logits: float32 [batch, n, vocab]; targets: int [batch, n]; weights: [batch, n].
-  Returns:
-    {'loss': sum w*CE, 'z_loss': sum w*z*logsumexp^2, 'correct': sum w*[argmax==t],
-     'weight': sum w}.
-  """
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  ce = log_z - target_logit
-  weights = weights.astype(jnp.float32)
-  return {
-      "loss": jnp.sum(ce * weights),
-      "z_loss": jnp.sum(z_loss * jnp.square(log_z) * weights),
-      "correct": jnp.sum((jnp.argmax(logits, -1) == targets) * weights),
-      "weight": jnp.sum(weights),
-  }
-
-
-def validate_batch(batch: dict[str, np.ndarray], config: RetroConfig, retrieval: bool,
-                   where: str = "batch") -> None:
-  """Checks the features' presence, ranks, dtypes and agreement; names the culprit."""
-  for key in TOKEN_FEATURES:
-    if key not in batch:
-      raise ValueError(f"{where}: missing feature {key!r} (has {sorted(batch)})")
-  tokens = batch["decoder_input_tokens"]
-  if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-    raise ValueError(f"{where}: decoder_input_tokens must be int [batch, n]; got "
-                     f"{tokens.dtype}{list(tokens.shape)}")
-  for key in TOKEN_FEATURES[1:]:
-    if batch[key].shape != tokens.shape:
-      raise ValueError(f"{where}: {key} has shape {list(batch[key].shape)}, expected "
-                       f"{list(tokens.shape)} like decoder_input_tokens")
-  if not retrieval:
-    return
-  for key in NEIGHBOR_FEATURES:
-    if key not in batch:
-      raise ValueError(f"{where}: a Retro run needs feature {key!r}; set retrieval=False "
-                       "for a GPT run")
-  b, n = tokens.shape
-  nb = batch["neighbor_tokens"]
-  expected = (b, n // config.chunk_length)
-  if nb.ndim != 4 or nb.shape[:2] != expected or nb.shape[3] != config.neighbor_length:
-    raise ValueError(f"{where}: neighbor_tokens has shape {list(nb.shape)}, expected "
-                     f"[{b}, {n // config.chunk_length}, k, {config.neighbor_length}]")
-  if batch["neighbor_mask"].shape != nb.shape[:3]:
-    raise ValueError(f"{where}: neighbor_mask has shape {list(batch['neighbor_mask'].shape)}"
-                     f", expected {list(nb.shape[:3])}")
-
-
 def batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding,
                     retrieval: bool) -> dict[str, jax.Array]:
   """Host-local numpy batch -> global arrays sharded over the batch axes."""
   keys = TOKEN_FEATURES + (NEIGHBOR_FEATURES if retrieval else ())
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
           for k in keys}
-
-
-def model_loss_sums(model: Retro, params: Any, batch: dict, *, retrieval: bool,
-                    z_loss: float = 0.0, rng: Optional[jax.Array] = None) -> dict:
-  """Loss sums of a batch; ``rng`` (dropout) makes it a training forward pass."""
-  deterministic = rng is None
-  neighbors = batch["neighbor_tokens"] if retrieval else None
-  mask = batch["neighbor_mask"] if retrieval else None
-  logits = model.apply({"params": params}, batch["decoder_input_tokens"], neighbors,
-                       neighbor_mask=mask, deterministic=deterministic,
-                       rngs=None if deterministic else {"dropout": rng})
-  return lm_loss_sums(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-                      z_loss)
 
 
 def summarize_eval_sums(totals: dict[str, float]) -> dict[str, float]:
@@ -145,23 +70,12 @@ class Evaluator:
   def __init__(self, config: RetroConfig, mesh: jax.sharding.Mesh, param_shardings: Any, *,
                retrieval: bool, rules=partitioning.LOGICAL_AXIS_RULES):
     self.config, self.mesh, self.rules, self.retrieval = config, mesh, rules, retrieval
-    self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    model = Retro(config)
-    self._step = jax.jit(
-        lambda params, batch: model_loss_sums(model, params, batch, retrieval=retrieval),
-        in_shardings=(param_shardings, self.batch_sharding))
-
-
-    def class_sums(params, batch, weights):
-      """Loss sums of one forward pass under several weightings [classes, batch, n]."""
-      logits = model.apply({"params": params}, batch["decoder_input_tokens"],
-                           batch["neighbor_tokens"] if retrieval else None,
-                           neighbor_mask=batch["neighbor_mask"] if retrieval else None)
-      return jax.vmap(lambda w: lm_loss_sums(logits, batch["decoder_target_tokens"], w)
-                      )(weights)
-
-    self.class_weight_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
-    self._class_step = jax.jit(class_sums, in_shardings=(
+    self.lm = RetroLM(config, retrieval=retrieval)
+    self.batch_sharding = partitioning.batch_sharding(mesh)
+    self._step = jax.jit(self.lm.loss_sums, in_shardings=(param_shardings,
+                                                          self.batch_sharding))
+    self.class_weight_sharding = partitioning.batch_sharding(mesh, batch_dim=1)
+    self._class_step = jax.jit(self.lm.class_loss_sums, in_shardings=(
         param_shardings, self.batch_sharding, self.class_weight_sharding))
 
   def evaluate(self, params: Any, source: BatchSource, num_batches: int) -> dict[str, float]:
@@ -169,7 +83,7 @@ class Evaluator:
     for i in range(num_batches):
       batch = source.get_batch(i)
       if i == 0:
-        validate_batch(batch, self.config, self.retrieval, "eval batch")
+        self.lm.validate_batch(batch, "eval batch")
       with partitioning.activation_sharding(self.mesh, self.rules):
         sums = self._step(params, batch_to_global(batch, self.batch_sharding, self.retrieval))
       for k, v in jax.device_get(sums).items():
@@ -192,7 +106,7 @@ class Evaluator:
     for i in range(num_batches):
       batch = source.get_batch(i)
       if i == 0:
-        validate_batch(batch, self.config, self.retrieval, "eval batch")
+        self.lm.validate_batch(batch, "eval batch")
       base = np.asarray(batch["decoder_loss_weights"], np.float32)
       masks = [np.asarray(fn(batch), bool) for fn in classes.values()]
       other = ~np.any(masks, axis=0) if masks else np.ones(base.shape, bool)
@@ -216,44 +130,34 @@ class Trainer:
                z_loss: float = 0.0, grad_accum_steps: int = 1, seed: int = 0,
                rules=partitioning.LOGICAL_AXIS_RULES):
     self.config = model_config
-    self.model = Retro(model_config)
+    # retro_params: the parameter tree holds the encoder and CCA (a Retro model) even
+    # when the steps run without retrieval (InstructRetro's SFT; see ``RetroLM``).
+    self.lm = RetroLM(model_config, retrieval=retrieval, retro_params=retro_params)
     self.mesh = mesh
     self.rules = rules
     self.retrieval = retrieval
-    # The parameter tree holds the encoder and CCA (a Retro model) even when the steps
-    # run without retrieval: InstructRetro's SFT trains the decoder of a Retro model
-    # with retrieval off, at the cost of its GPT decoder.
-    self.retro_params = retrieval if retro_params is None else retro_params
-    if retrieval and not self.retro_params:
-      raise ValueError("Trainer: retrieval=True needs retro_params (encoder and CCA)")
     self.z_loss = z_loss
     self.grad_accum_steps = grad_accum_steps
     self.seed = seed
     self.optimizer, self.schedule = make_optimizer(optimizer_config, train_steps)
-    abstract = jax.eval_shape(self._init_boxed, jax.random.PRNGKey(0))
-    self.state_shardings = partitioning.logical_shardings(abstract, mesh, rules)
-    self.abstract_state = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.unbox(abstract), self.state_shardings)
-    self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    self.abstract_state, self.state_shardings = partitioning.sharded_abstract(
+        self._init_boxed, mesh, rules)
+    self.batch_sharding = partitioning.batch_sharding(mesh)
     self._train_step = None
     self._evaluator: Optional[Evaluator] = None
 
   # Initialisation -------------------------------------------------------------------
 
   def _init_boxed(self, rng: jax.Array) -> TrainState:
-    tokens, neighbors = dummy_inputs(self.config)
-    variables = self.model.init(rng, tokens, neighbors if self.retro_params else None)
-    params = variables["params"]
+    params = self.lm.init_boxed(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.optimizer.init(params))
 
   def init_state(self, rng: Optional[jax.Array] = None) -> TrainState:
     """A fresh state, created directly in its shardings."""
     rng = jax.random.PRNGKey(self.seed) if rng is None else rng
-    with partitioning.activation_sharding(self.mesh, self.rules):
-      return jax.jit(lambda r: nn.unbox(self._init_boxed(r)),
-                     out_shardings=self.state_shardings)(rng)
+    return partitioning.sharded_init(self._init_boxed, rng, self.mesh, self.rules,
+                                     shardings=self.state_shardings)[0]
 
   def state_from_params(self, params: Any) -> TrainState:
     """A state at step 0 around given (sharded) parameters, with a fresh optimizer."""
@@ -271,8 +175,7 @@ class Trainer:
 
     def micro_grads(params, micro, rng):
       def objective(p):
-        sums = model_loss_sums(self.model, p, micro, retrieval=self.retrieval,
-                               z_loss=self.z_loss, rng=rng)
+        sums = self.lm.loss_sums(p, micro, z_loss=self.z_loss, rng=rng)
         return (sums["loss"] + sums["z_loss"]) / total_weight, sums
       return jax.grad(objective, has_aux=True)(params)
 
@@ -305,7 +208,7 @@ class Trainer:
   def train_step(self, state: TrainState, batch: dict[str, np.ndarray]
                  ) -> tuple[TrainState, dict]:
     if self._train_step is None:
-      validate_batch(batch, self.config, self.retrieval, "train batch")
+      self.lm.validate_batch(batch, "train batch")
       b = batch["decoder_input_tokens"].shape[0]
       if b % self.grad_accum_steps:
         raise ValueError(f"grad_accum_steps={self.grad_accum_steps} must divide the "
