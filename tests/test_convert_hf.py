@@ -1,13 +1,23 @@
 """Parity of HF GPT-2 / Llama-family decoders converted with `from_hf` (float32)."""
 
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import jax
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from retro_jax.convert.hf import decoder_config, from_hf  # noqa: E402
-from retro_jax.models import Retro  # noqa: E402
+from retro_jax.convert.hf import decoder_config, from_hf, load_hf_dir  # noqa: E402
+from retro_jax.models import Retro, RetroConfig  # noqa: E402
+from retro_jax.models import partitioning  # noqa: E402
+from retro_jax.training import checkpoints  # noqa: E402
+from retro_jax.utils import gin_utils  # noqa: E402
 
 
 def _tokens(vocab, batch=2, n=37, seed=0):
@@ -253,16 +263,6 @@ def test_unsupported_and_contradicting_inputs_are_named():
 def test_import_local_dir_as_gpt_checkpoint_for_the_recipes(tmp_path):
   """A saved HF Llama (safetensors, bf16 on disk) -> the command line -> a GPT
   checkpoint + model.gin that the training/eval loaders read back with HF logits."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from retro_jax.models import RetroConfig  # pylint: disable=g-import-not-at-top
-  from retro_jax.models import partitioning  # pylint: disable=g-import-not-at-top
-  from retro_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
-  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
-  import gin  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   hf_config = transformers.LlamaConfig(
       vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -302,5 +302,4 @@ def test_import_local_dir_as_gpt_checkpoint_for_the_recipes(tmp_path):
        f"--model_dir={out}"], cwd=repo, capture_output=True, text=True, check=False)
   assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr
   with pytest.raises(FileNotFoundError, match="no config.json"):
-    from retro_jax.convert.hf import load_hf_dir  # pylint: disable=g-import-not-at-top
     load_hf_dir(str(tmp_path))

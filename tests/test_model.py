@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from retro_jax.models import Retro, RetroConfig, default_cca_layers, init_params, param_count
 from retro_jax.models import cca
+from retro_jax.models import lm
 from retro_jax.models import partitioning
 
 M = 4  # chunk length of the small test models
@@ -238,6 +239,36 @@ def test_megatron_golden_cca_parameter_count():
   assert param_count(encoder0["cross_attention"]) == 1088
   assert param_count(encoder0["pre_mlp_norm"]) == 32
   assert "retro_encoder" not in params["layers_8"]
+
+
+# The wrapper's parameter facts ----------------------------------------------------------------
+
+
+def test_retro_params_are_exactly_what_the_gpt_tree_lacks():
+  """split/groups/has agree with the module: the decoder part of a Retro tree is the
+  GPT tree (same paths, shapes), the Retro part is non-empty and holds the encoder and
+  CCA of every CCA layer."""
+  config = small_config(mlp_gated=True, tie_embeddings=False)
+  retro_tree = nn.unbox(lm.abstract_params(config))
+  gpt_tree = nn.unbox(lm.abstract_params(config, retrieval=False))
+  decoder, retro = lm.split_retro_params(retro_tree)
+  gpt = traverse_util.flatten_dict(gpt_tree)
+  assert {k: v.shape for k, v in decoder.items()} == {k: v.shape for k, v in gpt.items()}
+  assert {k[0] for k in retro} == {f"layers_{i - 1}" for i in config.retro_layers}
+  assert any("retro_encoder" in k for k in retro)
+  groups = traverse_util.flatten_dict(lm.param_groups(retro_tree))
+  assert {k for k, g in groups.items() if g == "retro"} == set(retro)
+  assert lm.has_retro_params(retro_tree) and not lm.has_retro_params(gpt_tree)
+  merged = lm.replace_params(retro_tree, traverse_util.unflatten_dict(
+      {k: "gpt" for k in gpt}))
+  assert {k for k, v in traverse_util.flatten_dict(merged).items() if v == "gpt"} == set(gpt)
+
+
+def test_retro_lm_needs_retro_params_for_retrieval():
+  with pytest.raises(ValueError, match="retrieval=True needs retro_params"):
+    lm.RetroLM(small_config(), retrieval=True, retro_params=False)
+  assert lm.RetroLM(small_config(), retrieval=False).retro_params is False
+  assert lm.RetroLM(small_config(), retrieval=False, retro_params=True).retro_params
 
 
 # Options ----------------------------------------------------------------------------------

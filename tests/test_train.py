@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from retro_jax.models import Retro
+from retro_jax.models import Retro, abstract_params
 from retro_jax.train import train
 from retro_jax.training import checkpoints as ckpt_lib
 from retro_jax.models import partitioning
@@ -45,9 +45,8 @@ def test_retrofit_from_gpt_checkpoint(tmp_path):
   train(model_dir=gpt_dir, train_steps=20, train_source=_source(retrieval=False),
         model_config=CONFIG, optimizer_config=OPT, retrieval=False, log_every=5,
         checkpoint_every=20)
-  gpt_params = ckpt_lib.load_params(
-      gpt_dir, nn.unbox(jax.eval_shape(lambda: Retro(CONFIG).init(
-          jax.random.PRNGKey(0), np.zeros((1, 16), np.int32))["params"])))
+  gpt_params = ckpt_lib.load_params(gpt_dir, nn.unbox(abstract_params(CONFIG,
+                                                                      retrieval=False)))
 
   # The retro-fit initialisation reproduces the GPT exactly with retrieval off.
   trainer = Trainer(CONFIG, OPT, train_steps=1, mesh=partitioning.make_mesh())

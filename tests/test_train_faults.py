@@ -10,6 +10,7 @@ import gin
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from retro_jax.train import train
@@ -92,7 +93,6 @@ def test_non_finite_state_is_never_saved_or_resumed(tmp_path):
   with pytest.raises(FloatingPointError, match="not saving checkpoint step 1"):
     checkpointer.save(1, state.params, nan_opt, {"step": 1})
   # A diverged checkpoint written without the check (an older retro_jax) is refused.
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer.manager.save(1, args=ocp.args.Composite(
       params=ocp.args.StandardSave(huge), opt_state=ocp.args.StandardSave(state.opt_state),
       meta=ocp.args.JsonSave({"step": 1})), force=True)

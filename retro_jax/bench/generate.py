@@ -31,6 +31,7 @@ fetch); ``vs decoder`` is the ratio to the decoder-alone row of the same batch.
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 from typing import Any, Callable, Optional, Sequence
@@ -81,7 +82,6 @@ def build_retrieval(workdir: str, db_scale: float, embedder: Any, chunk_length: 
   paths = result["paths"]
 
   def texts(key):
-    import json  # pylint: disable=g-import-not-at-top
     with open(paths[key], encoding="utf-8") as f:
       return [json.loads(line)["text"] for line in f]
 
