@@ -47,7 +47,6 @@ import functools
 import time
 from typing import Any, Callable, Optional, Sequence, Union
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
