@@ -36,6 +36,10 @@ fixed thread count and no internal sampling or shuffling. Normalisation is the
 identity and whitespace is kept (as Llama's tokenizer), so ``decode(encode(text))
 == text`` and a chunk detokenizes to exactly its text for the embedder.
 
+A chunk's text is ``chunk_text(vocab, tokens, pad_id, eod_id)``: its tokens without pad
+and end-of-document ids, decoded (what the embedder sees, offline and at run time; as
+Megatron and NeMo, retrieval embeds the chunk *text*).
+
 ``get_vocabulary`` imports seqio (and so TensorFlow) lazily; ``load_sentencepiece``
 is the plain-SentencePiece loader the offline stages use.
 """
@@ -45,7 +49,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence
 
 from absl import logging
 import numpy as np
@@ -63,6 +67,16 @@ UNK_ID = 2
 # A default argument meaning "the vocabulary's own id" (``special_ids``), where None
 # already means something else (e.g. ``Generator(eos_id=None)``: never stop early).
 FROM_VOCAB = "vocab"
+
+
+class Vocabulary(Protocol):
+  """What retrieval needs of a tokeniser: ``encode`` text to ids, ``decode`` ids to text."""
+
+  def encode(self, text: str) -> Sequence[int]:
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ...
 
 
 def is_from_vocab(value: Any) -> bool:
@@ -160,6 +174,13 @@ def load_sentencepiece(path: str) -> spm.SentencePieceProcessor:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: SentencePiece model not found")
   return spm.SentencePieceProcessor(model_file=path)
+
+
+def chunk_text(vocab: Vocabulary, tokens: np.ndarray, pad_id: int, eod_id: Optional[int]
+               ) -> str:
+  """Detokenised text of a chunk without its pad and end-of-document tokens."""
+  ids = [int(t) for t in np.asarray(tokens).reshape(-1) if t != pad_id and t != eod_id]
+  return vocab.decode(ids)
 
 
 def _lines(documents: Iterable[str], max_bytes: int) -> Iterator[str]:

@@ -636,8 +636,7 @@ def load_embedder(name_or_path: str = DEFAULT_EMBEDDER, **options) -> FlaxSenten
 
 def _as_vocabulary(vocab: Any) -> Any:
   if isinstance(vocab, (str, os.PathLike)):
-    from retro_jax.data.vocab import load_sentencepiece  # pylint: disable=g-import-not-at-top
-    return load_sentencepiece(os.fspath(vocab))
+    return vocab_lib.load_sentencepiece(os.fspath(vocab))
   if not hasattr(vocab, "decode"):
     raise TypeError(f"vocab must be a SentencePiece model path or have decode(ids), got "
                     f"{type(vocab).__name__}")
@@ -710,11 +709,11 @@ class ChunkEmbedder:
 
   def texts(self, chunk_tokens: np.ndarray) -> list[str]:
     """chunk_tokens: int [n, m] -> n texts."""
-    from retro_jax.retrieval.retriever import chunk_text  # pylint: disable=g-import-not-at-top
     tokens = np.asarray(chunk_tokens)
     if tokens.ndim != 2:
       raise ValueError(f"chunk_tokens must be [n, m], got shape {tokens.shape}")
-    return [chunk_text(self.vocab, row, self.pad_id, self.eod_id) for row in tokens]
+    return [vocab_lib.chunk_text(self.vocab, row, self.pad_id, self.eod_id)
+            for row in tokens]
 
   def __call__(self, chunk_tokens: np.ndarray) -> np.ndarray:
     """chunk_tokens: int [n, m] -> float32 [n, dim]."""

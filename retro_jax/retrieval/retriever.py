@@ -24,7 +24,7 @@ concurrent requests never see a half-updated store.
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import faiss
@@ -37,16 +37,7 @@ from retro_jax.retrieval.formats import pad_document
 from retro_jax.retrieval.layout import RetrievalLayout
 
 
-class Vocabulary(Protocol):
-
-  def encode(self, text: str) -> Sequence[int]:
-    ...
-
-  def decode(self, ids: Sequence[int]) -> str:
-    ...
-
-
-def _ids(vocab: Vocabulary, pad_id, eod_id) -> tuple[int, Optional[int]]:
+def _ids(vocab: vocab_lib.Vocabulary, pad_id, eod_id) -> tuple[int, Optional[int]]:
   """``(pad_id, eod_id)`` with ``vocab_lib.FROM_VOCAB`` replaced by the vocabulary's ids
   (``vocab_lib.special_ids``; a toy vocabulary that declares none: our own layout)."""
   if vocab_lib.is_from_vocab(pad_id) or vocab_lib.is_from_vocab(eod_id):
@@ -54,13 +45,6 @@ def _ids(vocab: Vocabulary, pad_id, eod_id) -> tuple[int, Optional[int]]:
     pad_id = ids.pad if vocab_lib.is_from_vocab(pad_id) else pad_id
     eod_id = ids.eos if vocab_lib.is_from_vocab(eod_id) else eod_id
   return int(pad_id), None if eod_id is None else int(eod_id)
-
-
-def chunk_text(vocab: Vocabulary, tokens: np.ndarray, pad_id: int, eod_id: Optional[int]
-               ) -> str:
-  """Detokenised text of a chunk without its pad and end-of-document tokens."""
-  ids = [int(t) for t in np.asarray(tokens).reshape(-1) if t != pad_id and t != eod_id]
-  return vocab.decode(ids)
 
 
 class DocumentStore:
@@ -73,8 +57,8 @@ class DocumentStore:
   Thread-safe: one lock serialises ``add_documents``, ``reset`` and searches.
   """
 
-  def __init__(self, vocab: Vocabulary, embedder: Embedder, *, chunk_length: int = 64,
-               pad_id: int | str = vocab_lib.FROM_VOCAB,
+  def __init__(self, vocab: vocab_lib.Vocabulary, embedder: Embedder, *,
+               chunk_length: int = 64, pad_id: int | str = vocab_lib.FROM_VOCAB,
                eod_id: int | str | None = vocab_lib.FROM_VOCAB,
                max_chunks: int = 1_000_000):
     self.vocab, self.embedder = vocab, embedder
@@ -118,7 +102,8 @@ class DocumentStore:
         ids.append(self.eod_id)
       padded = pad_document(ids, m, self.pad_id, retrieval_db=True)
       chunks = padded[:-m].reshape(-1, m)
-      texts_of_chunks = [chunk_text(self.vocab, c, self.pad_id, self.eod_id) for c in chunks]
+      texts_of_chunks = [vocab_lib.chunk_text(self.vocab, c, self.pad_id, self.eod_id)
+                         for c in chunks]
       prepared.append((padded, chunks.shape[0], texts_of_chunks))
     all_chunk_texts = [t for _, _, ts in prepared for t in ts]
     embeddings = np.asarray(self.embedder.embed_texts(all_chunk_texts), np.float32)
@@ -188,7 +173,7 @@ class Retriever:
       ``index.search`` (pass one that sets nprobe / efSearch).
   """
 
-  def __init__(self, embedder: Embedder, vocab: Vocabulary, store: Any, *,
+  def __init__(self, embedder: Embedder, vocab: vocab_lib.Vocabulary, store: Any, *,
                index: Any = None, num_neighbors: int = 2,
                pad_id: int | str = vocab_lib.FROM_VOCAB,
                eod_id: int | str | None = vocab_lib.FROM_VOCAB, search_fn=None):
@@ -225,7 +210,8 @@ class Retriever:
         cid = int(ids[row, j])
         hits.append({"chunk_id": cid, "doc_id": int(self.store.doc_of_chunk(cid)),
                      "score": float(scores[row, j]),
-                     "text": chunk_text(self.vocab, tokens[row, j], self.pad_id, self.eod_id)})
+                     "text": vocab_lib.chunk_text(self.vocab, tokens[row, j], self.pad_id,
+                                                  self.eod_id)})
       info.append(hits)
     return tokens, mask, info
 
@@ -233,7 +219,7 @@ class Retriever:
                ) -> tuple[np.ndarray, np.ndarray, list[list[dict]]]:
     """The generation callback: neighbors of completed chunks [batch, m]."""
     del chunk_index
-    texts = [chunk_text(self.vocab, row, self.pad_id, self.eod_id)
+    texts = [vocab_lib.chunk_text(self.vocab, row, self.pad_id, self.eod_id)
              for row in np.asarray(chunk_tokens)]
     return self.query_texts(texts)
 
