@@ -11,9 +11,10 @@ import torch
 from retro_jax.bench.embedding import run_embedding_bench
 from retro_jax.data import vocab as vocab_lib
 from retro_jax.data.prose import prose_chunks
+from retro_jax.models.bert import pool
 from retro_jax.retrieval import embedders
 from retro_jax.retrieval.embedders import (ChunkEmbedder, FlaxSentenceEmbedder, load_embedder,
-                                           plan_batches, pool, resolve_embedder_dir)
+                                           plan_batches, resolve_embedder_dir)
 
 LONG = ("Retrieval-enhanced transformers split a large corpus into chunks, embed every "
         "chunk with a frozen BERT encoder and look up the nearest neighbours of each "
