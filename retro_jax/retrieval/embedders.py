@@ -342,7 +342,6 @@ class MemoizedEmbedder:
     return out
 
 
-@gin.configurable
 class ChunkEmbedder:
   """Chunk tokens -> vectors: detokenise (dropping pad and EOD ids), then embed the text.
 

@@ -28,12 +28,14 @@ from typing import Any, Optional, Sequence
 
 from absl import logging
 import faiss
-import gin
 import numpy as np
 
 from retro_jax.data import vocab as vocab_lib
-from retro_jax.retrieval.embedders import Embedder
-from retro_jax.retrieval.formats import pad_document
+from retro_jax.retrieval import formats
+from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval.chunk_db import layout_ids
+from retro_jax.retrieval.embedders import Embedder, load_embedder
+from retro_jax.retrieval.embeddings import Embeddings
 from retro_jax.retrieval.layout import RetrievalLayout
 
 
@@ -100,7 +102,7 @@ class DocumentStore:
       ids = list(self.vocab.encode(text))
       if self.eod_id is not None:
         ids.append(self.eod_id)
-      padded = pad_document(ids, m, self.pad_id, retrieval_db=True)
+      padded = formats.pad_document(ids, m, self.pad_id, retrieval_db=True)
       chunks = padded[:-m].reshape(-1, m)
       texts_of_chunks = [vocab_lib.chunk_text(self.vocab, c, self.pad_id, self.eod_id)
                          for c in chunks]
@@ -157,7 +159,6 @@ class DocumentStore:
       return self.index.search(np.asarray(queries, np.float32), k)
 
 
-@gin.configurable
 class Retriever:
   """Embedder + index + chunk store; the ``retrieve`` callback of generation.
 
@@ -241,19 +242,12 @@ class Retriever:
       embedder: An already loaded embedder (default: ``load_embedder`` of the build's).
       use_gpu: Search on a GPU copy of the index when faiss has GPUs ('auto').
     """
-    # pylint: disable=g-import-not-at-top
-    from retro_jax.data.vocab import load_sentencepiece
-    from retro_jax.retrieval import formats
-    from retro_jax.retrieval import index as index_lib
-    from retro_jax.retrieval.chunk_db import layout_ids
-    # pylint: enable=g-import-not-at-top
     layout = root if isinstance(root, RetrievalLayout) else RetrievalLayout(root)
     config = layout.read_config()
     missing = [key for key in ("embedder", "num_neighbors") if key not in config]
     if missing:
       raise ValueError(f"{layout.config_path}: missing settings {missing}")
     if embedder is None:
-      from retro_jax.retrieval.embedders import load_embedder  # pylint: disable=g-import-not-at-top
       embedder = load_embedder(config["embedder"])
     want = config.get("embedder_fingerprint")
     have = getattr(embedder, "fingerprint", None)
@@ -266,7 +260,6 @@ class Retriever:
                                  expected_ntotal=store.num_chunks)
     refine = None
     if index_lib.needs_refine(index):       # fast-scan codes: re-rank with the vectors
-      from retro_jax.retrieval.embeddings import Embeddings  # pylint: disable=g-import-not-at-top
       refine = Embeddings(layout.embeddings_dir)
     searcher = index_lib.IndexSearcher(
         index, nprobe=nprobe if nprobe is not None else config.get("nprobe"),
@@ -274,14 +267,14 @@ class Retriever:
         refine=refine, k_factor=config.get("k_factor") if refine is not None else None,
         use_gpu=use_gpu, path=layout.index_path)
     ids = {k: v for k, v in layout_ids(layout).items() if v is not None}
-    return cls(embedder, load_sentencepiece(layout.vocab_path), store, index=searcher,
-               num_neighbors=num_neighbors or int(config["num_neighbors"]), **ids)
+    return cls(embedder, vocab_lib.load_sentencepiece(layout.vocab_path), store,
+               index=searcher, num_neighbors=num_neighbors or int(config["num_neighbors"]),
+               **ids)
 
 
-@gin.configurable
 def load_retriever(root: str, *, nprobe: Optional[int] = None,
                    ef_search: Optional[int] = None, num_neighbors: Optional[int] = None,
                    use_gpu="auto") -> Retriever:
-  """``Retriever.from_layout`` for gin and command lines."""
+  """``Retriever.from_layout`` with the build's embedder (what the entry points call)."""
   return Retriever.from_layout(root, nprobe=nprobe, ef_search=ef_search,
                                num_neighbors=num_neighbors, use_gpu=use_gpu)
