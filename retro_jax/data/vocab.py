@@ -51,10 +51,13 @@ import io
 import os
 from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence
 
+from absl import app
+from absl import flags
 from absl import logging
 import numpy as np
 import sentencepiece as spm
 
+from retro_jax.data import corpus as corpus_lib
 from retro_jax.utils.io import atomic_path
 from retro_jax.utils.io import atomic_write_text
 
@@ -280,7 +283,6 @@ def train_sentencepiece(documents: Iterable[str], output_prefix: str,
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_multi_string("input", None, "Corpus files, directories, globs or "
                             "tfds:<name>.", required=True)
   flags.DEFINE_string("output_prefix", None, "Writes <prefix>.model and .vocab.",
@@ -310,8 +312,6 @@ def _take(documents: Iterable[str], limit: Optional[int]) -> Iterator[str]:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from retro_jax.data import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   inputs = f.input[0] if len(f.input) == 1 else f.input
   corpus = corpus_lib.open_corpus(inputs, format=f.format, text_key=f.text_key,
@@ -326,6 +326,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(main)
