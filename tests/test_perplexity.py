@@ -6,7 +6,7 @@ import pytest
 from retro_jax.data.synthetic import SyntheticRetroSource
 from retro_jax.evaluation.perplexity import load_results, perplexity_table, write_results
 from retro_jax.models import RetroConfig
-from retro_jax.train import train
+from retro_jax.training.loop import train
 from retro_jax.training.optimizers import OptimizerConfig
 
 CONFIG = RetroConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64,

@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from retro_jax.data import tasks
 from retro_jax.models import RetroConfig
-from retro_jax.train import train
+from retro_jax.training.loop import train
 from retro_jax.training import checkpoints as ckpt_lib
 from retro_jax.training.trainer import read_metrics
 from retro_jax.utils import gin_utils

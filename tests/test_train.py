@@ -14,7 +14,7 @@ import pytest
 from flax import traverse_util
 
 from retro_jax.models import Retro, abstract_params
-from retro_jax.train import train
+from retro_jax.training.loop import train
 from retro_jax.training import checkpoints as ckpt_lib
 from retro_jax.models import partitioning
 from retro_jax.training.optimizers import OptimizerConfig

@@ -13,7 +13,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from retro_jax.train import train
+from retro_jax.training.loop import train
 from retro_jax.training import checkpoints as ckpt_lib
 from retro_jax.models import partitioning
 from retro_jax.training.optimizers import OptimizerConfig
