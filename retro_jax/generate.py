@@ -28,98 +28,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
+from absl import app
 from absl import flags
 from absl import logging
 import gin
-import jax
 
-from retro_jax.data import vocab as vocab_lib
-from retro_jax.inference.generator import Generator, GenerationResult
+from retro_jax.inference.generator import GenerationResult
+from retro_jax.inference.loading import load_generator, read_passages, read_prompts
 from retro_jax.inference.sampling import SamplingConfig
 from retro_jax.models import RetroConfig
-from retro_jax.training import checkpoints as ckpt_lib
-from retro_jax.models import partitioning
 from retro_jax.utils import gin_utils
 from retro_jax.utils.io import atomic_write_text
-
-
-def read_prompts(path: str) -> tuple[list[str], Optional[list[list[str]]]]:
-  """Prompts (and per-prompt passages, if any row has them) from a .txt or .jsonl file."""
-  from retro_jax.data.chat import format_passage  # pylint: disable=g-import-not-at-top
-  prompts, passages, any_passages = [], [], False
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      if not path.endswith(".jsonl"):
-        prompts.append(line.rstrip("\n"))
-        passages.append([])
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not JSON ({e})") from e
-      if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-        raise ValueError(f"{path}:{number}: expected {{\"prompt\": str, \"passages\": "
-                         f"[...] (optional)}}")
-      prompts.append(row["prompt"])
-      passages.append([format_passage(p) for p in row.get("passages", [])])
-      any_passages |= bool(row.get("passages"))
-  if not prompts:
-    raise ValueError(f"{path}: no prompts")
-  return prompts, (passages if any_passages else None)
-
-
-def read_passages(path: str) -> list[str]:
-  """Passages from a .txt file (one per line) or .jsonl (``{"title", "text"}`` rows)."""
-  from retro_jax.data.chat import format_passage  # pylint: disable=g-import-not-at-top
-  with open(path, encoding="utf-8") as f:
-    lines = [line.rstrip("\n") for line in f if line.strip()]
-  if path.endswith(".jsonl"):
-    return [format_passage(json.loads(line)) for line in lines]
-  return lines
-
-
-def load_generator(checkpoint: str, *, model_config: Optional[RetroConfig] = None,
-                   vocab_path: Optional[str] = None, retrieval_dir: Optional[str] = None,
-                   mesh_shape: Optional[dict] = None, retriever: Any = None) -> Generator:
-  """A ``Generator`` for a checkpoint (GPT or Retro), its vocabulary and a retriever.
-
-  Args:
-    checkpoint: MODEL_DIR or one step's directory.
-    model_config: the architecture (default: the one stored in the checkpoint, else
-      ``RetroConfig()`` as bound by gin).
-    vocab_path: SentencePiece model (default: ``MODEL_DIR/vocab/spm.model`` when the
-      model directory has one, else the retrieval directory's).
-    retrieval_dir: a prepared retrieval directory for live retrieval, or None.
-    mesh_shape: devices to hold the parameters (default: one device).
-    retriever: an already built retriever (instead of ``retrieval_dir``).
-  """
-  from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval.layout import RetrievalLayout  # pylint: disable=g-import-not-at-top
-  config = model_config or ckpt_lib.stored_model_config(checkpoint) or RetroConfig()
-  if vocab_path is None:
-    vocab_path = ckpt_lib.model_dir_vocab(checkpoint)
-  if vocab_path is None:
-    if retrieval_dir is None:
-      raise ValueError("--vocab is required without --retrieval_dir (or a model "
-                       "directory with vocab/spm.model)")
-    vocab_path = RetrievalLayout(retrieval_dir).vocab_path
-  vocab = vocab_lib.load_sentencepiece(vocab_path)
-  if mesh_shape is None:
-    mesh = partitioning.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  else:
-    mesh = partitioning.make_mesh(mesh_shape)
-  params, _, has_retro = ckpt_lib.load_model_params(checkpoint, config, mesh)
-  if retriever is None and retrieval_dir is not None:
-    retriever = retriever_lib.load_retriever(retrieval_dir)
-  if not has_retro and retriever is not None:
-    logging.warning("%s holds a decoder without encoder/CCA: generating without "
-                    "retrieval", checkpoint)
-    retriever = None
-  return Generator(config, params, vocab, retriever=retriever)
 
 
 @gin.configurable
@@ -195,7 +116,6 @@ def _define_flags() -> None:
 
 def main(argv) -> None:
   del argv
-  from absl import app  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   gin_utils.parse_gin(f.gin_file, f.gin_bindings)
   if not f.checkpoint:

@@ -28,6 +28,14 @@ step killed midway resumes from its last checkpoint):
                    new facts;
  7. ``report``     loss and perplexity plots (PNG) and ``RUN_DIR/report.md``.
 
+This module is the driver (the steps, their gin files, the run directory, the
+manifest); what a step computes lives in the library: the training run in
+``retro_jax.training.loop``, perplexity and token classes in
+``retro_jax.evaluation.perplexity``, QA and its paired statistics in
+``retro_jax.evaluation.qa``, the knowledge-update scores in
+``retro_jax.evaluation.knowledge_update``, plots and the report in
+``retro_jax.evaluation.report``.
+
 ``--gin.KEY=VALUE`` bindings apply to every step (e.g. ``--gin.RetroConfig.hidden_size=192``,
 ``--gin.TRAIN_STEPS=400`` for all training steps, or a step's own macro such as
 ``--gin.GPT_STEPS=500``; see ``gin/miniature/*.gin``).
@@ -47,9 +55,24 @@ from absl import logging
 import gin
 import numpy as np
 
+from retro_jax import preprocess as preprocess_lib
+from retro_jax.data import chat
+from retro_jax.data import encyclopedia
+from retro_jax.data import tasks  # pylint: disable=unused-import  # step gin files bind its sources
+from retro_jax.evaluation import knowledge_update as update_lib
+from retro_jax.evaluation import qa as qa_lib
+from retro_jax.evaluation import report as report_lib
+from retro_jax.evaluation.perplexity import db_only_token_classes, eval_perplexity
+from retro_jax.inference.loading import load_generator
+from retro_jax.models import RetroConfig
+from retro_jax.retrieval import embedders
+from retro_jax.retrieval import formats
+from retro_jax.retrieval.embeddings import Embeddings
 from retro_jax.retrieval.layout import RetrievalLayout
+from retro_jax.retrieval.retriever import load_retriever
+from retro_jax.training.loop import train
 from retro_jax.utils import gin_utils
-from retro_jax.utils.io import Manifest, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from retro_jax.utils.io import Manifest, atomic_write_json, atomic_write_jsonl, read_jsonl
 
 RECIPE_VERSION = 1
 STEP_GIN = {
@@ -115,9 +138,8 @@ CORPUS_FILES = ("pretrain", "retrofit", "retrieval", "heldout", "sft_qa", "qa_te
                 "updates", "retrieval_updated")
 
 
-def _read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+def _read_rows(path: str) -> list[dict]:
+  return [row for _, row in read_jsonl(path)]
 
 
 def corpus_files(corpus_dir: str) -> dict[str, Optional[str]]:
@@ -139,10 +161,11 @@ def split_documents(documents: str, output_dir: str, *, text_key: str = "text",
   QA, instruction tuning on the corpus and the knowledge update need QA files, which a
   plain corpus does not have: those steps are skipped.
   """
-  rows = _read_jsonl(documents)
-  for i, row in enumerate(rows):
+  rows = []
+  for where, row in read_jsonl(documents):
     if not isinstance(row.get(text_key), str):
-      raise ValueError(f"{documents}:{i + 1}: no string field {text_key!r}")
+      raise ValueError(f"{where}: no string field {text_key!r}")
+    rows.append(row)
   order = list(range(len(rows)))
   random.Random(seed).shuffle(order)
   n_held = max(1, int(len(rows) * heldout_fraction))
@@ -168,7 +191,6 @@ def build_retrieval(files: Mapping[str, Optional[str]], output_dir: str, *,
   """``retro_jax.preprocess`` over the corpus: the retro-fitting text is the 'train'
   split (neighbors, same-document exclusion), the held-out text 'valid' (neighbors),
   the GPT pretraining text 'pretrain' (a query DB only)."""
-  from retro_jax import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
   splits = {"valid": files["heldout"]} if files.get("heldout") else {}
   lm_splits = {"pretrain": files["pretrain"]} if files.get("pretrain") else {}
   return preprocess_lib.preprocess(files["retrieval"], output_dir,
@@ -183,19 +205,15 @@ def build_retrieval(files: Mapping[str, Optional[str]], output_dir: str, *,
 
 
 def _parse_step_gin(gin_file: str, bindings: Sequence[str], overrides: Sequence[str]) -> None:
+  # Every configurable a --gin binding may name, whichever step parses it, is
+  # registered by this module's imports (data.tasks' batch sources among them).
   gin.clear_config()
-  # Every configurable a --gin binding may name, whichever step parses it.
-  import retro_jax.data.encyclopedia  # pylint: disable=g-import-not-at-top,unused-import
-  import retro_jax.data.tasks  # pylint: disable=g-import-not-at-top,unused-import
-  import retro_jax.eval  # pylint: disable=g-import-not-at-top,unused-import
-  import retro_jax.train  # pylint: disable=g-import-not-at-top,unused-import
   gin_utils.parse_gin([gin_file], list(bindings) + list(overrides))
 
 
 def run_training(step: str, layout: RunLayout, bindings: Mapping[str, Any],
                  overrides: Sequence[str]) -> dict:
   """Runs one training step's gin file with the run's directories bound."""
-  from retro_jax.train import train  # pylint: disable=g-import-not-at-top
   values = {"MODEL_DIR": layout.model_dir(step), "RETRIEVAL_DIR": layout.retrieval_dir,
             **bindings}
   _parse_step_gin(STEP_GIN[step], [f"{k} = {v!r}" for k, v in values.items()], overrides)
@@ -211,9 +229,7 @@ def build_sft_data(qa_file: str, retriever: Any, output_path: str, *,
   (``retro_jax.data.chat``) as the zero-shot QA prompt ``qa_prompt`` followed by the
   answer, so the model is tuned on the prompt it is evaluated with.
   """
-  from retro_jax.data import chat  # pylint: disable=g-import-not-at-top
-  from retro_jax.eval import with_retrieved_contexts  # pylint: disable=g-import-not-at-top
-  rows = with_retrieved_contexts(_read_jsonl(qa_file), retriever, num_passages)
+  rows = qa_lib.with_retrieved_contexts(_read_rows(qa_file), retriever, num_passages)
   records = []
   for row in rows:
     answer = row["answers"][0]
@@ -237,43 +253,12 @@ def build_sft_data(qa_file: str, retriever: Any, output_path: str, *,
 def sample_questions(qa_file: str, output_path: str, *, max_questions: int = 200,
                      seed: int = 0) -> str:
   """A seeded random sample of ``max_questions`` rows of a QA file, in file order."""
-  rows = _read_jsonl(qa_file)
+  rows = _read_rows(qa_file)
   rng = random.Random(seed)
   order = list(range(len(rows)))
   rng.shuffle(order)
   atomic_write_jsonl(output_path, [rows[i] for i in sorted(order[:max_questions])])
   return output_path
-
-
-def db_only_token_classes(kb_path: str, vocab_path: str, chunk_length: int
-                          ) -> Optional[dict[str, Any]]:
-  """Token classes of the held-out text (the encyclopedia's db-only entities), each
-  example being one document: the values of their facts, split into first mentions
-  before the first chunk's neighbors arrive (positions < chunk_length - 1: no retrieval
-  can help), first mentions after (what retrieval is for) and repeated mentions (the
-  decoder can copy them from the document itself); and their names, first and repeated
-  mentions (a decoder that copies from its context predicts a repeated name almost
-  surely). None for a corpus without ``kb.json``."""
-  if not os.path.exists(kb_path):
-    return None
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  from retro_jax.evaluation.perplexity import PhraseMatcher  # pylint: disable=g-import-not-at-top
-  with open(kb_path, encoding="utf-8") as f:
-    entities = [e for e in json.load(f)["entities"] if e["split"] == "db_only"]
-  encode = spm.SentencePieceProcessor(model_file=vocab_path).encode
-  values = sorted({v for e in entities for v in e["facts"].values()})
-  names = sorted({e["name"] for e in entities} | {w for e in entities
-                                                 for w in e["name"].split() if len(w) > 3})
-  first_neighbors = chunk_length - 1
-  value_matcher, name_matcher = PhraseMatcher(encode, values), PhraseMatcher(encode, names)
-  return {
-      "fact values, first mention, first chunk": value_matcher.select(
-          mentions="first", positions=(0, first_neighbors)),
-      "fact values, first mention, later chunks": value_matcher.select(
-          mentions="first", positions=(first_neighbors, None)),
-      "fact values, repeated": value_matcher.select(mentions="repeated"),
-      "entity names, first mention": name_matcher.select(mentions="first"),
-      "entity names, repeated": name_matcher.select(mentions="repeated")}
 
 
 @gin.configurable
@@ -287,39 +272,6 @@ def qa_settings(*, num_passages: int = 2,
                      f"update uses it); got {sorted(retro_modes)}")
   return {"num_passages": num_passages, "gpt_modes": dict(gpt_modes),
           "retro_modes": dict(retro_modes)}
-
-
-def paired_qa_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """InstructRetro vs GPT-Instruct on the same questions, each InstructRetro mode
-  against the GPT-Instruct mode with as many passages in the prompt
-  (``qa.paired_exact_match``: the questions only one of them answers right, and the
-  sign test's p-value)."""
-  from retro_jax.evaluation import qa as qa_lib  # pylint: disable=g-import-not-at-top
-  out = []
-  for retro in (r for r in rows if r["model"] == "InstructRetro"):
-    for gpt in (r for r in rows if r["model"] == "GPT-Instruct"
-                and r["num_passages"] == retro["num_passages"]):
-      pair = qa_lib.paired_exact_match(_read_jsonl(retro["predictions"]),
-                                       _read_jsonl(gpt["predictions"]))
-      out.append({"InstructRetro": retro["mode"], "GPT-Instruct": gpt["mode"],
-                  "retro_only": pair["a_only"], "gpt_only": pair["b_only"],
-                  "both": pair["both"], "count": pair["count"],
-                  "p_value": round(pair["p_value"], 4)})
-  return out
-
-
-def knowledge_update_scores(predictions_path: str, updates: Sequence[Mapping[str, Any]]
-                            ) -> dict[str, float]:
-  """How often answers follow the new facts (and how often they keep the old ones)."""
-  from retro_jax.evaluation import qa as qa_lib  # pylint: disable=g-import-not-at-top
-  rows = _read_jsonl(predictions_path)
-  if len(rows) != len(updates):
-    raise ValueError(f"{predictions_path}: {len(rows)} predictions for {len(updates)} "
-                     "updated facts")
-  new = [qa_lib.exact_match(r["prediction"], u["new_answers"]) for r, u in zip(rows, updates)]
-  old = [qa_lib.exact_match(r["prediction"], u["old_answers"]) for r, u in zip(rows, updates)]
-  return {"follows_new": float(np.mean(new)), "keeps_old": float(np.mean(old)),
-          "count": len(rows)}
 
 
 # ----------------------------------------------------------------------------------
@@ -386,7 +338,6 @@ class Recipe:
 
   def retriever(self):
     if self._retriever is None:
-      from retro_jax.retrieval.retriever import load_retriever  # pylint: disable=g-import-not-at-top
       self._retriever = load_retriever(self.layout.retrieval_dir)
     return self._retriever
 
@@ -398,9 +349,8 @@ class Recipe:
   def step_corpus(self):
     if self.documents:
       files = split_documents(self.documents, self.layout.corpus_dir, seed=self.seed)
-      counts = {k: len(_read_jsonl(p)) for k, p in files.items() if p}
+      counts = {k: len(_read_rows(p)) for k, p in files.items() if p}
     else:
-      from retro_jax.data import encyclopedia  # pylint: disable=g-import-not-at-top
       _parse_step_gin(CORPUS_GIN, (), self.overrides)
       result = encyclopedia.generate_corpus(self.layout.corpus_dir, scale=self.scale,
                                             seed=self.seed)
@@ -435,7 +385,7 @@ class Recipe:
     self._eval_gin()
     path = build_sft_data(self.files["sft_qa"], self.retriever(),
                           os.path.join(self.layout.sft_dir, "qa_with_passages.jsonl"))
-    return [path], {"examples": len(_read_jsonl(path))}
+    return [path], {"examples": len(_read_rows(path))}
 
   def _sft(self, step: str, init: str):
     qa = os.path.join(self.layout.sft_dir, "qa_with_passages.jsonl")
@@ -450,8 +400,6 @@ class Recipe:
     return self._sft("gpt_instruct", "gptfit")
 
   def step_eval_perplexity(self):
-    from retro_jax.eval import eval_perplexity  # pylint: disable=g-import-not-at-top
-    from retro_jax.models import RetroConfig  # pylint: disable=g-import-not-at-top
     if not self.files.get("heldout"):
       return None, {"reason": "no held-out text"}
     self._eval_gin()
@@ -470,7 +418,6 @@ class Recipe:
     return outputs, info
 
   def step_eval_qa(self):
-    from retro_jax.eval import eval_qa, with_retrieved_contexts  # pylint: disable=g-import-not-at-top
     if not self.files.get("qa_test") or not os.path.isdir(
         self.layout.model_dir("instructretro")):
       return None, {"reason": "no QA test set or no instruction-tuned models"}
@@ -479,22 +426,22 @@ class Recipe:
                                  os.path.join(self.layout.eval_dir, "qa_questions.jsonl"))
     questions_with_ctxs = os.path.join(self.layout.eval_dir, "qa_questions_ctxs.jsonl")
     settings = qa_settings()
-    atomic_write_jsonl(questions_with_ctxs, with_retrieved_contexts(
-        _read_jsonl(questions), self.retriever(), settings["num_passages"]))
+    atomic_write_jsonl(questions_with_ctxs, qa_lib.with_retrieved_contexts(
+        _read_rows(questions), self.retriever(), settings["num_passages"]))
     rows = []
     for name, model, modes in (
         ("GPT-Instruct", "gpt_instruct", settings["gpt_modes"]),
         ("InstructRetro", "instructretro", settings["retro_modes"])):
-      rows += eval_qa(output_dir=self.layout.eval_dir, checkpoint=self.layout.model_dir(model),
-                      qa_file=questions_with_ctxs, retrieval_dir=self.layout.retrieval_dir,
-                      model_name=name, modes=modes, retriever=self.retriever())
+      rows += qa_lib.eval_qa(output_dir=self.layout.eval_dir,
+                             checkpoint=self.layout.model_dir(model),
+                             qa_file=questions_with_ctxs,
+                             retrieval_dir=self.layout.retrieval_dir, model_name=name,
+                             modes=modes, retriever=self.retriever())
     atomic_write_json(os.path.join(self.layout.eval_dir, "qa.json"), rows)
     return [os.path.join(self.layout.eval_dir, "qa.json")], {
-        "rows": rows, "paired": paired_qa_rows(rows)}
+        "rows": rows, "paired": qa_lib.paired_qa_rows(rows)}
 
   def step_knowledge_update(self):
-    from retro_jax.eval import eval_qa, with_retrieved_contexts  # pylint: disable=g-import-not-at-top
-    from retro_jax.retrieval.retriever import load_retriever  # pylint: disable=g-import-not-at-top
     files = self.files
     if not (files.get("updates") and files.get("retrieval_updated")
             and os.path.isdir(self.layout.model_dir("instructretro"))):
@@ -505,33 +452,33 @@ class Recipe:
                                       self.layout.updated_retrieval_dir)
     updated = rebuild["retrieval_dir"]
     rebuild_seconds = time.time() - began
-    updates = _read_jsonl(files["updates"])
+    updates = _read_rows(files["updates"])
     settings = qa_settings()
     num_passages = settings["num_passages"]
     modes = {"retrieval": settings["retro_modes"]["retrieval"]}
     out_dir = os.path.join(self.layout.eval_dir, "knowledge_update")
     results, completions = {}, {}
-    cloze = fact_completion_prompts(files.get("heldout"), updates)
+    cloze = update_lib.fact_completion_prompts(files.get("heldout"), updates)
     lm = None
     if cloze[0] and os.path.isdir(self.layout.model_dir("retro")):
-      from retro_jax.generate import load_generator  # pylint: disable=g-import-not-at-top
       lm = load_generator(self.layout.model_dir("retro"),
                           vocab_path=RetrievalLayout(self.layout.retrieval_dir).vocab_path)
     for db_name, root, retriever in (
         ("original DB", self.layout.retrieval_dir, self.retriever()),
         ("updated DB", updated, load_retriever(updated))):
       if lm is not None:
-        completions[db_name] = fact_completion_scores(
+        completions[db_name] = update_lib.fact_completion_scores(
             lm, retriever, *cloze,
             os.path.join(out_dir, f"completions_{db_name.split()[0]}.jsonl"))
       rows = [{"question": u["question"], "answers": u["new_answers"]} for u in updates]
       path = os.path.join(out_dir, f"questions_{db_name.split()[0]}.jsonl")
-      atomic_write_jsonl(path, with_retrieved_contexts(rows, retriever, num_passages))
+      atomic_write_jsonl(path, qa_lib.with_retrieved_contexts(rows, retriever, num_passages))
       name = f"InstructRetro_{db_name.split()[0]}"
-      [row] = eval_qa(output_dir=out_dir, checkpoint=self.layout.model_dir("instructretro"),
-                      qa_file=path, retrieval_dir=root, model_name=name, modes=modes,
-                      retriever=retriever)
-      results[db_name] = knowledge_update_scores(row["predictions"], updates)
+      [row] = qa_lib.eval_qa(output_dir=out_dir,
+                             checkpoint=self.layout.model_dir("instructretro"),
+                             qa_file=path, retrieval_dir=root, model_name=name,
+                             modes=modes, retriever=retriever)
+      results[db_name] = update_lib.knowledge_update_scores(row["predictions"], updates)
     info = {"results": results, "completions": completions, "facts": len(updates),
             "rebuild_seconds": round(rebuild_seconds, 1),
             "embedded_anew": rebuild["embedded_anew"], "chunk_texts": rebuild["chunk_texts"]}
@@ -539,7 +486,10 @@ class Recipe:
     return [os.path.join(out_dir, "knowledge_update.json")], info
 
   def step_report(self):
-    paths = write_report(self)
+    paths = report_lib.write_recipe_report(
+        self.layout.report_path, run_dir=self.layout.root,
+        model_dirs={step: self.layout.model_dir(step) for step in STEP_GIN},
+        infos={step: self.info(step) for step in STEPS})
     self.print(open(self.layout.report_path, encoding="utf-8").read())  # pylint: disable=consider-using-with
     return paths, {}
 
@@ -549,50 +499,10 @@ class Recipe:
 # ----------------------------------------------------------------------------------
 
 
-def fact_completion_prompts(heldout_path: Optional[str], updates: Sequence[Mapping[str, Any]]
-                            ) -> tuple[list[str], list[Mapping[str, Any]]]:
-  """The knowledge update as language modelling: for each changed fact, the held-out
-  document of its entity (not in the DB) up to the fact's old value, e.g. "Krabre Rakro
-  was an instrument maker from Kekribe, who lived from 1805 to". Returns (prompts,
-  their update rows); facts whose value the held-out text does not state are left out.
-  """
-  if not heldout_path:
-    return [], []
-  heldout = {d.get("entity"): d["text"] for d in _read_jsonl(heldout_path)}
-  prompts, rows = [], []
-  for update in updates:
-    text = heldout.get(update["entity"], "")
-    position = text.find(update["old"])
-    if position > 0:
-      prompts.append(text[:position].rstrip())
-      rows.append(update)
-  return prompts, rows
-
-
-def fact_completion_scores(generator: Any, retriever: Any, prompts: Sequence[str],
-                           updates: Sequence[Mapping[str, Any]], output_path: str,
-                           max_new_tokens: int = 10) -> dict[str, float]:
-  """Greedy continuations of ``prompts`` by a Retro LM retrieving from ``retriever``
-  (prompts aligned to a chunk boundary, so their last chunk is retrieved first); how
-  often they state the new value, and how often the old one."""
-  result = generator.generate(list(prompts), max_new_tokens=max_new_tokens,
-                              retriever=retriever, align_prompts=True)
-  rows = [{"prompt": p, "completion": t, "old": u["old"], "new": u["new"],
-           "follows_new": u["new"] in t, "keeps_old": u["old"] in t}
-          for p, t, u in zip(prompts, result.texts, updates)]
-  atomic_write_jsonl(output_path, rows)
-  return {"follows_new": float(np.mean([r["follows_new"] for r in rows])),
-          "keeps_old": float(np.mean([r["keeps_old"] for r in rows])), "count": len(rows)}
-
-
 def build_updated_retrieval(original_dir: str, updated_corpus: str, output_dir: str
                             ) -> dict[str, Any]:
   """A retrieval directory for ``updated_corpus`` with the original's vocabulary,
   embedder and settings; chunks whose text did not change reuse their embeddings."""
-  from retro_jax import preprocess as preprocess_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import embedders  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval import formats  # pylint: disable=g-import-not-at-top
-  from retro_jax.retrieval.embeddings import Embeddings  # pylint: disable=g-import-not-at-top
   original = RetrievalLayout(original_dir)
   config = original.read_config()
   base = embedders.load_embedder(config["embedder"])
@@ -611,116 +521,6 @@ def build_updated_retrieval(original_dir: str, updated_corpus: str, output_dir: 
                embedder.misses, embedder.calls)
   return {"retrieval_dir": output_dir, "embedded_anew": embedder.misses,
           "chunk_texts": embedder.calls}
-
-
-# ----------------------------------------------------------------------------------
-# The report
-# ----------------------------------------------------------------------------------
-
-
-def write_report(recipe: Recipe) -> list[str]:
-  """Plots and ``report.md`` from what the steps wrote."""
-  from retro_jax.eval import CLASS_COLUMNS  # pylint: disable=g-import-not-at-top
-  from retro_jax.evaluation import report as report_lib  # pylint: disable=g-import-not-at-top
-  layout = recipe.layout
-  os.makedirs(layout.plots_dir, exist_ok=True)
-  outputs = []
-  lines = ["# InstructRetro in miniature", ""]
-  corpus = recipe.info("corpus").get("counts", {})
-  retrieval = recipe.info("retrieval")
-  lines += ["Run directory: `" + layout.root + "`", ""]
-  if retrieval:
-    lines += [f"Retrieval DB: {retrieval['retrieval_db']['num_chunks']} chunks of 64 tokens "
-              f"({retrieval['retrieval_db']['num_docs']} documents), index "
-              f"`{retrieval['index']}`, vocabulary {retrieval['vocab_size']} pieces.", ""]
-  if corpus:
-    lines += ["Corpus: `" + json.dumps(corpus.get("entities", corpus)) + "`", ""]
-  runs = {name: layout.model_dir(step) for name, step in (
-      ("GPT pretraining", "gpt"), ("Retro-fit", "retro"), ("GPT-fit", "gptfit"),
-      ("InstructRetro SFT", "instructretro"), ("GPT-Instruct SFT", "gpt_instruct"))
-          if os.path.isdir(layout.model_dir(step))}
-  if runs:
-    outputs.append(report_lib.plot_loss_curves(
-        {k: v for k, v in runs.items() if "SFT" not in k},
-        os.path.join(layout.plots_dir, "loss_pretraining.png"),
-        title="GPT pretraining, then retro-fitting vs GPT-fitting",
-        offsets={"Retro-fit": _last_step(runs.get("GPT pretraining")),
-                 "GPT-fit": _last_step(runs.get("GPT pretraining"))}))
-    sft_runs = {k: v for k, v in runs.items() if "SFT" in k}
-    if sft_runs:
-      outputs.append(report_lib.plot_loss_curves(
-          sft_runs, os.path.join(layout.plots_dir, "loss_sft.png"),
-          title="Instruction tuning (loss on the answers)"))
-    lines += ["## Training", "", "![loss](plots/loss_pretraining.png)", ""]
-    if sft_runs:
-      lines += ["![sft loss](plots/loss_sft.png)", ""]
-  ppl = recipe.info("eval_perplexity").get("rows")
-  if ppl:
-    outputs.append(report_lib.plot_perplexity(ppl, os.path.join(layout.plots_dir,
-                                                                "perplexity.png")))
-    lines += ["## Held-out perplexity", "",
-              "Held-out documents of entities whose facts exist only in the retrieval DB.",
-              "", report_lib.markdown_table(ppl, (
-                  ("model", "model"), ("mode", "mode"), ("loss", "loss"),
-                  ("perplexity", "perplexity"), ("accuracy", "token accuracy"),
-                  ("tokens", "tokens"))), "", "![perplexity](plots/perplexity.png)", ""]
-  by_class = recipe.info("eval_perplexity").get("by_class")
-  if by_class:
-    lines += ["Where the difference comes from: the loss on the held-out targets that are "
-              "values of db-only facts (first mentioned in the first chunk, before any "
-              "neighbors arrive; first mentioned later, where retrieval can supply them; "
-              "repeated, where the document itself can), names of db-only entities (first "
-              "and repeated mentions), and all other tokens.",
-              "", report_lib.markdown_table(by_class, CLASS_COLUMNS), ""]
-  qa = recipe.info("eval_qa").get("rows")
-  if qa:
-    lines += ["## Zero-shot QA on facts that are only in the retrieval DB", "",
-              report_lib.markdown_table(qa, (
-                  ("model", "model"), ("mode", "mode"), ("num_passages", "passages in prompt"),
-                  ("neighbors", "encoder reads"), ("exact_match", "exact match"),
-                  ("f1", "F1"), ("count", "questions"))), ""]
-  paired = recipe.info("eval_qa").get("paired")
-  if paired:
-    lines += ["The same questions, paired: how many only one model answers right, and the "
-              "chance of a split at least that uneven if the two were equally good "
-              "(two-sided sign test). A difference with p above ~0.05 is within noise.", "",
-              report_lib.markdown_table(paired, (
-                  ("InstructRetro", "InstructRetro mode"), ("GPT-Instruct", "GPT-Instruct mode"),
-                  ("retro_only", "only InstructRetro right"),
-                  ("gpt_only", "only GPT-Instruct right"), ("both", "both right"),
-                  ("p_value", "p"))), ""]
-  completions = recipe.info("knowledge_update").get("completions")
-  if completions:
-    rows = [dict(db=name, **scores) for name, scores in completions.items()]
-    lines += ["## Knowledge update (no retraining): the retro-fit LM", "",
-              "For each changed fact, the held-out document of its entity is cut just "
-              "before the fact's value; the retro-fit model (greedy, retrieving from "
-              "the DB) completes it.", "",
-              report_lib.markdown_table(rows, (
-                  ("db", "retrieval DB"), ("follows_new", "completion = new fact"),
-                  ("keeps_old", "completion = old fact"), ("count", "prompts"))), ""]
-  update = recipe.info("knowledge_update").get("results")
-  if update:
-    rows = [dict(db=name, **scores) for name, scores in update.items()]
-    lines += ["## Knowledge update (no retraining): InstructRetro QA", "",
-              f"{recipe.info('knowledge_update')['facts']} facts changed in the retrieval "
-              "DB; InstructRetro with retrieval answers the questions about them.", "",
-              report_lib.markdown_table(rows, (
-                  ("db", "retrieval DB"), ("follows_new", "answers = new fact"),
-                  ("keeps_old", "answers = old fact"), ("count", "questions"))), ""]
-  timings = [(s, recipe.info(s).get("seconds")) for s in STEPS if recipe.info(s)]
-  lines += ["## Time per step", "", "| step | seconds |", "|---|---|"]
-  lines += [f"| {s} | {t:.0f} |" for s, t in timings if t is not None]
-  atomic_write_text(layout.report_path, "\n".join(lines) + "\n")
-  return outputs + [layout.report_path]
-
-
-def _last_step(model_dir: Optional[str]) -> int:
-  if not model_dir:
-    return 0
-  from retro_jax.evaluation.report import loss_curve  # pylint: disable=g-import-not-at-top
-  steps, _ = loss_curve(model_dir)
-  return steps[-1] if steps else 0
 
 
 # ----------------------------------------------------------------------------------

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
+from absl import app
 from absl import flags
 from absl import logging
 import gin
 
 from retro_jax.inference.generator import Generator
+from retro_jax.inference.loading import load_generator
 from retro_jax.inference.sampling import SamplingConfig
 from retro_jax.models import RetroConfig
+from retro_jax.retrieval.embedders import load_embedder
 from retro_jax.retrieval.retriever import DocumentStore, Retriever
 from retro_jax.serving.app import RetroService, check_bind, create_app
 from retro_jax.utils import gin_utils
@@ -89,11 +92,9 @@ def build_service(checkpoint: str = gin.REQUIRED, vocab_path: str = gin.REQUIRED
     sampling: generation rule (greedy by default).
     max_chunks: capacity of the document store.
   """
-  from retro_jax.generate import load_generator  # pylint: disable=g-import-not-at-top
   generator = load_generator(checkpoint, model_config=model_config, vocab_path=vocab_path,
                              mesh_shape=mesh_shape)
   if isinstance(embedder, str):
-    from retro_jax.retrieval.embedders import load_embedder  # pylint: disable=g-import-not-at-top
     embedder = load_embedder(embedder)
   name = f"{'retro' if generator.has_retro else 'gpt (no retrieval)'}: {checkpoint}"
   return service_for_generator(generator, embedder, sampling=sampling, model_name=name,
@@ -121,7 +122,6 @@ def _define_flags() -> None:
 
 def main(argv) -> None:
   del argv
-  from absl import app  # pylint: disable=g-import-not-at-top
   import uvicorn  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   gin_utils.parse_gin(f.gin_file, f.gin_bindings)

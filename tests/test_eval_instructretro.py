@@ -8,12 +8,14 @@ import os
 import gin
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from retro_jax import generate
+from retro_jax import eval as eval_lib
 from retro_jax.data import chat
 from retro_jax.data import vocab as vocab_lib
 from retro_jax.evaluation import qa
+from retro_jax.inference import loading
 from retro_jax.models import RetroConfig, init_params
 from retro_jax.training import checkpoints as ckpt_lib
 from retro_jax.utils import gin_utils
@@ -229,7 +231,6 @@ def test_reads_megatron_json_lists_and_sub_paragraphs(tmp_path):
 
 
 def _write_model_dir(root, spm):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = RetroConfig(vocab_size=512, hidden_size=32, num_layers=2, num_heads=2,
                        mlp_dim=64, encoder_num_layers=1, max_length=4096,
                        param_dtype="float32", cca_gate=0.0)  # as an instruct checkpoint
@@ -250,7 +251,6 @@ def _write_model_dir(root, spm):
 
 @pytest.mark.slow
 def test_eval_qa_instructretro_gin_end_to_end(tmp_path, spm_path, monkeypatch):
-  import retro_jax.eval as eval_lib  # pylint: disable=g-import-not-at-top
   model_dir, out = str(tmp_path / "ir_tiny"), str(tmp_path / "eval")
   _write_model_dir(model_dir, spm_path)
   qa_file = tmp_path / "nq_QA_dev.json"          # 'dev': the first N questions only
@@ -261,8 +261,8 @@ def test_eval_qa_instructretro_gin_end_to_end(tmp_path, spm_path, monkeypatch):
   build = qa.build_prompt
   monkeypatch.setattr(qa, "build_prompt",
                       lambda *a, **k: prompts.append(build(*a, **k)) or prompts[-1])
-  load = generate.load_generator
-  monkeypatch.setattr(generate, "load_generator",
+  load = loading.load_generator
+  monkeypatch.setattr(loading, "load_generator",
                       lambda *a, **k: generators.append(load(*a, **k)) or generators[-1])
   gin_utils.parse_gin(["recipes/eval_qa_instructretro.gin"], [
       f"OUTPUT_DIR = '{out}'", f"CHECKPOINT = '{model_dir}'", f"QA_FILE = '{qa_file}'",

@@ -1,10 +1,12 @@
 """Perplexity in three modes (Retro, encoder ablated, GPT baseline) on identical tokens."""
 
 import gin
+import numpy as np
 import pytest
 
 from retro_jax.data.synthetic import SyntheticRetroSource
-from retro_jax.evaluation.perplexity import load_results, perplexity_table, write_results
+from retro_jax.evaluation.perplexity import (PhraseMatcher, load_results, perplexity_table,
+                                             token_class_table, write_results)
 from retro_jax.models import RetroConfig
 from retro_jax.training.loop import train
 from retro_jax.training.optimizers import OptimizerConfig
@@ -48,8 +50,6 @@ def test_three_modes_on_identical_tokens(checkpoints):
 def test_token_classes_share_the_forward_pass_and_partition_the_tokens(checkpoints):
   """token_class_table: its rows are perplexity_table's, and per row the class scores
   recombine to the whole (token-weighted losses of disjoint classes)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from retro_jax.evaluation.perplexity import token_class_table  # pylint: disable=g-import-not-at-top
   paths, _ = checkpoints
   held_out = SyntheticRetroSource(64, 32, 8, chunk_length=8, seed=123)
   classes = {"even": lambda b: np.asarray(b["decoder_target_tokens"]) % 2 == 0,
@@ -68,8 +68,6 @@ def test_token_classes_share_the_forward_pass_and_partition_the_tokens(checkpoin
 
 
 def test_phrase_matcher_splits_first_and_repeated_mentions_by_position():
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from retro_jax.evaluation.perplexity import PhraseMatcher  # pylint: disable=g-import-not-at-top
   words = {"born": 1, "in": 2, "1805": 3, "Kekribe": 4, "and": 5, "died": 6, "1879": 7}
   encode = lambda text: [words[w] for w in text.split()]  # pylint: disable=unnecessary-lambda-assignment
   seq = encode("born in 1805 and died 1879 born in Kekribe 1805 1879")

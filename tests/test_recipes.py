@@ -11,10 +11,17 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+# The configurables the eval and miniature gin files bind: the entry points register
+# them (evaluate; the recipe's steps) or import the library modules that do
+# (eval_perplexity, eval_qa, generate_corpus, the batch sources).
+import retro_jax.data.encyclopedia  # pylint: disable=unused-import
+import retro_jax.eval  # pylint: disable=unused-import
+import retro_jax.recipe  # pylint: disable=unused-import
 from retro_jax.data import tasks
 from retro_jax.models import RetroConfig
-from retro_jax.training.loop import train
 from retro_jax.training import checkpoints as ckpt_lib
+from retro_jax.training.loop import train
+from retro_jax.training.optimizers import OptimizerConfig
 from retro_jax.training.trainer import read_metrics
 from retro_jax.utils import gin_utils
 
@@ -72,12 +79,6 @@ GIN_FILES = sorted(glob.glob(os.path.join(RECIPES, "*.gin"))
 @pytest.mark.parametrize("path", GIN_FILES, ids=lambda p: os.path.relpath(
     p, gin_utils.GIN_DIR))
 def test_every_recipe_parses(path):
-  # The configurables the eval and miniature files bind (the entry points register
-  # them; the gin files do not import retro_jax.eval, which `python -m retro_jax.eval`
-  # would then register twice, as __main__ and as retro_jax.eval).
-  import retro_jax.data.encyclopedia  # pylint: disable=g-import-not-at-top,unused-import
-  import retro_jax.eval  # pylint: disable=g-import-not-at-top,unused-import
-  import retro_jax.recipe  # pylint: disable=g-import-not-at-top,unused-import
   _parse(path, REQUIRED)
   name = os.path.basename(path)
   if name.startswith("eval_"):
@@ -91,7 +92,6 @@ def test_every_recipe_parses(path):
 
 
 def test_miniature_steps_share_data_and_compute():
-  from retro_jax.training.optimizers import OptimizerConfig  # pylint: disable=g-import-not-at-top
   _parse("miniature/retro_fitting.gin", REQUIRED[:1] + REQUIRED[2:])
   retro = RetroConfig(), gin.query_parameter("%FIT_STEPS"), gin.query_parameter("%SEQ_LEN")
   assert OptimizerConfig().trainable == "retro"
@@ -108,7 +108,6 @@ def test_miniature_steps_share_data_and_compute():
 
 
 def test_miniature_sft_neighbors_switch_reaches_instructretro_only():
-  from retro_jax.training.optimizers import OptimizerConfig  # pylint: disable=g-import-not-at-top
   def macro(name):                       # a macro's value, through macro references
     value = gin.query_parameter(f"%{name}")
     return value.scoped_configurable_fn() if hasattr(value, "scoped_configurable_fn") else value

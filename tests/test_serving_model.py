@@ -10,6 +10,7 @@ import pytest
 from retro_jax import generate as generate_lib
 from retro_jax import serve
 from retro_jax.data.vocab import train_sentencepiece
+from retro_jax.inference import loading
 from retro_jax.models import RetroConfig
 from retro_jax.serving.app import create_app
 from retro_jax.training.checkpoints import Checkpointer
@@ -75,7 +76,7 @@ def test_generate_entry_point_with_passages(model_files, tmp_path):
       json.dumps({"prompt": "the river of zorbia is", "passages": [
           {"title": "Zorbia", "text": DOCS[0]}]}) + "\n"
       + json.dumps({"prompt": "mount arrak"}) + "\n")
-  prompts, passages = generate_lib.read_prompts(str(prompts_file))
+  prompts, passages = loading.read_prompts(str(prompts_file))
   assert passages == [[f"title: Zorbia, source: {DOCS[0]}"], []]
   common = dict(checkpoint=checkpoint, model_config=CONFIG, vocab_path=vocab_path,
                 max_new_tokens=10)

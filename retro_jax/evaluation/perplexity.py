@@ -11,23 +11,37 @@ r"""Held-out perplexity in the three modes of the RETRO / InstructRetro evaluati
 
 The eval source is a batch source with neighbor features (``get_batch(i)``); the GPT
 rows ignore the neighbors, so every row scores identical tokens.
+
+``eval_perplexity`` (gin-configurable: ``python -m retro_jax.eval``'s perplexity task and
+the recipe bind it) runs the table over a split of a prepared retrieval directory and
+writes it; with ``token_classes`` (e.g. ``db_only_token_classes``, ``PhraseMatcher``) it
+also scores classes of target tokens: where a retrieval gain comes from.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from typing import Any, Mapping, Optional
 
+from absl import logging
 import gin
 import numpy as np
+import sentencepiece as spm
 
+from retro_jax.data import tasks
+from retro_jax.evaluation.report import CLASS_COLUMNS, markdown_table
 from retro_jax.models import RetroConfig
-from retro_jax.training import checkpoints as ckpt_lib
 from retro_jax.models import partitioning
+from retro_jax.training import checkpoints as ckpt_lib
 from retro_jax.training.trainer import BatchSource, Evaluator
 from retro_jax.utils.io import atomic_write_json, atomic_write_text
+
+PERPLEXITY_COLUMNS = (("model", "model"), ("mode", "mode"), ("loss", "loss", ".4f"),
+                      ("perplexity", "perplexity", ".3f"),
+                      ("accuracy", "token accuracy", ".4f"), ("tokens", "tokens", ".0f"))
 
 
 def _checkpoint_modes(model_config: RetroConfig, checkpoints: Mapping[str, str],
@@ -44,7 +58,6 @@ def _checkpoint_modes(model_config: RetroConfig, checkpoints: Mapping[str, str],
                                                 retrieval=retrieval)
 
 
-@gin.configurable
 def perplexity_table(model_config: RetroConfig, checkpoints: Mapping[str, str],
                      eval_source: BatchSource, num_batches: int, *,
                      mesh_shape: Optional[dict] = None) -> list[dict[str, Any]]:
@@ -63,19 +76,10 @@ def perplexity_table(model_config: RetroConfig, checkpoints: Mapping[str, str],
               model_config, checkpoints, mesh_shape)]
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-  lines = ["| model | mode | loss | perplexity | token accuracy | tokens |",
-           "|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['model']} | {r['mode']} | {r['loss']:.4f} | {r['perplexity']:.3f} | "
-                 f"{r['accuracy']:.4f} | {int(r['tokens'])} |")
-  return "\n".join(lines)
-
-
 def write_results(rows: list[dict[str, Any]], output_dir: str, name: str = "perplexity"
                   ) -> str:
   """Writes ``<name>.json`` and ``<name>.md``; returns the markdown table."""
-  table = format_table(rows)
+  table = markdown_table(rows, PERPLEXITY_COLUMNS)
   atomic_write_json(os.path.join(output_dir, f"{name}.json"), rows)
   atomic_write_text(os.path.join(output_dir, f"{name}.md"), table + "\n")
   return table
@@ -187,3 +191,83 @@ def token_class_table(model_config: RetroConfig, checkpoints: Mapping[str, str],
   order = [*classes, "other"]    # grouped by class, as the tables read
   class_rows.sort(key=lambda r: order.index(r["class"]))
   return rows, class_rows
+
+
+def db_only_token_classes(kb_path: str, vocab_path: str, chunk_length: int
+                          ) -> Optional[dict[str, Any]]:
+  """Token classes of the held-out text (the encyclopedia's db-only entities), each
+  example being one document: the values of their facts, split into first mentions
+  before the first chunk's neighbors arrive (positions < chunk_length - 1: no retrieval
+  can help), first mentions after (what retrieval is for) and repeated mentions (the
+  decoder can copy them from the document itself); and their names, first and repeated
+  mentions (a decoder that copies from its context predicts a repeated name almost
+  surely). None for a corpus without ``kb.json``."""
+  if not os.path.exists(kb_path):
+    return None
+  with open(kb_path, encoding="utf-8") as f:
+    entities = [e for e in json.load(f)["entities"] if e["split"] == "db_only"]
+  encode = spm.SentencePieceProcessor(model_file=vocab_path).encode
+  values = sorted({v for e in entities for v in e["facts"].values()})
+  names = sorted({e["name"] for e in entities} | {w for e in entities
+                                                 for w in e["name"].split() if len(w) > 3})
+  first_neighbors = chunk_length - 1
+  value_matcher, name_matcher = PhraseMatcher(encode, values), PhraseMatcher(encode, names)
+  return {
+      "fact values, first mention, first chunk": value_matcher.select(
+          mentions="first", positions=(0, first_neighbors)),
+      "fact values, first mention, later chunks": value_matcher.select(
+          mentions="first", positions=(first_neighbors, None)),
+      "fact values, repeated": value_matcher.select(mentions="repeated"),
+      "entity names, first mention": name_matcher.select(mentions="first"),
+      "entity names, repeated": name_matcher.select(mentions="repeated")}
+
+
+# The evaluation run -----------------------------------------------------------------
+
+
+def eval_batches(source: Any) -> int:
+  """Batches that score every example of a finite (``num_epochs``) source once."""
+  total = source.stream.num_positions
+  if total is None:
+    raise ValueError(f"{source.name}: an evaluation source must be finite "
+                     "(num_epochs=1)")
+  return max(1, math.ceil(total / source.batch_size))
+
+
+@gin.configurable
+def eval_perplexity(*, output_dir: str, checkpoints: Mapping[str, str] = gin.REQUIRED,
+                    retrieval_dir: str = gin.REQUIRED, split: str = "valid",
+                    seq_len: int = gin.REQUIRED, batch_size: int = 16,
+                    model_config: Optional[RetroConfig] = None,
+                    mesh_shape: Optional[dict] = None, name: str = "perplexity",
+                    token_classes: Optional[Mapping[str, Any]] = None
+                    ) -> list[dict[str, Any]]:
+  """Perplexity of each checkpoint on a split of ``retrieval_dir`` (every example
+  once): a Retro checkpoint gives two rows (with its retrieved neighbors; encoder
+  ablated), a GPT checkpoint one (decoder only); writes ``{name}.json/.md`` under
+  ``output_dir`` and returns the rows.
+
+  ``token_classes`` (name -> ``mask_fn(batch) -> bool [b, n]``, e.g.
+  ``PhraseMatcher``) also writes ``{name}_by_class.json/.md``: the loss of
+  every row on each class of target tokens (and on the rest), i.e. where a retrieval
+  gain comes from.
+  """
+  model_config = model_config or RetroConfig()
+  source = tasks.pretraining_batch_source(
+      retrieval_dir, split=split, seq_len=seq_len, batch_size=batch_size,
+      with_neighbors=True, shuffle=False, num_epochs=1, model_config=model_config)
+  if token_classes:    # the same forward passes score every class
+    rows, by_class = token_class_table(
+        model_config, checkpoints, source, eval_batches(source), token_classes,
+        mesh_shape=mesh_shape)
+  else:
+    rows = perplexity_table(model_config, checkpoints, source, eval_batches(source),
+                            mesh_shape=mesh_shape)
+  table = write_results(rows, output_dir, name)
+  logging.info("perplexity on %s/%s:\n%s", retrieval_dir, split, table)
+  if token_classes:
+    atomic_write_json(os.path.join(output_dir, f"{name}_by_class.json"), by_class)
+    table = markdown_table(by_class, CLASS_COLUMNS)
+    atomic_write_text(os.path.join(output_dir, f"{name}_by_class.md"), table + "\n")
+    logging.info("loss by token class:\n%s", table)
+  return rows

@@ -45,11 +45,20 @@ and ``{name}_scores.json``. The encoder's neighbors (``neighbors``): 'none' (the
 decoder alone, as the released InstructRetro scripts run), 'passages' (the top
 contexts as fixed neighbors, Megatron's ``--reuse-top``) or 'live' (the generator's
 retriever). A killed run resumes from its partial predictions.
+
+``eval_qa`` (gin-configurable: ``python -m retro_jax.eval``'s QA task and the recipe
+bind it) loads one checkpoint and runs ``run_qa`` once per *mode* (passages in the
+prompt, what the encoder reads, optionally the CCA gate), filling in the ``ctxs`` of
+questions without them from a retrieval directory (``with_retrieved_contexts``);
+``paired_qa_rows`` compares InstructRetro's and GPT-Instruct's rows question by
+question.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -61,7 +70,15 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 from absl import logging
 import gin
 
-from retro_jax.utils.io import atomic_write_json, atomic_write_text
+from retro_jax.data import instructions
+from retro_jax.data.chat import format_passage, qa_prompt
+from retro_jax.evaluation.report import markdown_table
+from retro_jax.inference import loading
+from retro_jax.models import RetroConfig
+from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval.layout import RetrievalLayout
+from retro_jax.training import checkpoints as ckpt_lib
+from retro_jax.utils.io import atomic_write_json, atomic_write_text, read_jsonl
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -74,6 +91,8 @@ _MEGATRON_NO_ANSWER = "no_passages_used"
 _END_OF_TEXT = "<|endoftext|>"
 NEIGHBOR_MODES = ("none", "passages", "live")
 SCORINGS = ("default", "megatron")
+QA_COLUMNS = (("model", "model"), ("mode", "mode"), ("exact_match", "exact match"),
+              ("f1", "F1"), ("count", "questions"))
 
 
 # Normalisation and metrics -----------------------------------------------------------
@@ -222,7 +241,6 @@ def read_qa_jsonl(path: str, max_examples: Optional[int] = None) -> list[dict[st
   """QA examples of a .jsonl (or .json list) file, read by the project's QA reader
   (``retro_jax.data.instructions.read_qa_examples``; errors name the file and line).
   An example's id is its ``path:line``."""
-  from retro_jax.data import instructions  # pylint: disable=g-import-not-at-top
   examples = instructions.read_qa_examples(path)
   if max_examples is not None:
     examples = examples[:max_examples]
@@ -258,7 +276,6 @@ def build_prompt(example: Mapping[str, Any], num_passages: int, *,
                  tokenizer: Any = None, max_prompt_tokens: Optional[int] = None) -> str:
   """The example's zero-shot prompt; with ``tokenizer`` and ``max_prompt_tokens`` its
   contexts are cut so that the prompt holds at most that many tokens (Megatron)."""
-  from retro_jax.data.chat import qa_prompt  # pylint: disable=g-import-not-at-top
   if max_prompt_tokens is None:
     return qa_prompt(example["question"], example["ctxs"], num_passages=num_passages)
   return qa_prompt(example["question"], example["ctxs"], num_passages=num_passages,
@@ -266,21 +283,7 @@ def build_prompt(example: Mapping[str, Any], num_passages: int, *,
 
 
 def _neighbor_passages(example: Mapping[str, Any], count: int) -> list[str]:
-  from retro_jax.data.chat import format_passage  # pylint: disable=g-import-not-at-top
   return [format_passage(c) for c in example["ctxs"][:count]]
-
-
-def _read_partial(path: str) -> list[dict[str, Any]]:
-  """Complete rows of a partial predictions file (a torn last line is dropped)."""
-  rows = []
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          break
-  return rows
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -330,12 +333,34 @@ def paired_exact_match(rows_a: Sequence[Mapping[str, Any]],
           "p_value": sign_test_p_value(a_only, b_only)}
 
 
+def paired_qa_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """InstructRetro vs GPT-Instruct on the same questions, each InstructRetro mode
+  against the GPT-Instruct mode with as many passages in the prompt
+  (``paired_exact_match``: the questions only one of them answers right, and the
+  sign test's p-value)."""
+  out = []
+  for retro in (r for r in rows if r["model"] == "InstructRetro"):
+    for gpt in (r for r in rows if r["model"] == "GPT-Instruct"
+                and r["num_passages"] == retro["num_passages"]):
+      pair = paired_exact_match(_read_predictions(retro["predictions"]),
+                                _read_predictions(gpt["predictions"]))
+      out.append({"InstructRetro": retro["mode"], "GPT-Instruct": gpt["mode"],
+                  "retro_only": pair["a_only"], "gpt_only": pair["b_only"],
+                  "both": pair["both"], "count": pair["count"],
+                  "p_value": round(pair["p_value"], 4)})
+  return out
+
+
+def _read_predictions(path: str) -> list[dict[str, Any]]:
+  """The rows of a predictions file ``run_qa`` wrote."""
+  return [row for _, row in read_jsonl(path)]
+
+
 def predictions_path(output_dir: str, name: str) -> str:
   """Where ``run_qa(..., output_dir=output_dir, name=name)`` writes its predictions."""
   return os.path.join(output_dir, f"{name}_predictions.jsonl")
 
 
-@gin.configurable(denylist=["generator", "examples"])
 def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir: str,
            name: str = "qa", num_passages: int = 5, neighbors: str = "none",
            num_neighbor_passages: Optional[int] = None, max_new_tokens: int = 32,
@@ -396,7 +421,8 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
   if os.path.exists(settings_path):
     with open(settings_path, encoding="utf-8") as f:
       if json.load(f) == settings:
-        rows = _read_partial(partial_path)[:len(examples)]
+        rows = ([row for _, row in read_jsonl(partial_path, torn_tail=True)]
+                if os.path.exists(partial_path) else [])[:len(examples)]
         if rows:
           logging.info("%s: resuming after %d predictions", partial_path, len(rows))
   atomic_write_json(settings_path, settings)
@@ -446,3 +472,140 @@ def score_predictions(predictions: Iterable[str], examples: Sequence[Mapping[str
   postprocess, score_row = _scorer(scoring)
   rows = [score_row(postprocess(p), e["answers"]) for p, e in zip(predictions, examples)]
   return summarize(rows)
+
+
+# One checkpoint in several modes ----------------------------------------------------
+
+
+def with_cca_gate(generator: Any, gate: Optional[float]) -> Any:
+  """The generator with its model's CCA gate set to ``gate`` (same parameters); the
+  released InstructRetro checkpoints store Megatron's ``--retro-attention-gate 0``."""
+  if gate is None or float(gate) == generator.config.cca_gate:
+    return generator
+  other = copy.copy(generator)
+  other.config = dataclasses.replace(generator.config, cca_gate=float(gate))
+  return other
+
+
+def retrieved_contexts(retriever: Any, questions: Sequence[str], count: int
+                       ) -> list[list[dict[str, str]]]:
+  """Top ``count`` DB passages (chunk + continuation text) of each question."""
+  if count <= 0:
+    return [[] for _ in questions]
+  _, _, info = retriever.query_texts(list(questions), k=count)
+  return [[{"title": hit.get("title", ""), "text": hit["text"]} for hit in hits]
+          for hits in info]
+
+
+def with_retrieved_contexts(rows: Sequence[Mapping[str, Any]], retriever: Any,
+                            count: int, batch: int = 256) -> list[dict[str, Any]]:
+  """QA rows (``{"question", ...}``) with their top ``count`` passages as ``ctxs``,
+  retrieved ``batch`` questions at a time."""
+  out = []
+  for start in range(0, len(rows), batch):
+    part = rows[start:start + batch]
+    contexts = retrieved_contexts(retriever, [r["question"] for r in part], count)
+    out += [dict(r, ctxs=c) for r, c in zip(part, contexts)]
+  return out
+
+
+@gin.configurable
+def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = gin.REQUIRED,
+            retrieval_dir: Optional[str] = None, model_name: str = "model",
+            modes: Mapping[str, Mapping[str, Any]] = gin.REQUIRED,
+            model_config: Optional[RetroConfig] = None, vocab_path: Optional[str] = None,
+            max_examples: Optional[int] = None, max_new_tokens: int = 16,
+            batch_size: int = 16, align_prompts: bool = True,
+            retriever: Any = None, scoring: str = "default",
+            max_seq_len: Optional[int] = None, output_reserve: Optional[int] = None,
+            dev_max_examples: Optional[int] = None,
+            param_dtype: Optional[str] = None) -> list[dict[str, Any]]:
+  """Zero-shot QA of one checkpoint in several modes; returns one row per mode (scores,
+  settings and the path of its ``predictions`` file, for paired comparisons:
+  ``paired_exact_match``).
+
+  Args:
+    output_dir: Gets ``{model_name}_{mode}_predictions.jsonl`` / ``_scores.json`` and
+      ``{model_name}_qa.md``.
+    checkpoint: MODEL_DIR (or step directory) of a GPT or Retro checkpoint.
+    qa_file: jsonl (or .json list) of ``{question, answers, ctxs?}``.
+    retrieval_dir: Prepared retrieval directory: the vocabulary, the index for live
+      retrieval and for questions without ``ctxs``. Not needed when every question
+      has ``ctxs`` and the model directory has its vocabulary (``vocab/spm.model``).
+    modes: row name -> ``{"num_passages": int, "neighbors": "none"|"passages"|"live"}``,
+      optionally ``"cca_gate": float`` (the CCA gate of this row: e.g. 1.0 to read the
+      neighbors with a checkpoint stored with Megatron's gate 0).
+    model_config: The architecture (default: the one stored in the checkpoint, else
+      gin's ``RetroConfig()``).
+    max_examples: Score the first N questions only.
+    align_prompts: Left-pad prompts to a chunk boundary (the question's chunk is then
+      retrieved before the answer starts; see ``run_qa``).
+    retriever: An already built retriever (else one is loaded from ``retrieval_dir``).
+    scoring, max_seq_len, output_reserve: As ``run_qa`` ('megatron': Megatron's
+      post-processing and scores; contexts cut so that the prompt fits
+      ``max_seq_len - output_reserve`` tokens).
+    dev_max_examples: When the QA file's name contains "dev", score only its first
+      N questions (Megatron's evaluate.py: 3000).
+    param_dtype: Hold the parameters in this dtype (e.g. 'bfloat16': 2 bytes each, as
+      Megatron's --bf16 inference) whatever the stored architecture says.
+  """
+  for mode, spec in modes.items():
+    unknown = set(spec) - {"num_passages", "neighbors", "cca_gate"}
+    if unknown or spec.get("neighbors", "none") not in NEIGHBOR_MODES:
+      raise ValueError(f"eval_qa.modes[{mode!r}]={dict(spec)}: expected keys num_passages "
+                       f"and neighbors (one of {NEIGHBOR_MODES}), optionally "
+                       "cca_gate")
+  needs_retriever = any(spec.get("neighbors") == "live" or spec.get("num_passages", 0)
+                        for spec in modes.values())
+  if retriever is None and needs_retriever and retrieval_dir is not None:
+    retriever = retriever_lib.load_retriever(retrieval_dir)
+  if vocab_path is None and retrieval_dir is not None:
+    vocab_path = RetrievalLayout(retrieval_dir).vocab_path
+  if param_dtype is not None:
+    base = model_config or ckpt_lib.stored_model_config(checkpoint) or RetroConfig()
+    model_config = dataclasses.replace(base, param_dtype=param_dtype)
+  generator = loading.load_generator(checkpoint, model_config=model_config,
+                                     vocab_path=vocab_path, retrieval_dir=None,
+                                     retriever=retriever)
+  if dev_max_examples is not None and "dev" in os.path.basename(qa_file):
+    max_examples = min(dev_max_examples, max_examples or dev_max_examples)
+  examples = read_qa_jsonl(qa_file, max_examples=max_examples)
+  most = max(int(spec.get("num_passages", 0)) for spec in modes.values())
+  missing = [i for i, e in enumerate(examples) if not e["ctxs"]]
+  if missing and most:
+    if retriever is None:
+      raise ValueError(f"{qa_file}: {len(missing)} questions have no 'ctxs' and no "
+                       "retrieval_dir was given to retrieve them")
+    filled = with_retrieved_contexts([examples[i] for i in missing], retriever, most)
+    for i, example in zip(missing, filled):
+      examples[i] = example
+  rows = []
+  for mode, spec in modes.items():
+    neighbors = spec.get("neighbors", "none")
+    if neighbors == "live" and generator.retriever is None:
+      logging.warning("%s: no retrieval for %s (a decoder-only checkpoint)", mode,
+                      checkpoint)
+      neighbors = "none"
+    if neighbors == "passages" and not generator.has_retro:
+      logging.warning("%s: %s has no encoder/CCA; its passages go to the prompt only",
+                      mode, checkpoint)
+      neighbors = "none"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}_{mode}").strip("_")
+    mode_generator = with_cca_gate(generator, spec.get("cca_gate"))
+    scores = run_qa(mode_generator, examples, output_dir=output_dir, name=slug,
+                    num_passages=int(spec.get("num_passages", 0)),
+                    neighbors=neighbors, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, align_prompts=align_prompts,
+                    scoring=scoring, max_seq_len=max_seq_len,
+                    output_reserve=output_reserve)
+    rows.append({"model": model_name, "mode": mode, "checkpoint": checkpoint,
+                 "neighbors": neighbors, "num_passages": int(spec.get("num_passages", 0)),
+                 **({"cca_gate": mode_generator.config.cca_gate}
+                    if "cca_gate" in spec else {}),
+                 **{k: scores[k] for k in ("exact_match", "f1", "count", "f1_count")
+                    if k in scores},
+                 "predictions": predictions_path(output_dir, slug)})
+  atomic_write_json(os.path.join(output_dir, f"{model_name}_qa.json"), rows)
+  atomic_write_text(os.path.join(output_dir, f"{model_name}_qa.md"),
+                    markdown_table(rows, QA_COLUMNS) + "\n")
+  return rows

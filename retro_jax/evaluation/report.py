@@ -2,7 +2,8 @@
 
     plot_loss_curves({"GPT-fit": gpt_dir, "Retro": retro_dir}, "loss.png")
     plot_perplexity(rows, "perplexity.png")          # rows of evaluation.perplexity
-    markdown_table(rows, columns)                    # one table format for every report
+    markdown_table(rows, columns)                    # one table writer for every report
+    write_recipe_report(report_path, run_dir=..., model_dirs=..., infos=...)
 
 Everything reads what the runs already wrote (``MODEL_DIR/metrics.jsonl``, the
 evaluation JSON files); nothing is recomputed. Plots use matplotlib's non-interactive
@@ -11,11 +12,16 @@ Agg backend, so they work on headless machines.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping, Optional, Sequence
 
 from retro_jax.training.trainer import read_metrics
-from retro_jax.utils.io import atomic_path
+from retro_jax.utils.io import atomic_path, atomic_write_text
+
+# The loss by class of target tokens (``perplexity.token_class_table``'s class rows).
+CLASS_COLUMNS = (("class", "target tokens"), ("model", "model"), ("mode", "mode"),
+                 ("loss", "loss"), ("accuracy", "token accuracy"), ("tokens", "tokens"))
 
 
 def _pyplot():
@@ -88,24 +94,147 @@ def plot_perplexity(rows: Sequence[Mapping[str, Any]], path: str, *,
   return _save(fig, path)
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]],
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Sequence[str]]
                    ) -> str:
-  """A markdown table of ``rows``; ``columns`` are (key, header) pairs.
+  """A markdown table of ``rows``; ``columns`` are (key, header) or (key, header,
+  format spec) tuples.
 
-  Floats are printed with 4 significant digits (whole numbers such as token counts in
-  full), everything else with ``str``.
+  A column with a format spec prints its values with ``format(value, spec)`` (e.g.
+  ``".4f"``). Otherwise floats are printed with 4 significant digits (whole numbers
+  such as token counts in full), everything else with ``str``.
   """
-  def cell(value: Any) -> str:
+  def cell(value: Any, spec: Optional[str]) -> str:
+    if spec is not None:
+      return format(value, spec)
     if isinstance(value, float):
       return str(int(value)) if value.is_integer() and abs(value) >= 1e4 else f"{value:.4g}"
     return str(value)
 
-  lines = ["| " + " | ".join(h for _, h in columns) + " |",
+  specs = [column[2] if len(column) > 2 else None for column in columns]
+  lines = ["| " + " | ".join(column[1] for column in columns) + " |",
            "|" + "---|" * len(columns)]
   for row in rows:
-    lines.append("| " + " | ".join(cell(row.get(k, "")) for k, _ in columns) + " |")
+    lines.append("| " + " | ".join(cell(row.get(column[0], ""), spec)
+                                   for column, spec in zip(columns, specs)) + " |")
   return "\n".join(lines)
 
 
-def relative_path(path: str, start: str) -> str:
-  return os.path.relpath(path, start)
+# The recipe's report -------------------------------------------------------------
+
+
+def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[str, str],
+                        infos: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """Plots (in ``plots/`` beside ``report_path``) and the markdown report of a recipe
+  run, from what its steps recorded; returns the paths written.
+
+  Args:
+    report_path: The report (``RUN_DIR/report.md``).
+    run_dir: The run directory the report names.
+    model_dirs: Training step (``gpt``, ``retro``, ``gptfit``, ``instructretro``,
+      ``gpt_instruct``) -> its MODEL_DIR; runs whose directory does not exist are left
+      out.
+    infos: Step -> the info it recorded (``{}`` for a step not done), in step order
+      (the time table follows it).
+  """
+  plots_dir = os.path.join(os.path.dirname(report_path), "plots")
+  os.makedirs(plots_dir, exist_ok=True)
+  outputs = []
+  lines = ["# InstructRetro in miniature", ""]
+
+  def info(step: str) -> Mapping[str, Any]:
+    return infos.get(step) or {}
+
+  corpus = info("corpus").get("counts", {})
+  retrieval = info("retrieval")
+  lines += ["Run directory: `" + run_dir + "`", ""]
+  if retrieval:
+    lines += [f"Retrieval DB: {retrieval['retrieval_db']['num_chunks']} chunks of 64 tokens "
+              f"({retrieval['retrieval_db']['num_docs']} documents), index "
+              f"`{retrieval['index']}`, vocabulary {retrieval['vocab_size']} pieces.", ""]
+  if corpus:
+    lines += ["Corpus: `" + json.dumps(corpus.get("entities", corpus)) + "`", ""]
+  runs = {name: model_dirs[step] for name, step in (
+      ("GPT pretraining", "gpt"), ("Retro-fit", "retro"), ("GPT-fit", "gptfit"),
+      ("InstructRetro SFT", "instructretro"), ("GPT-Instruct SFT", "gpt_instruct"))
+          if os.path.isdir(model_dirs[step])}
+  if runs:
+    outputs.append(plot_loss_curves(
+        {k: v for k, v in runs.items() if "SFT" not in k},
+        os.path.join(plots_dir, "loss_pretraining.png"),
+        title="GPT pretraining, then retro-fitting vs GPT-fitting",
+        offsets={"Retro-fit": _last_step(runs.get("GPT pretraining")),
+                 "GPT-fit": _last_step(runs.get("GPT pretraining"))}))
+    sft_runs = {k: v for k, v in runs.items() if "SFT" in k}
+    if sft_runs:
+      outputs.append(plot_loss_curves(
+          sft_runs, os.path.join(plots_dir, "loss_sft.png"),
+          title="Instruction tuning (loss on the answers)"))
+    lines += ["## Training", "", "![loss](plots/loss_pretraining.png)", ""]
+    if sft_runs:
+      lines += ["![sft loss](plots/loss_sft.png)", ""]
+  ppl = info("eval_perplexity").get("rows")
+  if ppl:
+    outputs.append(plot_perplexity(ppl, os.path.join(plots_dir, "perplexity.png")))
+    lines += ["## Held-out perplexity", "",
+              "Held-out documents of entities whose facts exist only in the retrieval DB.",
+              "", markdown_table(ppl, (
+                  ("model", "model"), ("mode", "mode"), ("loss", "loss"),
+                  ("perplexity", "perplexity"), ("accuracy", "token accuracy"),
+                  ("tokens", "tokens"))), "", "![perplexity](plots/perplexity.png)", ""]
+  by_class = info("eval_perplexity").get("by_class")
+  if by_class:
+    lines += ["Where the difference comes from: the loss on the held-out targets that are "
+              "values of db-only facts (first mentioned in the first chunk, before any "
+              "neighbors arrive; first mentioned later, where retrieval can supply them; "
+              "repeated, where the document itself can), names of db-only entities (first "
+              "and repeated mentions), and all other tokens.",
+              "", markdown_table(by_class, CLASS_COLUMNS), ""]
+  qa = info("eval_qa").get("rows")
+  if qa:
+    lines += ["## Zero-shot QA on facts that are only in the retrieval DB", "",
+              markdown_table(qa, (
+                  ("model", "model"), ("mode", "mode"), ("num_passages", "passages in prompt"),
+                  ("neighbors", "encoder reads"), ("exact_match", "exact match"),
+                  ("f1", "F1"), ("count", "questions"))), ""]
+  paired = info("eval_qa").get("paired")
+  if paired:
+    lines += ["The same questions, paired: how many only one model answers right, and the "
+              "chance of a split at least that uneven if the two were equally good "
+              "(two-sided sign test). A difference with p above ~0.05 is within noise.", "",
+              markdown_table(paired, (
+                  ("InstructRetro", "InstructRetro mode"), ("GPT-Instruct", "GPT-Instruct mode"),
+                  ("retro_only", "only InstructRetro right"),
+                  ("gpt_only", "only GPT-Instruct right"), ("both", "both right"),
+                  ("p_value", "p"))), ""]
+  completions = info("knowledge_update").get("completions")
+  if completions:
+    rows = [dict(db=name, **scores) for name, scores in completions.items()]
+    lines += ["## Knowledge update (no retraining): the retro-fit LM", "",
+              "For each changed fact, the held-out document of its entity is cut just "
+              "before the fact's value; the retro-fit model (greedy, retrieving from "
+              "the DB) completes it.", "",
+              markdown_table(rows, (
+                  ("db", "retrieval DB"), ("follows_new", "completion = new fact"),
+                  ("keeps_old", "completion = old fact"), ("count", "prompts"))), ""]
+  update = info("knowledge_update").get("results")
+  if update:
+    rows = [dict(db=name, **scores) for name, scores in update.items()]
+    lines += ["## Knowledge update (no retraining): InstructRetro QA", "",
+              f"{info('knowledge_update')['facts']} facts changed in the retrieval "
+              "DB; InstructRetro with retrieval answers the questions about them.", "",
+              markdown_table(rows, (
+                  ("db", "retrieval DB"), ("follows_new", "answers = new fact"),
+                  ("keeps_old", "answers = old fact"), ("count", "questions"))), ""]
+  timings = [{"step": s, "seconds": i["seconds"]} for s, i in infos.items()
+             if i and i.get("seconds") is not None]
+  lines += ["## Time per step", "",
+            markdown_table(timings, (("step", "step"), ("seconds", "seconds", ".0f")))]
+  atomic_write_text(report_path, "\n".join(lines) + "\n")
+  return outputs + [report_path]
+
+
+def _last_step(model_dir: Optional[str]) -> int:
+  if not model_dir:
+    return 0
+  steps, _ = loss_curve(model_dir)
+  return steps[-1] if steps else 0
