@@ -41,15 +41,13 @@ Python::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from absl import logging
 import gin
@@ -64,6 +62,7 @@ from retro_jax.retrieval import formats
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import neighbors as neighbors_lib
 from retro_jax.retrieval.layout import RetrievalLayout
+from retro_jax.utils import stages
 from retro_jax.utils.io import Manifest, atomic_path
 
 Inputs = Union[str, Sequence[str]]
@@ -83,18 +82,6 @@ class StageReport:
 
 class _NotReady(Exception):
   """Raised (with --nowait) when a stage's inputs are still being built by other shards."""
-
-
-@contextlib.contextmanager
-def _locked(directory: str, name: str) -> Iterator[None]:
-  os.makedirs(directory, exist_ok=True)
-  fd = os.open(os.path.join(directory, f".{name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    yield
-  finally:
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
 
 
 def _wait_for(ready: Callable[[], bool], what: str, *, wait: bool,
@@ -159,7 +146,7 @@ def _vocab_stage(layout: RetrievalLayout, inputs: Inputs, corpus_options: dict, 
                  vocab: Optional[str], vocab_size: int, seed: int) -> StageReport:
   """Copies the given vocabulary in, or trains one on the retrieval corpus (once)."""
   began = time.time()
-  with _locked(layout.vocab_dir, "vocab"):
+  with stages.locked(layout.vocab_dir, "vocab"):
     if vocab is not None:
       if not os.path.exists(vocab):
         raise FileNotFoundError(f"--vocab={vocab}: SentencePiece model not found")
@@ -428,7 +415,7 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
                        "num_chunks": retrieval_db.num_chunks},
       "splits": split_settings,
   }
-  with _locked(layout.root, "config"):
+  with stages.locked(layout.root, "config"):
     if not os.path.exists(layout.config_path) or layout.read_config() != config:
       layout.write_config(config)
   total = time.time() - began

@@ -279,11 +279,14 @@ def test_killed_process_then_rerun_is_identical(workdir, spm_model, tmp_path):
 
 def test_command_line_with_gin(workdir, spm_model, tmp_path):
   help_text = subprocess.run([sys.executable, "-m", "retro_jax.retrieval.chunk_db",
-                              "--helpshort"], cwd=REPO, capture_output=True, text=True)
-  assert "--retrieval_db" in help_text.stdout + help_text.stderr
+                              "--helpfull"], cwd=REPO, capture_output=True, text=True)
+  assert "--gin_file" in help_text.stdout + help_text.stderr
+  assert "--merge_only" in help_text.stdout + help_text.stderr
   subprocess.run([sys.executable, "-m", "retro_jax.retrieval.chunk_db",
-                  f"--input={workdir / 'docs.jsonl'}", f"--vocab={spm_model}",
-                  f"--output_dir={tmp_path}", "--noretrieval_db",
+                  f"--gin.build_chunk_db.input={workdir / 'docs.jsonl'}",
+                  f"--gin.build_chunk_db.vocab={spm_model}",
+                  f"--gin.build_chunk_db.output_dir={tmp_path}",
+                  "--gin.build_chunk_db.retrieval_db=False",
                   "--gin.build_chunk_db.chunk_size=32",
                   "--gin.build_chunk_db.progress=False"],
                  cwd=REPO, check=True, capture_output=True)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from retro_jax.data import corpus as corpus_lib
+from retro_jax.utils import stages
 
 PARAGRAPHS = [
     "Retrieval-enhanced language models condition on passages fetched from a large "
@@ -129,10 +130,10 @@ def test_shards_partition_the_corpus(tmp_path, sharding, num_shards):
 
 
 def test_shard_range_and_bad_shards():
-  assert [corpus_lib.shard_range(10, s, 3) for s in range(3)] == [(0, 3), (3, 6),
+  assert [stages.shard_range(10, s, 3) for s in range(3)] == [(0, 3), (3, 6),
                                                                    (6, 10)]
   with pytest.raises(ValueError, match="shard_id"):
-    corpus_lib.shard_range(10, 3, 3)
+    stages.shard_range(10, 3, 3)
 
 
 # ------------------------------------------------------------------------------------

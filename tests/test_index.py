@@ -11,6 +11,7 @@ import pytest
 
 from retro_jax.data.prose import real_embeddings
 from retro_jax.retrieval import index
+from retro_jax.utils import stages
 
 N_REAL = 3000                     # real chunks (~90% DB, 10% held-out queries)
 # Embedding 3000 chunks with MiniLM takes a minute or more on 2 CPU cores, so the
@@ -101,9 +102,9 @@ def test_killed_shard_resumes_to_the_same_index(real, tmp_path, monkeypatch):
     index.build_index(db, out, factory=factory, shard_id=1, num_shards=2, batch_size=200,
                       progress=False)
   monkeypatch.setattr(index.VectorSource, "read", real_read)
-  assert not os.path.exists(os.path.join(out, index.shard_name(1, 2)))
+  assert not os.path.exists(os.path.join(out, stages.shard_name(1, 2, index.SHARD_SUFFIX)))
   assert not os.path.exists(os.path.join(out, index.INDEX_NAME))
-  stale = os.path.join(out, f".{index.shard_name(1, 2)}.x1y2.tmp")   # as SIGKILL leaves
+  stale = os.path.join(out, f".{stages.shard_name(1, 2, index.SHARD_SUFFIX)}.x1y2.tmp")   # as SIGKILL leaves
   open(stale, "wb").close()
   result = index.build_index(db, out, factory=factory, shard_id=1, num_shards=2,
                              progress=False)
@@ -205,8 +206,10 @@ def test_embeddings_directory_source_and_command_line(real, tmp_path):
   np.save(tmp_path / "vectors.npy", vectors)
   out = subprocess.run(
       [sys.executable, "-m", "retro_jax.retrieval.index",
-       f"--embeddings={tmp_path / 'vectors.npy'}", f"--output_dir={tmp_path / 'cli'}",
-       "--factory=IVF8,Flat", "--gin.build_index.train_size=400", "--use_gpu=false"],
+       f"--gin.build_index.embeddings={tmp_path / 'vectors.npy'}",
+       f"--gin.build_index.output_dir={tmp_path / 'cli'}",
+       "--gin.build_index.factory='IVF8,Flat'", "--gin.build_index.train_size=400",
+       "--gin.build_index.use_gpu=False"],
       capture_output=True, text=True, timeout=120, check=True,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   result = json.loads(out.stdout[out.stdout.index("{"):])

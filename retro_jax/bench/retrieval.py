@@ -64,6 +64,7 @@ from retro_jax.retrieval import formats
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval.embedders import load_embedder
 from retro_jax.retrieval.neighbors import build_neighbor_map
+from retro_jax.utils import stages
 
 
 # ----------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int =
     manifest = json.load(f)
   done, built_settings = manifest["done"], manifest["settings"]
   train_seconds = done["trained"]["info"]["seconds"]
-  add_seconds = done[index_lib.shard_name(0, 1)]["info"]["seconds"]
+  add_seconds = done[stages.shard_name(0, 1, index_lib.SHARD_SUFFIX)]["info"]["seconds"]
   index = index_lib.open_index(built.index_path)
   refine = db_vectors if index_lib.needs_refine(index) else None
   searcher = index_lib.IndexSearcher(index, nprobe=nprobe, ef_search=ef_search,

@@ -39,6 +39,8 @@ import json
 import os
 from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 
+from retro_jax.utils import stages
+
 Document = tuple[int, str]
 SHARDINGS = ("contiguous", "interleaved")
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
@@ -51,19 +53,6 @@ class CorpusStats:
   records: int = 0
   documents: int = 0
   empty: int = 0
-
-
-def shard_range(num_records: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-  """``[start, stop)`` record range of a contiguous shard (sizes differ by <= 1)."""
-  _check_shard(shard_id, num_shards)
-  return (shard_id * num_records // num_shards,
-          (shard_id + 1) * num_records // num_shards)
-
-
-def _check_shard(shard_id: int, num_shards: int) -> None:
-  if num_shards < 1 or not 0 <= shard_id < num_shards:
-    raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, "
-                     f"num_shards={num_shards}")
 
 
 class Corpus(abc.ABC):
@@ -85,10 +74,10 @@ class Corpus(abc.ABC):
   def shard_num_records(self, shard_id: int = 0, num_shards: int = 1, *,
                         sharding: str = "contiguous") -> int:
     """Records (empty included) that shard ``shard_id`` reads."""
-    _check_shard(shard_id, num_shards)
+    stages.check_shard(shard_id, num_shards)
     total = self.num_records()
     if sharding == "contiguous":
-      start, stop = shard_range(total, shard_id, num_shards)
+      start, stop = stages.shard_range(total, shard_id, num_shards)
       return stop - start
     return len(range(shard_id, total, num_shards))
 
@@ -102,14 +91,14 @@ class Corpus(abc.ABC):
       sharding: ``'contiguous'`` or ``'interleaved'`` (see the module docstring).
       stats: Updated in place while iterating (records, documents, empty).
     """
-    _check_shard(shard_id, num_shards)
+    stages.check_shard(shard_id, num_shards)
     if sharding not in SHARDINGS:
       raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
     stats = CorpusStats() if stats is None else stats
     if num_shards == 1:
       start, stop, keep = 0, None, (lambda i: True)
     elif sharding == "contiguous":
-      (start, stop), keep = shard_range(self.num_records(), shard_id, num_shards), (
+      (start, stop), keep = stages.shard_range(self.num_records(), shard_id, num_shards), (
           lambda i: True)
     else:
       start, stop, keep = 0, None, (lambda i: i % num_shards == shard_id)

@@ -1,7 +1,12 @@
 r"""Stage: build a chunk DB (NeMo retmmap) from a corpus, sharded and resumable.
 
-    python -m retro_jax.retrieval.chunk_db --input=docs.jsonl --vocab=spm.model \
-        --output_dir=/data/retrieval_db --retrieval_db [--shard_id=3 --num_shards=8]
+    python -m retro_jax.retrieval.chunk_db --gin.build_chunk_db.input=docs.jsonl \
+        --gin.build_chunk_db.vocab=spm.model \
+        --gin.build_chunk_db.output_dir=/data/retrieval_db \
+        --gin.build_chunk_db.retrieval_db=True \
+        [--gin.build_chunk_db.shard_id=3 --gin.build_chunk_db.num_shards=8]
+    python -m retro_jax.retrieval.chunk_db --merge_only \
+        --gin.merge_chunk_db_shards.output_dir=/data/retrieval_db
 
 Each document is tokenized with the SentencePiece vocabulary, gets the EOD (EOS)
 token appended, is padded with the pad id (the EOS id for a vocabulary without a pad
@@ -37,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import hashlib
 import json
 import os
@@ -53,15 +57,12 @@ from tqdm import tqdm
 from retro_jax.data import corpus as corpus_lib
 from retro_jax.data import vocab as vocab_lib
 from retro_jax.retrieval import formats
+from retro_jax.utils import stages
 from retro_jax.utils.io import Manifest, atomic_path, file_fingerprint
 
 MERGED_NAME = "chunks"
 MERGED_UNIT = "merged"
 STAGE = "chunk_db"
-
-
-def shard_name(shard_id: int, num_shards: int) -> str:
-  return f"shard_{shard_id:05d}_of_{num_shards:05d}"
 
 
 def chunk_db_prefix(output_dir: str, name: str = MERGED_NAME) -> str:
@@ -126,13 +127,6 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
       batch = []
   if batch:
     yield batch
-
-
-def _remove_stale_temporaries(output_dir: str, name: str) -> None:
-  """Removes temporary files a killed run of this output left behind."""
-  for path in glob.glob(os.path.join(glob.escape(output_dir), f".{name}.*.tmp")):
-    logging.info("removing %s (left by an interrupted run)", path)
-    os.remove(path)
 
 
 @dataclasses.dataclass
@@ -226,13 +220,13 @@ def build_chunk_db(input: str | Sequence[str],  # pylint: disable=redefined-buil
       "pad_id": pad_id, "eod_id": eod_id if append_eod else None,
   }
   manifest = Manifest(output_dir, settings, INPUT_KEYS)
-  name = shard_name(shard_id, num_shards)
+  name = stages.shard_name(shard_id, num_shards)
   prefix = os.path.join(output_dir, name)
   if manifest.is_done(name):
     logging.info("chunk DB shard %s is complete; skipping", prefix)
     result = BuildResult(prefix, manifest.info(name), skipped=True)
   else:
-    _remove_stale_temporaries(output_dir, name)
+    stages.remove_stale_temporaries(output_dir, name)
     info = _write_shard(corpus, tokenizer, prefix, dtype=dtype, pad_id=pad_id,
                         eod_id=eod_id if append_eod else None, chunk_size=chunk_size,
                         retrieval_db=retrieval_db, shard_id=shard_id,
@@ -336,8 +330,8 @@ def layout_ids(layout: Any) -> dict[str, Optional[int]]:
 
 
 def _missing_shards(manifest: Manifest, num_shards: int) -> list[str]:
-  return [shard_name(s, num_shards) for s in range(num_shards)
-          if not manifest.is_done(shard_name(s, num_shards))]
+  return [stages.shard_name(s, num_shards) for s in range(num_shards)
+          if not manifest.is_done(stages.shard_name(s, num_shards))]
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -374,9 +368,9 @@ def merge_chunk_db_shards(output_dir: str, *, name: str = MERGED_NAME) -> str:
   if missing:
     raise ValueError(f"{output_dir}: cannot merge, shards not complete: "
                      f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-  shards = [os.path.join(output_dir, shard_name(s, num_shards))
+  shards = [os.path.join(output_dir, stages.shard_name(s, num_shards))
             for s in range(num_shards)]
-  _remove_stale_temporaries(output_dir, name)
+  stages.remove_stale_temporaries(output_dir, name)
   if num_shards == 1:
     idx_path, bin_path = formats.chunk_db_paths(prefix)
     src_idx, src_bin = formats.chunk_db_paths(shards[0])
@@ -397,63 +391,5 @@ def merge_chunk_db_shards(output_dir: str, *, name: str = MERGED_NAME) -> str:
   return prefix
 
 
-# ----------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------
-
-_FLAG_ARGS = ("input", "vocab", "output_dir", "retrieval_db", "chunk_size", "shard_id",
-              "num_shards", "sharding", "input_format", "text_key", "text_unit",
-              "tfds_split", "tfds_data_dir", "append_eod", "batch_size", "merge")
-
-
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_multi_string("input", None, "Corpus files, directories, globs or "
-                            "tfds:<name>.")
-  flags.DEFINE_string("vocab", None, "SentencePiece .model file.")
-  flags.DEFINE_string("output_dir", None, "Output directory (shards, chunks.*, "
-                      "manifest.json).")
-  flags.DEFINE_bool("retrieval_db", None, "Retrieval flavour (extra pad chunk per "
-                    "document); --noretrieval_db for the training flavour.")
-  flags.DEFINE_integer("chunk_size", None, "Tokens per chunk (default 64).")
-  flags.DEFINE_integer("shard_id", None, "This shard (default 0).")
-  flags.DEFINE_integer("num_shards", None, "Number of shards (default 1).")
-  flags.DEFINE_enum("sharding", None, list(corpus_lib.SHARDINGS), "Record sharding.")
-  flags.DEFINE_enum("input_format", None, list(corpus_lib.FORMATS), "Corpus format.")
-  flags.DEFINE_string("text_key", None, "jsonl key / TFDS feature of the text.")
-  flags.DEFINE_enum("text_unit", None, list(corpus_lib.TEXT_UNITS),
-                    "Text files: a document per file or per line.")
-  flags.DEFINE_string("tfds_split", None, "TFDS split.")
-  flags.DEFINE_string("tfds_data_dir", None, "TFDS data directory.")
-  flags.DEFINE_bool("append_eod", None, "Append the EOS token to each document.")
-  flags.DEFINE_integer("batch_size", None, "Documents per tokenizer call.")
-  flags.DEFINE_bool("merge", None, "Merge the shards once all are complete "
-                    "(default true).")
-  flags.DEFINE_bool("merge_only", False, "Only merge the shards of --output_dir.")
-  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
-  gin_utils.define_gin_flags()
-
-
-def main(argv: Sequence[str]) -> None:
-  """Flags that are set override gin bindings; unset ones leave gin/defaults."""
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  gin_utils.parse_gin(f.gin_file, f.gin_bindings)
-  if f.merge_only:
-    if f.output_dir is None:
-      raise flags.ValidationError("--merge_only needs --output_dir")
-    print(merge_chunk_db_shards(f.output_dir))
-    return
-  kwargs = {k: f[k].value for k in _FLAG_ARGS if f[k].value is not None}
-  if len(kwargs.get("input", ())) == 1:
-    kwargs["input"] = kwargs["input"][0]
-  result = build_chunk_db(**kwargs)
-  print(json.dumps(dataclasses.asdict(result), indent=2, sort_keys=True))
-
-
 if __name__ == "__main__":
-  _define_flags()
-  from retro_jax.utils import gin_utils as _gin_utils  # pylint: disable=g-import-not-at-top
-  _gin_utils.run_with_gin_flags(main)
+  stages.run_stage(build_chunk_db, merge_chunk_db_shards)

@@ -1,8 +1,12 @@
 r"""Stage: embed the chunks of a chunk DB into .npy shards, sharded and resumable.
 
-    python -m retro_jax.retrieval.embeddings --db=DIR/retrieval_db/chunks \
-        --vocab=DIR/vocab/spm.model --output_dir=DIR/embeddings \
-        [--embedder=all-MiniLM-L6-v2] [--shard_id=3 --num_shards=8] [--dtype=float16]
+    python -m retro_jax.retrieval.embeddings \
+        --gin.build_embeddings.db_prefix=DIR/retrieval_db/chunks \
+        --gin.build_embeddings.vocab_path=DIR/vocab/spm.model \
+        --gin.build_embeddings.output_dir=DIR/embeddings \
+        [--gin.build_embeddings.embedder=all-MiniLM-L6-v2] \
+        [--gin.build_embeddings.shard_id=3 --gin.build_embeddings.num_shards=8] \
+        [--gin.build_embeddings.dtype=float16] [--gin.load_embedder.buckets=(64, 128)]
 
 Chunk i of the DB (its m tokens, not the continuation) is detokenised without pad and
 EOD ids and embedded (``embedders.ChunkEmbedder``); the conventional output directory
@@ -10,7 +14,7 @@ is ``RetrievalLayout(root).embeddings_dir``. Outputs::
 
     shard_00003_of_00008.npy   float16/float32 [chunks of the shard, dim]: the vectors
                                of a contiguous chunk-id range (shard s of n holds
-                               ``neighbors.shard_chunk_range(num_chunks, s, n)``)
+                               ``utils.stages.shard_chunk_range(num_chunks, s, n)``)
     manifest.json              settings + finished shards and their ranges
 
 The settings the vectors depend on are recorded in the manifest (DB identity and size,
@@ -38,11 +42,10 @@ Python::
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 from absl import logging
 import gin
@@ -52,7 +55,7 @@ from tqdm import tqdm
 from retro_jax.retrieval import formats
 from retro_jax.retrieval.chunk_db import Tokenizer
 from retro_jax.retrieval.embedders import DEFAULT_EMBEDDER, ChunkEmbedder, load_embedder
-from retro_jax.retrieval.neighbors import shard_chunk_range
+from retro_jax.utils import stages
 from retro_jax.utils.io import Manifest, atomic_path
 
 STAGE = "embeddings"
@@ -64,14 +67,7 @@ DTYPES = ("float16", "float32")
 INPUT_KEYS = ("db", "vocab_sha256")
 
 
-def shard_name(shard_id: int, num_shards: int) -> str:
-  return f"shard_{shard_id:05d}_of_{num_shards:05d}.npy"
-
-
-def _remove_stale_temporaries(output_dir: str, name: str) -> None:
-  for path in glob.glob(os.path.join(glob.escape(output_dir), f".{name}.*.tmp")):
-    logging.info("removing %s (left by an interrupted run)", path)
-    os.remove(path)
+SHARD_SUFFIX = ".npy"
 
 
 @dataclasses.dataclass
@@ -144,14 +140,14 @@ def build_embeddings(db_prefix: str, vocab_path: Any, output_dir: str, *,
       "dim": int(embedder.dim), "dtype": dtype, "num_shards": int(num_shards),
   }
   manifest = Manifest(output_dir, settings, INPUT_KEYS)
-  name = shard_name(shard_id, num_shards)
+  name = stages.shard_name(shard_id, num_shards, SHARD_SUFFIX)
   path = os.path.join(output_dir, name)
-  start, end = shard_chunk_range(db.num_chunks, shard_id, num_shards)
+  start, end = stages.shard_chunk_range(db.num_chunks, shard_id, num_shards)
   skipped = manifest.is_done(name)
   if skipped:
     logging.info("embeddings shard %s is complete; skipping", path)
   else:
-    _remove_stale_temporaries(output_dir, name)
+    stages.remove_stale_temporaries(output_dir, name)
     embed_chunks = ChunkEmbedder(embedder, tokenizer.processor, pad_id=pad_id,
                                  eod_id=eod_id)
     seconds = _write_shard(db, embed_chunks, path, start, end, int(embedder.dim), dtype,
@@ -162,7 +158,8 @@ def build_embeddings(db_prefix: str, vocab_path: Any, output_dir: str, *,
                  shard_id, num_shards, start, end, seconds,
                  (end - start) / max(seconds, 1e-9))
   fresh = Manifest(output_dir, settings, INPUT_KEYS)
-  complete = all(fresh.is_done(shard_name(s, num_shards)) for s in range(num_shards))
+  complete = all(fresh.is_done(stages.shard_name(s, num_shards, SHARD_SUFFIX))
+                 for s in range(num_shards))
   return EmbeddingsResult(path, start, end, skipped=skipped, complete=complete)
 
 
@@ -231,7 +228,7 @@ class Embeddings:
       raise ValueError(f"{path}: not an embeddings build (stage {settings.get('stage')!r})")
     manifest = Manifest(self.output_dir, settings)
     num_shards = int(settings["num_shards"])
-    names = [shard_name(s, num_shards) for s in range(num_shards)]
+    names = [stages.shard_name(s, num_shards, SHARD_SUFFIX) for s in range(num_shards)]
     missing = [n for n in names if not manifest.is_done(n)]
     if missing:
       raise FileNotFoundError(
@@ -243,7 +240,7 @@ class Embeddings:
     self.shard_paths, self.shard_starts, self._shards = [], [], []
     expected_start = 0
     for s, name in enumerate(names):
-      start, end = shard_chunk_range(self.num_vectors, s, num_shards)
+      start, end = stages.shard_chunk_range(self.num_vectors, s, num_shards)
       info = manifest.info(name)
       if (info.get("start"), info.get("end")) != (start, end):
         raise ValueError(f"{path}: {name} is recorded for chunks [{info.get('start')}, "
@@ -308,46 +305,5 @@ def load_embeddings(output_dir: str) -> Embeddings:
   return Embeddings(output_dir)
 
 
-# ----------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------
-
-_FLAG_ARGS = ("embedder", "shard_id", "num_shards", "dtype", "block_size", "pad_id",
-              "eod_id", "progress")
-
-
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("db", None, "Chunk DB prefix (…/chunks, without .idx/.bin).")
-  flags.DEFINE_string("vocab", None, "SentencePiece .model of the DB.")
-  flags.DEFINE_string("output_dir", None, "Output directory (shards, manifest.json).")
-  flags.DEFINE_string("embedder", None, f"Known name or sentence-transformers directory "
-                      f"(default {DEFAULT_EMBEDDER}); options via --gin.load_embedder.*")
-  flags.DEFINE_integer("shard_id", None, "This shard (default 0).")
-  flags.DEFINE_integer("num_shards", None, "Number of shards (default 1).")
-  flags.DEFINE_enum("dtype", None, list(DTYPES), "Stored dtype (default float16).")
-  flags.DEFINE_integer("block_size", None, "Chunks per embedding step (default 4096).")
-  flags.DEFINE_integer("pad_id", None, "Pad id (default: the vocabulary's).")
-  flags.DEFINE_integer("eod_id", None, "End-of-document id (default: the vocabulary's EOS).")
-  flags.DEFINE_bool("progress", None, "Show a progress bar (default true).")
-  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
-  gin_utils.define_gin_flags()
-  flags.mark_flags_as_required(["db", "vocab", "output_dir"])
-
-
-def main(argv: Sequence[str]) -> None:
-  """Flags that are set override gin bindings; unset ones leave gin/defaults."""
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  gin_utils.parse_gin(f.gin_file, f.gin_bindings)
-  kwargs = {k: f[k].value for k in _FLAG_ARGS if f[k].value is not None}
-  result = build_embeddings(f.db, f.vocab, f.output_dir, **kwargs)
-  print(json.dumps(dataclasses.asdict(result), indent=2, sort_keys=True))
-
-
 if __name__ == "__main__":
-  _define_flags()
-  from retro_jax.utils import gin_utils as _gin_utils  # pylint: disable=g-import-not-at-top
-  _gin_utils.run_with_gin_flags(main)
+  stages.run_stage(build_embeddings)

@@ -1,7 +1,11 @@
 r"""Stage: the Faiss index of the retrieval DB's chunk embeddings (train, add, merge, search).
 
-    python -m retro_jax.retrieval.index --embeddings=DIR/embeddings --output_dir=DIR/index \
-        [--factory='IVF1024,SQ8'] [--metric=ip] [--shard_id=3 --num_shards=8]
+    python -m retro_jax.retrieval.index --gin.build_index.embeddings=DIR/embeddings \
+        --gin.build_index.output_dir=DIR/index [--gin.build_index.factory='IVF1024,SQ8'] \
+        [--gin.build_index.metric=ip] \
+        [--gin.build_index.shard_id=3 --gin.build_index.num_shards=8]
+    python -m retro_jax.retrieval.index --merge_only \
+        --gin.merge_index_shards.output_dir=DIR/index
 
 The stage has three kinds of unit, each recorded in ``output_dir/manifest.json``
 (``retro_jax.utils.io.Manifest``), so a re-run skips what is finished:
@@ -80,8 +84,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import glob
 import hashlib
 import json
 import math
@@ -97,7 +99,7 @@ import gin
 import numpy as np
 import tqdm
 
-from retro_jax.data.corpus import shard_range
+from retro_jax.utils import stages
 from retro_jax.utils.io import Manifest, atomic_path, file_fingerprint
 
 STAGE = "index"
@@ -311,35 +313,12 @@ def _float32_rows(rows: Any, dim: int, what: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------
 
 
-def shard_name(shard_id: int, num_shards: int) -> str:
-  return f"shard_{shard_id:05d}_of_{num_shards:05d}.faissindex"
+SHARD_SUFFIX = ".faissindex"
 
 
 def index_path(output_dir: str) -> str:
   """The merged index in a stage directory (``RetrievalLayout.index_path``)."""
   return os.path.join(output_dir, INDEX_NAME)
-
-
-@contextlib.contextmanager
-def _locked(output_dir: str, name: str) -> Iterator[None]:
-  """An exclusive lock between processes building the same index directory."""
-  os.makedirs(output_dir, exist_ok=True)
-  fd = os.open(os.path.join(output_dir, f".{name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    yield
-  finally:
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
-
-
-def _remove_stale_temporaries(output_dir: str, name: str) -> None:
-  for path in glob.glob(os.path.join(glob.escape(output_dir), f".{name}.*.tmp")):
-    logging.info("removing %s (left by an interrupted run)", path)
-    if os.path.isdir(path):
-      shutil.rmtree(path, ignore_errors=True)
-    else:
-      os.remove(path)
 
 
 def write_index(index: faiss.Index, path: str) -> None:
@@ -547,15 +526,15 @@ def build_index(embeddings: Any, output_dir: str, *, factory: Optional[str] = No
   settings = {"stage": STAGE, "factory": factory, "metric": metric, "dim": dim,
               "num_vectors": n, "train_size": train_size, "seed": seed,
               "num_shards": num_shards, "embeddings": vectors.description}
-  start, stop = shard_range(n, shard_id, num_shards)
-  name = shard_name(shard_id, num_shards)
+  start, stop = stages.shard_range(n, shard_id, num_shards)
+  name = stages.shard_name(shard_id, num_shards, SHARD_SUFFIX)
   shard_file = os.path.join(output_dir, name)
   os.makedirs(output_dir, exist_ok=True)
 
-  with _locked(output_dir, "train"):
+  with stages.locked(output_dir, "train"):
     manifest = Manifest(output_dir, settings, INPUT_KEYS)
     if not manifest.is_done(TRAINED_UNIT):
-      _remove_stale_temporaries(output_dir, TRAINED_NAME)
+      stages.remove_stale_temporaries(output_dir, TRAINED_NAME)
       began = time.time()
       trained = train_index(vectors, factory, metric, train_size=train_size, seed=seed,
                             use_gpu=gpu)
@@ -570,7 +549,7 @@ def build_index(embeddings: Any, output_dir: str, *, factory: Optional[str] = No
     info = manifest.info(name)
     logging.info("index shard %s is complete; skipping", shard_file)
   else:
-    _remove_stale_temporaries(output_dir, name)
+    stages.remove_stale_temporaries(output_dir, name)
     trained = _read_index(os.path.join(output_dir, TRAINED_NAME))
     if num_shards > 1:
       _check_mergeable(trained, factory)
@@ -610,11 +589,11 @@ def merge_index_shards(output_dir: str, *, on_disk: Optional[bool] = None) -> Op
   Returns the merged index's path, or None while some shards are missing. Skipped if
   the merge is recorded as done; safe when several finishing shards call it at once.
   """
-  with _locked(output_dir, "merge"):
+  with stages.locked(output_dir, "merge"):
     manifest = _load_manifest(output_dir)
     settings = manifest.settings
     num_shards = settings["num_shards"]
-    names = [shard_name(s, num_shards) for s in range(num_shards)]
+    names = [stages.shard_name(s, num_shards, SHARD_SUFFIX) for s in range(num_shards)]
     missing = [name for name in names if not manifest.is_done(name)]
     if missing:
       logging.info("index: %d of %d shards still to add; merge later", len(missing),
@@ -624,8 +603,8 @@ def merge_index_shards(output_dir: str, *, on_disk: Optional[bool] = None) -> Op
     if manifest.is_done(MERGED_UNIT):
       return final
     paths = [os.path.join(output_dir, name) for name in names]
-    _remove_stale_temporaries(output_dir, INDEX_NAME)
-    _remove_stale_temporaries(output_dir, IVFDATA_NAME)
+    stages.remove_stale_temporaries(output_dir, INDEX_NAME)
+    stages.remove_stale_temporaries(output_dir, IVFDATA_NAME)
     trained = _read_index(os.path.join(output_dir, TRAINED_NAME))
     ivf = _ivf_of(trained)
     if on_disk is None:
@@ -941,60 +920,5 @@ def recall_at_k(approximate_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> f
   return hits / float(exact.shape[0] * k)
 
 
-# ----------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------
-
-_FLAG_ARGS = ("factory", "metric", "train_size", "seed", "shard_id", "num_shards", "merge",
-              "on_disk", "batch_size", "expected_num_vectors")
-
-
-def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("embeddings", None, "Embeddings: an embeddings directory or a .npy "
-                      "file of [num_chunks, dim].")
-  flags.DEFINE_string("output_dir", None, "Index directory (trained index, shards, "
-                      "index.faissindex, manifest.json).")
-  flags.DEFINE_string("factory", None, "Faiss factory string (default: by DB size, see "
-                      "default_factory).")
-  flags.DEFINE_enum("metric", None, sorted(METRICS), "ip (cosine for unit-norm "
-                    "embeddings; default) or l2.")
-  flags.DEFINE_integer("train_size", None, "Training sample (default 40 per centroid).")
-  flags.DEFINE_integer("seed", None, "Sampling / k-means seed.")
-  flags.DEFINE_integer("shard_id", None, "This shard (default 0).")
-  flags.DEFINE_integer("num_shards", None, "Number of shards (default 1).")
-  flags.DEFINE_bool("merge", None, "Merge once all shards are done (default true).")
-  flags.DEFINE_bool("on_disk", None, "Merge into on-disk inverted lists (IVF; default: "
-                    "when larger than 8 GiB).")
-  flags.DEFINE_integer("batch_size", None, "Vectors added per call.")
-  flags.DEFINE_integer("expected_num_vectors", None, "Retrieval DB chunk count to check.")
-  flags.DEFINE_enum("use_gpu", "auto", ["auto", "true", "false"], "Use faiss GPUs.")
-  flags.DEFINE_bool("merge_only", False, "Only merge the shards of --output_dir.")
-  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
-  gin_utils.define_gin_flags()
-
-
-def main(argv: Sequence[str]) -> None:
-  """Flags that are set override gin bindings; unset ones leave gin/defaults."""
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from retro_jax.utils import gin_utils  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
-  gin_utils.parse_gin(f.gin_file, f.gin_bindings)
-  if f.output_dir is None:
-    raise flags.ValidationError("--output_dir is required")
-  if f.merge_only:
-    print(merge_index_shards(f.output_dir, on_disk=f.on_disk))
-    return
-  if f.embeddings is None:
-    raise flags.ValidationError("--embeddings is required")
-  kwargs = {k: f[k].value for k in _FLAG_ARGS if f[k].value is not None}
-  kwargs["use_gpu"] = {"auto": "auto", "true": True, "false": False}[f.use_gpu]
-  result = build_index(f.embeddings, f.output_dir, **kwargs)
-  print(json.dumps(dataclasses.asdict(result), indent=2, sort_keys=True))
-
-
 if __name__ == "__main__":
-  _define_flags()
-  from retro_jax.utils import gin_utils as _gin_utils  # pylint: disable=g-import-not-at-top
-  _gin_utils.run_with_gin_flags(main)
+  stages.run_stage(build_index, merge_index_shards)

@@ -41,6 +41,7 @@ import numpy as np
 import tqdm
 
 from retro_jax.retrieval import formats
+from retro_jax.utils import stages
 from retro_jax.utils.io import Manifest
 
 # Settings that identify the inputs by content (utils.io.Manifest): changed DBs redo
@@ -52,15 +53,7 @@ SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 MERGED_NAME = "neighbors.knn"
 
 
-def shard_name(shard_id: int, num_shards: int) -> str:
-  return f"shard_{shard_id:05d}_of_{num_shards:05d}.knn"
-
-
-def shard_chunk_range(num_chunks: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-  """Contiguous query-chunk range ``[start, end)`` of a shard."""
-  per = -(-num_chunks // num_shards)
-  start = min(num_chunks, shard_id * per)
-  return start, min(num_chunks, start + per)
+SHARD_SUFFIX = ".knn"
 
 
 def select_neighbors(candidates: np.ndarray, candidate_docs: np.ndarray,
@@ -162,9 +155,9 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
       num_shards=num_shards, query_chunks=query_db.num_chunks,
       db_chunks=retrieval_db.num_chunks, query_db=formats.db_fingerprint(query_db),
       retrieval_db=formats.db_fingerprint(retrieval_db)), INPUT_KEYS)
-  name = shard_name(shard_id, num_shards)
+  name = stages.shard_name(shard_id, num_shards, SHARD_SUFFIX)
   if not manifest.is_done(name):
-    start, end = shard_chunk_range(query_db.num_chunks, shard_id, num_shards)
+    start, end = stages.shard_chunk_range(query_db.num_chunks, shard_id, num_shards)
     began = time.time()
     with formats.NeighborMapWriter(os.path.join(output_dir, name), k,
                                    chunk_start_id=start) as writer:
@@ -189,7 +182,7 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
 
 def merge_shards(output_dir: str, num_shards: int, manifest: Manifest) -> Optional[str]:
   """Merges finished shard maps into ``neighbors.knn`` (None if some are missing)."""
-  names = [shard_name(i, num_shards) for i in range(num_shards)]
+  names = [stages.shard_name(i, num_shards, SHARD_SUFFIX) for i in range(num_shards)]
   fresh = Manifest(output_dir, manifest.settings, INPUT_KEYS)
   if not all(fresh.is_done(n) for n in names):
     return None
