@@ -58,7 +58,7 @@ import numpy as np
 from retro_jax import preprocess as preprocess_lib
 from retro_jax.data import chat
 from retro_jax.data import encyclopedia
-from retro_jax.data import tasks  # pylint: disable=unused-import  # step gin files bind its sources
+from retro_jax.data import batches  # pylint: disable=unused-import  # step gin files bind its sources
 from retro_jax.evaluation import knowledge_update as update_lib
 from retro_jax.evaluation import qa as qa_lib
 from retro_jax.evaluation import report as report_lib
@@ -206,7 +206,7 @@ def build_retrieval(files: Mapping[str, Optional[str]], output_dir: str, *,
 
 def _parse_step_gin(gin_file: str, bindings: Sequence[str], overrides: Sequence[str]) -> None:
   # Every configurable a --gin binding may name, whichever step parses it, is
-  # registered by this module's imports (data.tasks' batch sources among them).
+  # registered by this module's imports (data.batches' batch sources among them).
   gin.clear_config()
   gin_utils.parse_gin([gin_file], list(bindings) + list(overrides))
 

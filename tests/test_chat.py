@@ -7,7 +7,7 @@ import pytest
 
 from retro_jax.data import chat
 from retro_jax.data import instructions
-from retro_jax.data import tasks
+from retro_jax.data import sources
 from retro_jax.data import vocab as vocab_lib
 
 SYSTEM = ("System: This is a chat between a user and an artificial intelligence assistant. "
@@ -215,7 +215,7 @@ def test_long_prompts_are_truncated_from_the_left(processor):
 def test_sft_source_has_no_neighbors_unless_a_retriever_is_given(spm_model, processor):
   records = instructions.read_sft("data/sft/qa.jsonl")
   records = [r for r in records if r.passages][:6]
-  plain = tasks.SFTSource(records, spm_model, seq_len=256, chunk_length=32, num_neighbors=2)
+  plain = sources.SFTSource(records, spm_model, seq_len=256, chunk_length=32, num_neighbors=2)
   feats = plain.examples(np.arange(6))
   assert feats["targets"].shape == (6, 257) and feats["neighbor_tokens"].shape == (6, 8, 2, 64)
   assert not feats["neighbor_mask"].any() and not feats["neighbor_tokens"].any()
@@ -228,8 +228,8 @@ def test_sft_source_has_no_neighbors_unless_a_retriever_is_given(spm_model, proc
     c = len(chunks)
     return (np.tile(chunks[:, None, :], (1, 2, 2)), np.ones((c, 2), bool), None)
 
-  live = tasks.SFTSource(records, spm_model, seq_len=256, chunk_length=32, num_neighbors=2,
-                         retriever=retriever)
+  live = sources.SFTSource(records, spm_model, seq_len=256, chunk_length=32, num_neighbors=2,
+                           retriever=retriever)
   feats = live.examples(np.arange(6))
   assert len(calls) == 1                        # one search for the whole batch
   queried = []

@@ -20,7 +20,7 @@ import struct
 import numpy as np
 import pytest
 
-from retro_jax.data import tasks
+from retro_jax.data import sources
 from retro_jax.retrieval import formats
 from retro_jax.retrieval.layout import RetrievalLayout
 
@@ -238,7 +238,7 @@ def _read_map(path, db, query, num_neighbors=None):
   knn = formats.NeighborMap(path)
   knn[knn.chunk_start_id:knn.chunk_end_id]
   knn.validate_against(db, query_db=query)
-  tasks.PretrainSource(query, knn, db, seq_len=2 * M, num_neighbors=num_neighbors,
+  sources.PretrainSource(query, knn, db, seq_len=2 * M, num_neighbors=num_neighbors,
                        validate=False)
 
 
@@ -330,11 +330,11 @@ def test_missing_bin_names_the_missing_file(tmp_path):
   os.remove(layout.split_db_prefix("train") + ".bin")
   with pytest.raises(FileNotFoundError, match=r"train_db/chunks\.bin: chunk DB tokens "
                      "not found"):
-    tasks.PretrainSource.from_layout(layout, "train", seq_len=2 * M,
+    sources.PretrainSource.from_layout(layout, "train", seq_len=2 * M,
                                      with_neighbors=False)
   os.remove(layout.split_db_prefix("train") + ".idx")
   with pytest.raises(FileNotFoundError, match=r"train_db/chunks\.idx"):
-    tasks.PretrainSource.from_layout(layout, "train", seq_len=2 * M,
+    sources.PretrainSource.from_layout(layout, "train", seq_len=2 * M,
                                      with_neighbors=False)
 
 

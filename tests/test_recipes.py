@@ -17,7 +17,7 @@ from flax import traverse_util
 import retro_jax.data.encyclopedia  # pylint: disable=unused-import
 import retro_jax.eval  # pylint: disable=unused-import
 import retro_jax.recipe  # pylint: disable=unused-import
-from retro_jax.data import tasks
+from retro_jax.data import batches as batch_sources
 from retro_jax.models import RetroConfig
 from retro_jax.training import checkpoints as ckpt_lib
 from retro_jax.training.loop import train
@@ -153,7 +153,7 @@ def test_retrofit_and_gptfit_read_identical_tokens(layout):
   for recipe in ("retrofit.gin", "gptfit.gin"):
     _parse(recipe, _bindings(layout, "/unused", 1))
     with gin.config_scope("train_data"):
-      batches[recipe] = tasks.pretraining_batch_source().get_batch(3)
+      batches[recipe] = batch_sources.pretraining_batch_source().get_batch(3)
   assert "neighbor_tokens" in batches["retrofit.gin"]
   assert "neighbor_tokens" not in batches["gptfit.gin"]
   for key, value in batches["gptfit.gin"].items():

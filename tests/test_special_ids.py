@@ -174,10 +174,10 @@ def test_chunk_db_documents_end_with_eos_and_are_padded_with_pad(models, tmp_pat
 
 @pytest.mark.parametrize("name,ids", LAYOUTS)
 def test_pretraining_weights_train_on_eod_but_not_on_padding(models, tmp_path, name, ids):
-  from retro_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  from retro_jax.data import sources  # pylint: disable=g-import-not-at-top
   sp = spm.SentencePieceProcessor(model_file=models[name])
   prefix = _build(tmp_path, models[name], "query", retrieval_db=False)
-  source = tasks.PretrainSource(prefix, seq_len=16)
+  source = sources.PretrainSource(prefix, seq_len=16)
   assert (source.pad_id, source.eod_id) == (ids.pad, ids.eos)
   # Expected: every document token and its EOD weighted, the padding after it not.
   stream, real = [], []
@@ -206,14 +206,14 @@ def test_pretraining_weights_train_on_eod_but_not_on_padding(models, tmp_path, n
 
 @pytest.mark.parametrize("name,ids", LAYOUTS)
 def test_sft_examples_end_with_the_vocabulary_eos(models, name, ids):
-  from retro_jax.data import tasks  # pylint: disable=g-import-not-at-top
+  from retro_jax.data import sources  # pylint: disable=g-import-not-at-top
   record = instructions.SFTExample(messages=(
       {"role": "user", "content": "Which river runs by the copper tower?"},
       {"role": "assistant", "content": "The quiet river."}))
   sp = spm.SentencePieceProcessor(model_file=models[name])
   tokens, weights, _ = instructions.encode_sft(*record.render(), sp, 200)
   assert tokens[-1] == ids.eos and weights[-1] == 1.0
-  source = tasks.SFTSource([record], models[name], seq_len=128, chunk_length=8)
+  source = sources.SFTSource([record], models[name], seq_len=128, chunk_length=8)
   assert (source.pad_id, source.eos_id) == (ids.pad, ids.eos)
   tokens, weights, _ = source.encode(0)
   assert tokens[-1] == ids.eos and weights[-1] == 1.0 and ids.eos not in tokens[:-1]

@@ -8,8 +8,15 @@ import pytest
 import seqio
 import tensorflow as tf
 
+from retro_jax.bench import data as data_bench
+from retro_jax.data import batches as batch_sources
+from retro_jax.data import chat
 from retro_jax.data import feature_converters as fc
+from retro_jax.data import instructions
+from retro_jax.data import ordering
+from retro_jax.data import sources
 from retro_jax.data import tasks
+from retro_jax.data import vocab as vocab_lib
 from retro_jax.retrieval import formats
 from retro_jax.retrieval.layout import RetrievalLayout
 
@@ -36,8 +43,8 @@ def _dbs(layout, split="train"):
 
 def test_examples_are_query_chunks_with_their_mapped_neighbors(layout, names):
   query, knn, db = _dbs(layout)
-  source = tasks.TaskBatchSource(names.retro, batch_size=8, seed=5,
-                                 shard_info=seqio.ShardInfo(0, 1))
+  source = batch_sources.TaskBatchSource(names.retro, batch_size=8, seed=5,
+                                         shard_info=seqio.ShardInfo(0, 1))
   m, l = 64, N // 64
   for step in range(3):
     batch = source.get_batch(step)
@@ -71,8 +78,8 @@ def test_missing_neighbors_are_masked_never_wrapped(layout, tmp_path):
   ids[::3, 1] = -1
   ids[5] = -1
   path = formats.write_neighbor_map(tmp_path / "holes.knn", ids).path
-  source = tasks.PretrainSource(query.prefix, path, db.prefix, seq_len=N,
-                                exclude_example_documents=False)
+  source = sources.PretrainSource(query.prefix, path, db.prefix, seq_len=N,
+                                  exclude_example_documents=False)
   feats = source.examples(np.arange(source.num_examples))
   flat_mask = feats["neighbor_mask"].reshape(-1, 2)
   flat_tokens = feats["neighbor_tokens"].reshape(-1, 2, 128)
@@ -92,23 +99,23 @@ def test_neighbors_from_a_document_of_the_example_are_masked(layout, tmp_path):
   ids = np.array(knn.neighbors)
   ids[2 * i] = [db.doc_chunk_range(doc_b)[0], db.doc_chunk_range(doc_b + 5)[0]]
   path = formats.write_neighbor_map(tmp_path / "same_example.knn", ids).path
-  strict = tasks.PretrainSource(query.prefix, path, db.prefix, seq_len=N)
+  strict = sources.PretrainSource(query.prefix, path, db.prefix, seq_len=N)
   assert strict.exclude_example_documents                     # auto: documents align
-  loose = tasks.PretrainSource(query.prefix, path, db.prefix, seq_len=N,
-                               exclude_example_documents=False)
+  loose = sources.PretrainSource(query.prefix, path, db.prefix, seq_len=N,
+                                 exclude_example_documents=False)
   assert strict.examples([i])["neighbor_mask"][0, 0].tolist() == [False, True]
   assert loose.examples([i])["neighbor_mask"][0, 0].tolist() == [True, True]
-  valid = tasks.PretrainSource(layout.split_db_prefix("valid"),
-                               layout.neighbor_map_path("valid"), db.prefix, seq_len=N)
+  valid = sources.PretrainSource(layout.split_db_prefix("valid"),
+                                 layout.neighbor_map_path("valid"), db.prefix, seq_len=N)
   assert not valid.exclude_example_documents                  # held-out documents
   with pytest.raises(ValueError, match="not the first documents of"):
-    tasks.PretrainSource(layout.split_db_prefix("valid"), layout.neighbor_map_path("valid"),
-                         db.prefix, seq_len=N, exclude_example_documents=True)
+    sources.PretrainSource(layout.split_db_prefix("valid"), layout.neighbor_map_path("valid"),
+                           db.prefix, seq_len=N, exclude_example_documents=True)
 
 
 def test_retro_and_gpt_tasks_give_identical_tokens(names):
-  retro = tasks.TaskBatchSource(names.retro, batch_size=6, seed=3)
-  gpt = tasks.TaskBatchSource(names.gpt, batch_size=6, seed=3)
+  retro = batch_sources.TaskBatchSource(names.retro, batch_size=6, seed=3)
+  gpt = batch_sources.TaskBatchSource(names.gpt, batch_size=6, seed=3)
   for step in (0, 7, 40):
     a, b = retro.get_batch(step), gpt.get_batch(step)
     assert set(b) == set(fc.MODEL_TOKEN_FEATURES)
@@ -117,9 +124,9 @@ def test_retro_and_gpt_tasks_give_identical_tokens(names):
 
 
 def test_same_seed_same_examples_other_seed_other_order(names):
-  a = tasks.TaskBatchSource(names.retro, batch_size=4, seed=1)
-  b = tasks.TaskBatchSource(names.retro, batch_size=4, seed=1)
-  c = tasks.TaskBatchSource(names.retro, batch_size=4, seed=2)
+  a = batch_sources.TaskBatchSource(names.retro, batch_size=4, seed=1)
+  b = batch_sources.TaskBatchSource(names.retro, batch_size=4, seed=1)
+  c = batch_sources.TaskBatchSource(names.retro, batch_size=4, seed=2)
   for step in (0, 3):
     for key, value in a.get_batch(step).items():
       np.testing.assert_array_equal(value, b.get_batch(step)[key])
@@ -129,8 +136,9 @@ def test_same_seed_same_examples_other_seed_other_order(names):
 
 def test_shards_are_disjoint_and_cover_each_epoch(names):
   hosts, batch = 4, 8
-  sources = [tasks.TaskBatchSource(names.gpt, batch_size=batch, seed=9,
-                                   shard_info=seqio.ShardInfo(h, hosts)) for h in range(hosts)]
+  sources = [batch_sources.TaskBatchSource(names.gpt, batch_size=batch, seed=9,
+                                         shard_info=seqio.ShardInfo(h, hosts))
+             for h in range(hosts)]
   size = sources[0].stream.sizes[0]
   steps = -(-2 * size // batch)                                  # two epochs
   positions = np.concatenate([s.positions(t) for t in range(steps) for s in sources])
@@ -145,12 +153,12 @@ def test_shards_are_disjoint_and_cover_each_epoch(names):
 
 
 def test_seek_equals_iterating(names):
-  source = tasks.TaskBatchSource(names.retro, batch_size=4, seed=4,
-                                 shard_info=seqio.ShardInfo(1, 2))
+  source = batch_sources.TaskBatchSource(names.retro, batch_size=4, seed=4,
+                                         shard_info=seqio.ShardInfo(1, 2))
   iterated = list(source.dataset(0).take(6).as_numpy_iterator())
   seeked = next(source.dataset(start_step=5).as_numpy_iterator())
-  fresh = tasks.TaskBatchSource(names.retro, batch_size=4, seed=4,
-                                shard_info=seqio.ShardInfo(1, 2)).get_batch(5)
+  fresh = batch_sources.TaskBatchSource(names.retro, batch_size=4, seed=4,
+                                        shard_info=seqio.ShardInfo(1, 2)).get_batch(5)
   for key, value in fresh.items():
     np.testing.assert_array_equal(iterated[5][key], value)
     np.testing.assert_array_equal(seeked[key], value)
@@ -162,8 +170,8 @@ def test_seqio_get_dataset_gives_the_same_stream(names):
                          dataset_split="train", shuffle=True, seed=11,
                          shard_info=seqio.ShardInfo(1, 3))
   got = list(ds.take(4).as_numpy_iterator())
-  batch = tasks.TaskBatchSource(names.retro, batch_size=12, seed=11,
-                                shard_info=seqio.ShardInfo(1, 3)).get_batch(0)
+  batch = batch_sources.TaskBatchSource(names.retro, batch_size=12, seed=11,
+                                        shard_info=seqio.ShardInfo(1, 3)).get_batch(0)
   for i in range(4):
     for key in batch:
       np.testing.assert_array_equal(got[i][key], batch[key][i])
@@ -178,7 +186,7 @@ def test_seqio_get_dataset_gives_the_same_stream(names):
 
 def test_eval_stream_scores_every_example_once(layout):
   names = tasks.register_retro_tasks(layout.root, "valid", N)
-  source = tasks.TaskBatchSource(names.retro, batch_size=4, shuffle=False, num_epochs=1)
+  source = batch_sources.TaskBatchSource(names.retro, batch_size=4, shuffle=False, num_epochs=1)
   size = source.stream.sizes[0]
   batches = [source.get_batch(i) for i in range(-(-size // 4) + 1)]
   weights = np.concatenate([b["decoder_loss_weights"].sum(1) for b in batches])
@@ -192,7 +200,7 @@ def test_eval_stream_scores_every_example_once(layout):
 def test_mixture_blends_sources_at_their_rates(layout, names):
   valid = tasks.register_retro_tasks(layout.root, "valid", N)
   mixture = tasks.register_mixture("tasks_test_mix", [(names.retro, 3.0), (valid.retro, 1.0)])
-  source = tasks.TaskBatchSource(mixture, batch_size=20, seed=0)
+  source = batch_sources.TaskBatchSource(mixture, batch_size=20, seed=0)
   which, examples, _ = source.stream.locate(np.arange(4000))
   assert np.bincount(which).tolist() == [3000, 1000]
   assert np.bincount(which[:20]).tolist() == [15, 5]            # interleaved, not blocks
@@ -200,16 +208,16 @@ def test_mixture_blends_sources_at_their_rates(layout, names):
     assert set(examples[which == s]) == set(range(source.stream.sizes[s]))
   batch = source.get_batch(3)
   assert batch["neighbor_tokens"].shape == (20, 2, 2, 128)
-  assert tasks.blend_schedule([0.817, 0.033, 0.15])[2].tolist() == [817, 33, 150]
+  assert ordering.blend_schedule([0.817, 0.033, 0.15])[2].tolist() == [817, 33, 150]
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 1000, 4097])
 def test_permute_is_a_seeded_bijection(size):
-  out = tasks.permute(np.arange(size), size, (0, 0, 0))
+  out = ordering.permute(np.arange(size), size, (0, 0, 0))
   np.testing.assert_array_equal(np.sort(out), np.arange(size))
   if size > 8:
-    assert not np.array_equal(out, tasks.permute(np.arange(size), size, (1, 0, 0)))
-    np.testing.assert_array_equal(out[5:9], tasks.permute(np.arange(5, 9), size, (0, 0, 0)))
+    assert not np.array_equal(out, ordering.permute(np.arange(size), size, (1, 0, 0)))
+    np.testing.assert_array_equal(out[5:9], ordering.permute(np.arange(5, 9), size, (0, 0, 0)))
 
 
 def _copy_layout(layout, root):
@@ -222,34 +230,34 @@ def test_bad_neighbor_maps_are_errors_naming_the_file(layout, tmp_path):
   short = formats.write_neighbor_map(tmp_path / "short.knn", knn.neighbors[:-3]).path
   with pytest.raises(ValueError, match=r"short.knn: rows cover query chunks \[0, \d+\), but "
                      r".*train_db/chunks.idx has \d+ chunks"):
-    tasks.PretrainSource(query.prefix, short, db.prefix, seq_len=N)
+    sources.PretrainSource(query.prefix, short, db.prefix, seq_len=N)
   ids = np.array(knn.neighbors)
   ids[7, 0] = db.num_chunks + 5
   outside = formats.write_neighbor_map(tmp_path / "outside.knn", ids).path
   with pytest.raises(ValueError, match=r"outside.knn: neighbors: query chunk 7 neighbor 0 is "
                      rf"{db.num_chunks + 5}, outside \[-1, {db.num_chunks}\)"):
-    tasks.PretrainSource(query.prefix, outside, db.prefix, seq_len=N)
-  lazy = tasks.PretrainSource(query.prefix, outside, db.prefix, seq_len=N, validate=False)
+    sources.PretrainSource(query.prefix, outside, db.prefix, seq_len=N)
+  lazy = sources.PretrainSource(query.prefix, outside, db.prefix, seq_len=N, validate=False)
   lazy.examples(np.array([0]))                                  # chunks 0, 1: fine
   with pytest.raises(ValueError, match=r"outside.knn: neighbors: query chunk 7 neighbor 0"):
     lazy.examples(np.array([3]))                                # chunks 6, 7
   with pytest.raises(ValueError, match=r"training-flavour DB"):
-    tasks.PretrainSource(query.prefix, knn.path, query.prefix, seq_len=N)
+    sources.PretrainSource(query.prefix, knn.path, query.prefix, seq_len=N)
   with pytest.raises(ValueError, match=r"multiple of the chunk size m=64"):
-    tasks.PretrainSource(query.prefix, knn.path, db.prefix, seq_len=100)
+    sources.PretrainSource(query.prefix, knn.path, db.prefix, seq_len=100)
   with pytest.raises(ValueError, match=r"holds k=2"):
-    tasks.PretrainSource(query.prefix, knn.path, db.prefix, seq_len=N, num_neighbors=3)
+    sources.PretrainSource(query.prefix, knn.path, db.prefix, seq_len=N, num_neighbors=3)
   copy = _copy_layout(layout, str(tmp_path / "nomap"))
   os.remove(copy.neighbor_map_path("valid"))
   names = tasks.register_retro_tasks(copy.root, "valid", N)
   assert names.retro is None and names.gpt == "gpt_nomap_valid"
   with pytest.raises(FileNotFoundError, match=r"nomap/neighbors/valid/neighbors.knn: no "
                      "neighbor map"):
-    tasks.pretraining_batch_source(copy.root, split="valid", seq_len=N, batch_size=2)
+    batch_sources.pretraining_batch_source(copy.root, split="valid", seq_len=N, batch_size=2)
   with pytest.raises(FileNotFoundError, match=r"no query DB for split 'test'"):
     tasks.register_retro_tasks(copy.root, "test", N)
-  assert tasks.pretraining_batch_source(copy.root, split="test", seq_len=N, batch_size=2,
-                                        missing_ok=True) is None
+  assert batch_sources.pretraining_batch_source(copy.root, split="test", seq_len=N, batch_size=2,
+                                                missing_ok=True) is None
 
 
 def test_feature_converter_checks_features():
@@ -279,7 +287,7 @@ def test_feature_converter_checks_features():
 
 
 def test_sft_blend_batches(layout):
-  source = tasks.sft_batch_source(layout.root, seq_len=N, batch_size=6, seed=0)
+  source = batch_sources.sft_batch_source(layout.root, seq_len=N, batch_size=6, seed=0)
   assert source.name == "retro_sft_blend"
   mixture = seqio.get_mixture_or_task("retro_sft_blend")
   assert sorted(t.name for t in mixture.tasks) == ["retro_sft_chat",
@@ -288,15 +296,14 @@ def test_sft_blend_batches(layout):
   assert not batch["neighbor_mask"].any() and not batch["neighbor_tokens"].any()
   weights = batch["decoder_loss_weights"]
   assert (weights.sum(1) > 0).all() and (weights < 1).any()
-  gpt = tasks.sft_batch_source(layout.root, seq_len=N, batch_size=6, seed=0,
-                               with_neighbors=False)
+  gpt = batch_sources.sft_batch_source(layout.root, seq_len=N, batch_size=6, seed=0,
+                                       with_neighbors=False)
   assert "neighbor_tokens" not in gpt.get_batch(0)
   np.testing.assert_array_equal(gpt.get_batch(0)["decoder_input_tokens"],
                                 batch["decoder_input_tokens"])
 
 
 def test_sft_blend_with_retrieved_neighbors(layout, monkeypatch):
-  from retro_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
   searched, opened = [], []
 
   def fake_load_retriever(root, *, num_neighbors=None, **kwargs):
@@ -310,10 +317,10 @@ def test_sft_blend_with_retrieved_neighbors(layout, monkeypatch):
           (len(chunks), num_neighbors), bool), None
     return retrieve
 
-  monkeypatch.setattr(retriever_lib, "load_retriever", fake_load_retriever)
-  source = tasks.sft_batch_source(layout.root, seq_len=N, batch_size=6, seed=0,
-                                  datasets=[("qa", "data/sft/qa.jsonl", 1.0)],
-                                  retrieve_neighbors=True, name="live")
+  monkeypatch.setattr(batch_sources, "load_retriever", fake_load_retriever)
+  source = batch_sources.sft_batch_source(layout.root, seq_len=N, batch_size=6, seed=0,
+                                          datasets=[("qa", "data/sft/qa.jsonl", 1.0)],
+                                          retrieve_neighbors=True, name="live")
   assert opened == [(layout.root, 2)]
   batch = source.get_batch(0)
   tokens, weights = batch["decoder_input_tokens"], batch["decoder_loss_weights"]
@@ -329,14 +336,13 @@ def test_sft_blend_with_retrieved_neighbors(layout, monkeypatch):
         assert not neighbors[row, u].any()
   # GPT-Instruct's twin reads the same examples and never searches.
   before = len(searched)
-  tasks.sft_batch_source(layout.root, seq_len=N, batch_size=6, seed=0, with_neighbors=False,
-                         datasets=[("qa", "data/sft/qa.jsonl", 1.0)],
-                         retrieve_neighbors=True, name="live").get_batch(0)
+  batch_sources.sft_batch_source(layout.root, seq_len=N, batch_size=6, seed=0, with_neighbors=False,
+                                 datasets=[("qa", "data/sft/qa.jsonl", 1.0)],
+                                 retrieve_neighbors=True, name="live").get_batch(0)
   assert len(searched) == before and len(opened) == 1
 
 
 def test_data_bench_rows_run_on_a_synthetic_directory(tmp_path):
-  from retro_jax.bench import data as data_bench  # pylint: disable=g-import-not-at-top
   layout = data_bench.build_synthetic_layout(str(tmp_path / "synthetic"), vocab_size=70_000,
                                              query_chunks=300, db_chunks=500)
   assert formats.ChunkDB(layout.retrieval_db_prefix).dtype == np.int32   # a >65500 vocab
@@ -351,8 +357,6 @@ def test_data_bench_rows_run_on_a_synthetic_directory(tmp_path):
 
 
 def test_qa_task_gives_zero_shot_prompts(layout):
-  from retro_jax.data import chat, instructions  # pylint: disable=g-import-not-at-top
-  from retro_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
   name = tasks.register_qa_task("sample", "data/qa/sample.jsonl", layout.vocab_path,
                                 num_passages=2)
   records = instructions.read_qa_examples(instructions.shipped_data_path("qa", "sample.jsonl"))

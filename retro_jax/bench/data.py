@@ -3,7 +3,7 @@ r"""Data pipeline throughput: batches with neighbors vs what a train step consum
     python -m retro_jax.bench.data                          # synthetic DB, tiny + 8B shapes
     python -m retro_jax.bench.data --retrieval_dir=/data/retro --seq_length=2048
 
-Rows time ``retro_jax.data.tasks.TaskBatchSource.get_batch`` (the trainer's batch source:
+Rows time ``retro_jax.data.batches.TaskBatchSource.get_batch`` (the trainer's batch source:
 stream permutation, query-DB chunks, neighbor-map rows, retrieval-DB gathers of chunk +
 continuation, the feature converter) on one host and one core, at fresh steps, with the
 files in the page cache. Shapes: the tiny model's (``gin/models/tiny.gin``) and the
@@ -32,6 +32,7 @@ import gin
 import numpy as np
 
 from retro_jax.bench import train as train_bench
+from retro_jax.data import batches
 from retro_jax.data import instructions
 from retro_jax.data import tasks
 from retro_jax.data import vocab as vocab_lib
@@ -108,13 +109,13 @@ def source_rows(layout: RetrievalLayout, *, label: str, seq_len: int, batch: int
   names = tasks.register_retro_tasks(layout.root, "train", seq_len,
                                      name=f"bench_{label}_{seq_len}")
   rows = []
-  retro = tasks.TaskBatchSource(names.retro, batch_size=batch, seed=0)
+  retro = batches.TaskBatchSource(names.retro, batch_size=batch, seed=0)
   source = retro.stream.sources[0]
   k = source.num_neighbors
   gathered = source.chunks_per_example * k * source.retrieved_length
   rows.append(_row(f"{label} Retro get_batch", seq_len, batch, steps,
                    time_batches(retro.get_batch, steps), k=k, neighbor_tokens=gathered))
-  gpt = tasks.TaskBatchSource(names.gpt, batch_size=batch, seed=0)
+  gpt = batches.TaskBatchSource(names.gpt, batch_size=batch, seed=0)
   rows.append(_row(f"{label} GPT get_batch", seq_len, batch, steps,
                    time_batches(gpt.get_batch, steps)))
   if tf_data:
@@ -126,8 +127,8 @@ def source_rows(layout: RetrievalLayout, *, label: str, seq_len: int, batch: int
 
 
 def sft_row(vocab_path: str, *, seq_len: int, batch: int, steps: int) -> dict:
-  source = tasks.sft_batch_source(vocab_path=vocab_path, seq_len=seq_len,
-                                  batch_size=batch, seed=0, name="bench")
+  source = batches.sft_batch_source(vocab_path=vocab_path, seq_len=seq_len,
+                                    batch_size=batch, seed=0, name="bench")
   return _row("SFT blend get_batch (tokenized on access, neighbors masked)", seq_len,
               batch, steps, time_batches(source.get_batch, steps))
 

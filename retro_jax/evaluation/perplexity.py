@@ -31,7 +31,7 @@ import gin
 import numpy as np
 import sentencepiece as spm
 
-from retro_jax.data import tasks
+from retro_jax.data import batches
 from retro_jax.evaluation.report import CLASS_COLUMNS, markdown_table
 from retro_jax.models import RetroConfig
 from retro_jax.models import partitioning
@@ -253,7 +253,7 @@ def eval_perplexity(*, output_dir: str, checkpoints: Mapping[str, str] = gin.REQ
   gain comes from.
   """
   model_config = model_config or RetroConfig()
-  source = tasks.pretraining_batch_source(
+  source = batches.pretraining_batch_source(
       retrieval_dir, split=split, seq_len=seq_len, batch_size=batch_size,
       with_neighbors=True, shuffle=False, num_epochs=1, model_config=model_config)
   if token_classes:    # the same forward passes score every class
