@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from retro_jax.data import encyclopedia as enc
+from retro_jax.data.encyclopedia import templates as tables
 
 SCALE = 0.1
 RELATIONS = {  # attribute -> type of the entity it names
@@ -134,7 +135,7 @@ def test_kb_is_consistent(corpus):
   year = lambda e, a: int(e["facts"][a])  # pylint: disable=unnecessary-lambda-assignment
   for e in entities.values():
     assert 5 <= len(e["facts"]) <= 8, e["id"]
-    assert list(e["facts"]) == [a for a in enc.ARTICLE_ORDER[e["type"]] if a in e["facts"]]
+    assert list(e["facts"]) == [a for a in tables.ARTICLE_ORDER[e["type"]] if a in e["facts"]]
     for attr, target_id in e["links"].items():
       target = entities[target_id]
       assert target["type"] == RELATIONS[attr] and target["split"] == "seen"
@@ -189,7 +190,7 @@ def test_knowledge_update_changes_only_the_updated_values(corpus):
   changed = collections.defaultdict(dict)
   for u in updates:
     entity = entities[u["entity"]]
-    assert entity["split"] == "db_only" and u["attribute"] in enc.UPDATABLE[entity["type"]]
+    assert entity["split"] == "db_only" and u["attribute"] in tables.UPDATABLE[entity["type"]]
     assert u["old"] == entity["facts"][u["attribute"]] != u["new"]
     assert (u["old_answers"], u["new_answers"]) == ([u["old"]], [u["new"]])
     assert entity["name"] in u["question"]
@@ -231,27 +232,28 @@ def test_scale_changes_counts(corpus, tmp_path):
 
 def test_templates_never_contain_pool_values():
   templates = []
-  for table in (enc.PHRASES, enc.QUESTIONS):
+  for table in (tables.PHRASES, tables.QUESTIONS):
     templates += [t for per_type in table.values() for ts in per_type.values() for t in ts]
-  for per_type in enc.FRAMES.values():
+  for per_type in tables.FRAMES.values():
     templates += [t for intros, closings in per_type.values() for t in intros + closings]
-  templates += [t for ts in list(enc.FILLERS.values()) + list(enc.ECHOES.values())
-                + list(enc.LEADS.values()) for t in ts]
-  templates += [t for per_type in enc.FACTSHEET.values() for pair in per_type.values()
+  templates += [t for ts in list(tables.FILLERS.values()) + list(tables.ECHOES.values())
+                + list(tables.LEADS.values()) for t in ts]
+  templates += [t for per_type in tables.FACTSHEET.values() for pair in per_type.values()
                 for t in pair]
-  templates += list(enc.FACTSHEET_FRAMES)
+  templates += list(tables.FACTSHEET_FRAMES)
   text = "\n".join(templates)
-  pools = (enc.OCCUPATIONS + enc.INDUSTRIES + enc.FIELDS + enc.NICKNAMES + enc.DISHES
-           + enc.RIVER_FEATURES + enc.MOUNTAIN_FEATURES
-           + tuple(f"{a} and {b}" for a in enc.MOTTO_WORDS for b in enc.MOTTO_WORDS)
-           + tuple(f"{a} {b}" for a in enc.EMBLEM_COLOURS for b in enc.EMBLEM_ANIMALS)
-           + tuple(f"The {a} {b}" for a in enc.WORK_ADJECTIVES for b in enc.WORK_NOUNS)
-           + tuple(f"{a} {b}" for a in enc.LANDMARK_ADJECTIVES
-                   for b in enc.LANDMARK_BUILDINGS))
+  pools = (tables.OCCUPATIONS + tables.INDUSTRIES + tables.FIELDS + tables.NICKNAMES
+           + tables.DISHES
+           + tables.RIVER_FEATURES + tables.MOUNTAIN_FEATURES
+           + tuple(f"{a} and {b}" for a in tables.MOTTO_WORDS for b in tables.MOTTO_WORDS)
+           + tuple(f"{a} {b}" for a in tables.EMBLEM_COLOURS for b in tables.EMBLEM_ANIMALS)
+           + tuple(f"The {a} {b}" for a in tables.WORK_ADJECTIVES for b in tables.WORK_NOUNS)
+           + tuple(f"{a} {b}" for a in tables.LANDMARK_ADJECTIVES
+                   for b in tables.LANDMARK_BUILDINGS))
   found = [v for v in pools if v in text and enc.contains(text, v)]
   assert not found
   for kind in enc.TYPES:   # every prose sentence names the entity
-    for ts in list(enc.PHRASES[kind].values()) + [enc.FILLERS[kind], enc.ECHOES[kind]]:
+    for ts in list(tables.PHRASES[kind].values()) + [tables.FILLERS[kind], tables.ECHOES[kind]]:
       assert all(re.search(r"\{[nNsS]\}", t) for t in ts)
 
 
