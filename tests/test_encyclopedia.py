@@ -11,17 +11,13 @@ import pytest
 
 from retro_jax.data import encyclopedia as enc
 from retro_jax.data.encyclopedia import templates as tables
+from retro_jax.utils.io import read_jsonl
 
 SCALE = 0.1
 RELATIONS = {  # attribute -> type of the entity it names
     "birth_city": "city", "mentor": "person", "employer": "organisation",
     "river": "river", "source": "mountain", "first_ascent_by": "person",
     "nearest_city": "city", "founder": "person", "hq_city": "city"}
-
-
-def read_jsonl(path):
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f]
 
 
 def read_bytes(path):
@@ -33,7 +29,7 @@ def read_bytes(path):
 def corpus(tmp_path_factory):
   out = tmp_path_factory.mktemp("enc")
   result = enc.generate_corpus(out, scale=SCALE, seed=0)
-  data = {k: read_jsonl(p) for k, p in result["paths"].items() if k != "kb"}
+  data = {k: [row for _, row in read_jsonl(p)] for k, p in result["paths"].items() if k != "kb"}
   with open(result["paths"]["kb"], encoding="utf-8") as f:
     data["kb"] = json.load(f)
   data["entities"] = {e["id"]: e for e in data["kb"]["entities"]}

@@ -41,6 +41,7 @@ import numpy as np
 
 from retro_jax.data import chat
 from retro_jax.data.vocab import special_ids
+from retro_jax.utils.io import read_jsonl
 
 FORMATS = ("auto", "chat", "prompt_response", "qa")
 DATA_DIR_ENV = "RETRO_JAX_DATA_DIR"
@@ -117,8 +118,8 @@ class QAExample:
 
 
 def read_json_records(path: str) -> Iterator[tuple[str, dict]]:
-  """Yields ``(where, record)`` of a ``.jsonl`` file (blank lines skipped) or a ``.json``
-  list; ``where`` is ``path:line`` or ``path[index]``."""
+  """Yields ``(where, record)`` of a ``.jsonl`` file (``utils.io.read_jsonl``: blank
+  lines skipped) or a ``.json`` list; ``where`` is ``path:line`` or ``path[index]``."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: file not found")
   if path.endswith(".json"):
@@ -132,23 +133,11 @@ def read_json_records(path: str) -> Iterator[tuple[str, dict]]:
                        f"{type(data).__name__}")
     items = ((f"{path}[{i}]", record) for i, record in enumerate(data))
   else:
-    items = _jsonl_lines(path)
+    items = read_jsonl(path)
   for where, record in items:
     if not isinstance(record, dict):
       raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     yield where, record
-
-
-def _jsonl_lines(path: str) -> Iterator[tuple[str, Any]]:
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        yield f"{path}:{lineno}", json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column "
-                         f"{e.colno})") from e
 
 
 def _field(record: Mapping[str, Any], key: str, where: str, kind=str) -> Any:
