@@ -220,7 +220,7 @@ def _embeddings_stage(layout: RetrievalLayout, embedder: Any, *, dtype: str, sha
       progress=progress)
   wait_for(lambda: _embeddings_complete(layout.embeddings_dir),
            f"the embeddings in {layout.embeddings_dir}")
-  emb = embeddings_lib.Embeddings(layout.embeddings_dir)
+  emb = formats.Embeddings(layout.embeddings_dir)
   skipped = bool(getattr(result, "skipped", False))
   return StageReport("embeddings", time.time() - began, skipped,
                      f"{len(emb)} x {emb.dim} {np.dtype(emb.dtype).name}")
@@ -228,7 +228,7 @@ def _embeddings_stage(layout: RetrievalLayout, embedder: Any, *, dtype: str, sha
 
 def _embeddings_complete(directory: str) -> bool:
   try:
-    embeddings_lib.Embeddings(directory)
+    formats.Embeddings(directory)
   except (FileNotFoundError, ValueError):
     return False
   return True
@@ -338,7 +338,7 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
                           num_shards=num_shards, progress=progress, wait_for=wait_for))
 
     logging.info("preprocess: stage index")
-    embeddings = embeddings_lib.Embeddings(layout.embeddings_dir)
+    embeddings = formats.Embeddings(layout.embeddings_dir)
     retrieval_db = formats.ChunkDB(layout.retrieval_db_prefix)
     stage_began = time.time()
     built = index_lib.build_index(

@@ -67,7 +67,7 @@ from retro_jax.inference.loading import load_generator
 from retro_jax.models import RetroConfig
 from retro_jax.retrieval import embedders
 from retro_jax.retrieval import formats
-from retro_jax.retrieval.embeddings import Embeddings
+from retro_jax.retrieval.formats import Embeddings
 from retro_jax.retrieval.layout import RetrievalLayout
 from retro_jax.retrieval.retriever import load_retriever
 from retro_jax.training.loop import train

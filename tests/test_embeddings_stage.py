@@ -15,7 +15,8 @@ from retro_jax.data import vocab as vocab_lib
 from retro_jax.data.prose import prose_chunks
 from retro_jax.retrieval import formats
 from retro_jax.retrieval.embedders import ChunkEmbedder, load_embedder
-from retro_jax.retrieval.embeddings import SHARD_SUFFIX, Embeddings, build_embeddings
+from retro_jax.retrieval.embeddings import build_embeddings
+from retro_jax.retrieval.formats import EMBEDDINGS_SHARD_SUFFIX, Embeddings
 from retro_jax.utils.stages import shard_name
 from retro_jax.retrieval.layout import RetrievalLayout
 from retro_jax.retrieval.neighbors import build_neighbor_map
@@ -60,7 +61,7 @@ def uninterrupted(setup):
 
 def _shard_bytes(directory):
   return {n: open(os.path.join(directory, n), "rb").read()
-          for n in (shard_name(s, SHARDS, SHARD_SUFFIX) for s in range(SHARDS))}
+          for n in (shard_name(s, SHARDS, EMBEDDINGS_SHARD_SUFFIX) for s in range(SHARDS))}
 
 
 def test_stage_equals_direct_embedding(setup, uninterrupted):
@@ -139,8 +140,8 @@ def test_killed_and_failed_runs_resume_byte_identical(setup, uninterrupted, tmp_
   killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
   assert killed.returncode == -9, killed.stderr[-3000:]
-  assert any(n.startswith(f".{shard_name(1, SHARDS, SHARD_SUFFIX)}.") for n in os.listdir(out))
-  assert not os.path.exists(out / shard_name(1, SHARDS, SHARD_SUFFIX))
+  assert any(n.startswith(f".{shard_name(1, SHARDS, EMBEDDINGS_SHARD_SUFFIX)}.") for n in os.listdir(out))
+  assert not os.path.exists(out / shard_name(1, SHARDS, EMBEDDINGS_SHARD_SUFFIX))
   # Shard 2 fails with an exception in its first block: nothing is left behind.
 
   class Failing:
@@ -151,7 +152,7 @@ def test_killed_and_failed_runs_resume_byte_identical(setup, uninterrupted, tmp_
 
   with pytest.raises(RuntimeError, match="injected"):
     _build(setup, out, shard_ids=[2], embedder=Failing())
-  assert not os.path.exists(out / shard_name(2, SHARDS, SHARD_SUFFIX))
+  assert not os.path.exists(out / shard_name(2, SHARDS, EMBEDDINGS_SHARD_SUFFIX))
   # The re-run skips shard 0, redoes 1 and 2, and matches the uninterrupted run.
   results = _build(setup, out)
   assert [r.skipped for r in results] == [True, False, False] and results[-1].complete
@@ -161,7 +162,7 @@ def test_killed_and_failed_runs_resume_byte_identical(setup, uninterrupted, tmp_
 
 def test_corrupt_or_mismatched_shards_are_clear_errors(setup, uninterrupted, tmp_path):
   source = uninterrupted[0]
-  name = shard_name(1, SHARDS, SHARD_SUFFIX)
+  name = shard_name(1, SHARDS, EMBEDDINGS_SHARD_SUFFIX)
 
   def copy(tag):
     target = tmp_path / tag

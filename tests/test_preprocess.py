@@ -83,7 +83,7 @@ def _files(layout):
 
 @pytest.mark.slow
 def test_every_output_opens_with_its_reader(uninterrupted):
-  from retro_jax.retrieval.embeddings import Embeddings
+  from retro_jax.retrieval.formats import Embeddings
   layout = uninterrupted
   config = layout.read_config()
   assert config["chunk_size"] == 64 and config["num_neighbors"] == 2
@@ -118,7 +118,7 @@ def test_every_output_opens_with_its_reader(uninterrupted):
 @pytest.mark.slow
 def test_same_document_exclusion_and_exact_neighbors(uninterrupted, embedder):
   from retro_jax.retrieval.embedders import ChunkEmbedder
-  from retro_jax.retrieval.embeddings import Embeddings
+  from retro_jax.retrieval.formats import Embeddings
   layout = uninterrupted
   db = formats.ChunkDB(layout.retrieval_db_prefix)
   keys = Embeddings(layout.embeddings_dir)[:].astype(np.float32)
@@ -177,7 +177,7 @@ def test_killed_midway_and_rerun_equals_uninterrupted(corpus, uninterrupted, tmp
   assert sorted(got) == sorted(want)
   for name in want:
     assert got[name] == want[name], f"{name} differs from the uninterrupted run"
-  from retro_jax.retrieval.embeddings import Embeddings
+  from retro_jax.retrieval.formats import Embeddings
   keys = Embeddings(uninterrupted.embeddings_dir)[:]
   np.testing.assert_array_equal(Embeddings(layout.embeddings_dir)[:], keys)
   a = index_lib.load_index(uninterrupted.index_path)(keys, 4)

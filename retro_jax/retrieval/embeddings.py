@@ -26,7 +26,7 @@ place when complete, so memory stays bounded by one block and a killed run leave
 file that looks finished; a re-run skips finished shards and redoes the rest from
 their start (byte-identical to an uninterrupted run).
 
-Read them with ``Embeddings(output_dir)``: ``num_vectors``, ``dim``, and blocks by
+Read them with ``formats.Embeddings(output_dir)``: ``num_vectors``, ``dim``, and blocks by
 global chunk-id range from memory-mapped shards (never everything at once), each shard
 validated against the manifest (shape, dtype) on open.
 
@@ -35,17 +35,16 @@ Python::
     for s in range(n):
       build_embeddings(layout.retrieval_db_prefix, layout.vocab_path,
                        layout.embeddings_dir, shard_id=s, num_shards=n)
-    vectors = Embeddings(layout.embeddings_dir)
+    vectors = formats.Embeddings(layout.embeddings_dir)
     for start, block in vectors.iter_blocks(65536): index.add(block)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from absl import logging
 import gin
@@ -58,16 +57,12 @@ from retro_jax.retrieval.embedders import DEFAULT_EMBEDDER, ChunkEmbedder, load_
 from retro_jax.utils import stages
 from retro_jax.utils.io import Manifest, atomic_path
 
-STAGE = "embeddings"
 DTYPES = ("float16", "float32")
 
 
 # Settings that identify the inputs by content (utils.io.Manifest: a changed DB or
 # vocabulary re-embeds instead of being refused).
 INPUT_KEYS = ("db", "vocab_sha256")
-
-
-SHARD_SUFFIX = ".npy"
 
 
 @dataclasses.dataclass
@@ -78,7 +73,8 @@ class EmbeddingsResult:
     shard_path: This shard's .npy file.
     start, end: Its chunk-id range ``[start, end)``.
     skipped: It was already complete.
-    complete: Every shard of the build is complete (``Embeddings(output_dir)`` opens).
+    complete: Every shard of the build is complete (``formats.Embeddings(output_dir)``
+      opens).
   """
   shard_path: str
   start: int
@@ -132,7 +128,7 @@ def build_embeddings(db_prefix: str, vocab_path: Any, output_dir: str, *,
     embedder = load_embedder(os.fspath(embedder))
   embedder_name, embedder_fingerprint = _embedder_identity(embedder)
   settings = {
-      "stage": STAGE,
+      "stage": formats.EMBEDDINGS_STAGE,
       "db": {"num_docs": db.num_docs, "num_chunks": db.num_chunks,
              "chunk_size": db.chunk_size, "fingerprint": formats.db_fingerprint(db)},
       "vocab_sha256": tokenizer.fingerprint, "pad_id": int(pad_id), "eod_id": int(eod_id),
@@ -140,7 +136,7 @@ def build_embeddings(db_prefix: str, vocab_path: Any, output_dir: str, *,
       "dim": int(embedder.dim), "dtype": dtype, "num_shards": int(num_shards),
   }
   manifest = Manifest(output_dir, settings, INPUT_KEYS)
-  name = stages.shard_name(shard_id, num_shards, SHARD_SUFFIX)
+  name = stages.shard_name(shard_id, num_shards, formats.EMBEDDINGS_SHARD_SUFFIX)
   path = os.path.join(output_dir, name)
   start, end = stages.shard_chunk_range(db.num_chunks, shard_id, num_shards)
   skipped = manifest.is_done(name)
@@ -158,7 +154,7 @@ def build_embeddings(db_prefix: str, vocab_path: Any, output_dir: str, *,
                  shard_id, num_shards, start, end, seconds,
                  (end - start) / max(seconds, 1e-9))
   fresh = Manifest(output_dir, settings, INPUT_KEYS)
-  complete = all(fresh.is_done(stages.shard_name(s, num_shards, SHARD_SUFFIX))
+  complete = all(fresh.is_done(stages.shard_name(s, num_shards, formats.EMBEDDINGS_SHARD_SUFFIX))
                  for s in range(num_shards))
   return EmbeddingsResult(path, start, end, skipped=skipped, complete=complete)
 
@@ -189,120 +185,6 @@ def _write_shard(db: formats.ChunkDB, embed_chunks: ChunkEmbedder, path: str, st
     out.flush()
     del out
   return time.time() - began
-
-
-# ----------------------------------------------------------------------------------
-# Reader
-# ----------------------------------------------------------------------------------
-
-
-class Embeddings:
-  """The chunk embeddings of a finished build, memory-mapped shard by shard.
-
-  Attributes:
-    output_dir, settings: The build's directory and manifest settings.
-    num_vectors: Vectors = chunks of the DB; ``dim``: their width; ``dtype``: as stored.
-    shard_paths, shard_starts: The shards and the first chunk id of each.
-
-  ``get(start, end)`` / ``embeddings[start:end]`` return ``[end - start, dim]`` float32
-  (copied from the memory maps, so only that range is read); ``iter_blocks`` streams.
-
-  Raises on open: ``FileNotFoundError`` if the manifest or a shard is missing,
-  ``ValueError`` naming the file if a shard is incomplete, corrupt or of another
-  shape or dtype than the manifest records.
-  """
-
-  def __init__(self, output_dir: str):
-    self.output_dir = os.fspath(output_dir)
-    path = os.path.join(self.output_dir, Manifest.FILENAME)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: no embeddings build in {self.output_dir} (run "
-                              "`python -m retro_jax.retrieval.embeddings`)")
-    with open(path, encoding="utf-8") as f:
-      try:
-        data = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: corrupt manifest ({e})") from e
-    self.settings = settings = data.get("settings", {})
-    if settings.get("stage") != STAGE:
-      raise ValueError(f"{path}: not an embeddings build (stage {settings.get('stage')!r})")
-    manifest = Manifest(self.output_dir, settings)
-    num_shards = int(settings["num_shards"])
-    names = [stages.shard_name(s, num_shards, SHARD_SUFFIX) for s in range(num_shards)]
-    missing = [n for n in names if not manifest.is_done(n)]
-    if missing:
-      raise FileNotFoundError(
-          f"{self.output_dir}: embeddings incomplete, {len(missing)} of {num_shards} "
-          f"shards missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    self.num_vectors = int(settings["db"]["num_chunks"])
-    self.dim = int(settings["dim"])
-    self.dtype = np.dtype(settings["dtype"])
-    self.shard_paths, self.shard_starts, self._shards = [], [], []
-    expected_start = 0
-    for s, name in enumerate(names):
-      start, end = stages.shard_chunk_range(self.num_vectors, s, num_shards)
-      info = manifest.info(name)
-      if (info.get("start"), info.get("end")) != (start, end):
-        raise ValueError(f"{path}: {name} is recorded for chunks [{info.get('start')}, "
-                         f"{info.get('end')}), expected [{start}, {end})")
-      shard_path = os.path.join(self.output_dir, name)
-      self._shards.append(self._open_shard(shard_path, end - start))
-      self.shard_paths.append(shard_path)
-      self.shard_starts.append(start)
-      expected_start = end
-    if expected_start != self.num_vectors:
-      raise ValueError(f"{path}: shards cover {expected_start} of {self.num_vectors} chunks")
-    self._ends = np.asarray(self.shard_starts[1:] + [self.num_vectors], np.int64)
-
-  def _open_shard(self, path: str, rows: int) -> np.ndarray:
-    try:
-      array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-      raise ValueError(f"{path}: not a readable .npy embeddings shard ({e})") from e
-    if array.dtype != self.dtype or array.shape != (rows, self.dim):
-      raise ValueError(f"{path}: holds {array.dtype} {array.shape}, the manifest expects "
-                       f"{self.dtype} {(rows, self.dim)}")
-    return array
-
-  def __len__(self) -> int:
-    return self.num_vectors
-
-  def __repr__(self) -> str:
-    return (f"Embeddings({self.output_dir!r}, num_vectors={self.num_vectors}, "
-            f"dim={self.dim}, dtype={self.dtype}, shards={len(self._shards)})")
-
-  def get(self, start: int, end: int, dtype=np.float32) -> np.ndarray:
-    """Vectors of chunk ids ``[start, end)``: ``[end - start, dim]`` of ``dtype``
-    (None: the stored dtype)."""
-    if not 0 <= start <= end <= self.num_vectors:
-      raise IndexError(f"chunk range [{start}, {end}) outside [0, {self.num_vectors})")
-    out = np.empty((end - start, self.dim), self.dtype if dtype is None else dtype)
-    s = int(np.searchsorted(self._ends, start, side="right"))
-    position = start
-    while position < end:
-      shard_start, shard_end = self.shard_starts[s], int(self._ends[s])
-      stop = min(end, shard_end)
-      out[position - start:stop - start] = self._shards[s][position - shard_start:
-                                                           stop - shard_start]
-      position, s = stop, s + 1
-    return out
-
-  def __getitem__(self, index: slice) -> np.ndarray:
-    if not isinstance(index, slice) or index.step not in (None, 1):
-      raise TypeError("Embeddings supports contiguous slices: embeddings[start:end]")
-    start, end, _ = index.indices(self.num_vectors)
-    return self.get(start, max(start, end))
-
-  def iter_blocks(self, block_size: int, start: int = 0, end: Optional[int] = None,
-                  dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
-    """Yields ``(first chunk id, [<= block_size, dim] vectors)`` over ``[start, end)``."""
-    end = self.num_vectors if end is None else end
-    for block_start in range(start, end, block_size):
-      yield block_start, self.get(block_start, min(end, block_start + block_size), dtype)
-
-
-def load_embeddings(output_dir: str) -> Embeddings:
-  return Embeddings(output_dir)
 
 
 if __name__ == "__main__":

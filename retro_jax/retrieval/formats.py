@@ -1,6 +1,8 @@
-r"""The on-disk formats shared with NeMo: the retmmap chunk DB and the KNN neighbor map.
+r"""The on-disk formats: the retmmap chunk DB and the KNN neighbor map (shared with
+NeMo), and the embeddings directory.
 
-This module is the one reader and the one writer of each format. Files written here
+This module is the one reader of each format and the one writer of the first two
+(the embedding stage, ``retro_jax.retrieval.embeddings``, writes the third). Files written here
 are readable by NeMo's ``MMapRetrievalIndexedDataset`` / ``KNNIndex``
 (nemo/collections/nlp/data/language_modeling/megatron/indexed_retrieval_dataset.py)
 and files NeMo wrote are readable here. Every reader validates on open (magic,
@@ -65,6 +67,11 @@ Where we differ from NeMo (readers accept everything NeMo writes):
   chunks (the stride was not stored because chunks did not overlap), so we take 0 to
   mean ``chunk_size`` (identical for the default m = 64).
 * Our writer rejects empty documents (NeMo writes one pad chunk for them).
+
+Embeddings directory (``Embeddings``): ``shard_XXXXX_of_YYYYY.npy`` files, each
+``[chunks of the shard, dim]`` float16/float32 for a contiguous chunk-id range
+(``utils.stages.shard_chunk_range``), and the stage's ``manifest.json``
+(``utils.io.Manifest``) recording the settings, the shards and their ranges.
 """
 
 from __future__ import annotations
@@ -73,15 +80,17 @@ import bisect
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import struct
 import tempfile
-from typing import BinaryIO, Iterable, Optional, Sequence
+from typing import BinaryIO, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from retro_jax.utils.io import atomic_path
+from retro_jax.utils import stages
+from retro_jax.utils.io import Manifest, atomic_path
 
 RETMMAP_MAGIC = b"MMIDRET\x00\x00"
 NEIGHBOR_MAP_MAGIC = b"KNNRETM\x00\x00"
@@ -658,7 +667,70 @@ class _Aborted(Exception):
   """Raised into the writer's atomic contexts to discard their temporary files."""
 
 
-class ChunkDBWriter:
+class _AtomicWriter:
+  """The lifecycle of a streaming writer: its outputs are temporaries
+  (``utils.io.atomic_path``) entered on one exit stack, renamed into place by
+  ``finalize`` (after ``_complete`` has finished them) and removed by ``abort``, by
+  leaving a ``with`` block through an exception, or when the writer is collected
+  unfinished."""
+
+  def _begin(self, name: str, open_outputs) -> None:
+    """Calls ``open_outputs()`` (which enters the temporaries on ``self._stack``);
+    ``name`` is the output named in messages."""
+    self._name = name
+    self._closed = False
+    self._stack = contextlib.ExitStack()
+    try:
+      open_outputs()
+    except BaseException:
+      self._closed = True
+      self._stack.close()
+      raise
+
+  def _check_open(self) -> None:
+    if self._closed:
+      raise ValueError(f"{self._name}: writer already finalized or aborted")
+
+  def _complete(self) -> None:
+    """Finishes the temporaries before they are renamed into place."""
+    raise NotImplementedError
+
+  def finalize(self) -> None:
+    """Completes the output and renames it into place."""
+    self._check_open()
+    self._closed = True
+    try:
+      self._complete()
+    except BaseException as e:
+      self._stack.__exit__(type(e), e, e.__traceback__)
+      raise
+    self._stack.close()
+
+  def abort(self) -> None:
+    """Discards everything written so far (no output file is created or changed)."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._stack.__exit__(_Aborted, _Aborted(), None)
+    except _Aborted:
+      pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.finalize()
+    else:
+      self.abort()
+
+  def __del__(self):
+    if not getattr(self, "_closed", True):
+      self.abort()
+
+
+class ChunkDBWriter(_AtomicWriter):
   """Streams documents into a retmmap pair ``<prefix>.idx`` / ``<prefix>.bin``.
 
   Usage::
@@ -704,19 +776,15 @@ class ChunkDBWriter:
     self.num_docs = 0
     self.num_chunks = 0
     self.num_bytes = 0
-    self._closed = False
-    self._stack = contextlib.ExitStack()
-    try:
-      # Entered idx first so that the stack renames .bin first and .idx last.
-      self._tmp_idx = self._stack.enter_context(atomic_path(self.idx_path))
-      self._tmp_bin = self._stack.enter_context(atomic_path(self.bin_path))
-      self._bin = self._open(self._tmp_bin)
-      self._parts = {name: self._open(self._side_file(name)) for name in
-                     ("sizes", "pointers", "chunk_id_start", "chunk_address")}
-    except BaseException:
-      self._closed = True
-      self._stack.close()
-      raise
+    self._begin(self.idx_path, self._open_outputs)
+
+  def _open_outputs(self) -> None:
+    # Entered idx first so that the stack renames .bin first and .idx last.
+    self._tmp_idx = self._stack.enter_context(atomic_path(self.idx_path))
+    self._tmp_bin = self._stack.enter_context(atomic_path(self.bin_path))
+    self._bin = self._open(self._tmp_bin)
+    self._parts = {name: self._open(self._side_file(name)) for name in
+                   ("sizes", "pointers", "chunk_id_start", "chunk_address")}
 
   def _open(self, path: str) -> BinaryIO:
     f = open(path, "wb", buffering=1 << 20)  # pylint: disable=consider-using-with
@@ -739,8 +807,7 @@ class ChunkDBWriter:
 
   def add_document(self, tokens) -> int:
     """Appends one document (``[n]`` token ids, n >= 1); returns its document index."""
-    if self._closed:
-      raise ValueError(f"{self.idx_path}: writer already finalized or aborted")
+    self._check_open()
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.size == 0:
       raise ValueError(f"a document must be a non-empty [n] token array, got shape "
@@ -769,8 +836,7 @@ class ChunkDBWriter:
 
   def append_db(self, db: ChunkDB, block: int = _BLOCK) -> None:
     """Appends every document of another DB with the same layout (streamed)."""
-    if self._closed:
-      raise ValueError(f"{self.idx_path}: writer already finalized or aborted")
+    self._check_open()
     mine = (self.dtype, self.chunk_size, self.stride, self.retrieval_db)
     theirs = (db.dtype, db.chunk_size, db.stride, db.is_retrieval_db)
     if mine != theirs:
@@ -793,51 +859,21 @@ class ChunkDBWriter:
     self.num_chunks += db.num_chunks
     self.num_docs += db.num_docs
 
-  def finalize(self) -> None:
-    """Writes the index, then renames ``.bin`` and ``.idx`` (last) into place."""
-    if self._closed:
-      raise ValueError(f"{self.idx_path}: writer already finalized or aborted")
-    self._closed = True
-    try:
-      for f in (self._bin, *self._parts.values()):
-        f.close()
-      header = _RETMMAP_HEADER.pack(
-          RETMMAP_MAGIC, FORMAT_VERSION, self.stride, _INTEGER_CODES[self.dtype],
-          self.num_docs, self.chunk_size, self.num_chunks, int(self.retrieval_db))
-      with open(self._tmp_idx, "wb") as out:
-        out.write(header)
-        for f in self._parts.values():
-          with open(f.name, "rb") as src:
-            shutil.copyfileobj(src, out, _COPY_BUFFER)
-      # A kill between the two renames must not pair an old .idx with the new .bin.
-      _remove_quietly(self.idx_path)
-    except BaseException as e:
-      self._stack.__exit__(type(e), e, e.__traceback__)
-      raise
-    self._stack.close()
-
-  def abort(self) -> None:
-    """Discards everything written so far (no output file is created or changed)."""
-    if self._closed:
-      return
-    self._closed = True
-    try:
-      self._stack.__exit__(_Aborted, _Aborted(), None)
-    except _Aborted:
-      pass
-
-  def __enter__(self) -> "ChunkDBWriter":
-    return self
-
-  def __exit__(self, exc_type, exc, tb) -> None:
-    if exc_type is None:
-      self.finalize()
-    else:
-      self.abort()
-
-  def __del__(self):
-    if not getattr(self, "_closed", True):
-      self.abort()
+  def _complete(self) -> None:
+    """Writes the index; ``finalize`` then renames ``.bin`` and ``.idx`` (last) into
+    place."""
+    for f in (self._bin, *self._parts.values()):
+      f.close()
+    header = _RETMMAP_HEADER.pack(
+        RETMMAP_MAGIC, FORMAT_VERSION, self.stride, _INTEGER_CODES[self.dtype],
+        self.num_docs, self.chunk_size, self.num_chunks, int(self.retrieval_db))
+    with open(self._tmp_idx, "wb") as out:
+      out.write(header)
+      for f in self._parts.values():
+        with open(f.name, "rb") as src:
+          shutil.copyfileobj(src, out, _COPY_BUFFER)
+    # A kill between the two renames must not pair an old .idx with the new .bin.
+    _remove_quietly(self.idx_path)
 
 
 def _remove_quietly(path: str) -> None:
@@ -987,7 +1023,7 @@ class NeighborMap:
     return (NeighborMap, (self.path,))
 
 
-class NeighborMapWriter:
+class NeighborMapWriter(_AtomicWriter):
   """Streams ``[rows, k]`` blocks of neighbor ids into a KNN map file.
 
   The header's row count is written at ``finalize`` (as NeMo does); the file lands
@@ -1009,23 +1045,18 @@ class NeighborMapWriter:
     self.k = k
     self.chunk_start_id = chunk_start_id
     self.num_chunks = 0
-    self._closed = False
-    self._stack = contextlib.ExitStack()
-    try:
-      self._tmp = self._stack.enter_context(atomic_path(self.path))
-      self._file = open(self._tmp, "wb", buffering=1 << 20)  # pylint: disable=consider-using-with
-      self._stack.callback(self._file.close)
-      self._file.write(_KNN_HEADER.pack(NEIGHBOR_MAP_MAGIC, FORMAT_VERSION, k, 0,
-                                        chunk_start_id))
-    except BaseException:
-      self._closed = True
-      self._stack.close()
-      raise
+    self._begin(self.path, self._open_outputs)
+
+  def _open_outputs(self) -> None:
+    self._tmp = self._stack.enter_context(atomic_path(self.path))
+    self._file = open(self._tmp, "wb", buffering=1 << 20)  # pylint: disable=consider-using-with
+    self._stack.callback(self._file.close)
+    self._file.write(_KNN_HEADER.pack(NEIGHBOR_MAP_MAGIC, FORMAT_VERSION, self.k, 0,
+                                      self.chunk_start_id))
 
   def write(self, neighbors) -> None:
     """Appends rows: ``neighbors [rows, k]`` integer ids, -1 for missing."""
-    if self._closed:
-      raise ValueError(f"{self.path}: writer already finalized or aborted")
+    self._check_open()
     block = np.asarray(neighbors)
     if block.ndim != 2 or block.shape[1] != self.k:
       raise ValueError(f"neighbors must be [rows, {self.k}], got {block.shape}")
@@ -1036,40 +1067,11 @@ class NeighborMapWriter:
     self._file.write(np.ascontiguousarray(block, "<i8").tobytes())
     self.num_chunks += block.shape[0]
 
-  def finalize(self) -> None:
-    if self._closed:
-      raise ValueError(f"{self.path}: writer already finalized or aborted")
-    self._closed = True
-    try:
-      self._file.seek(_KNN_COUNT_OFFSET)
-      self._file.write(struct.pack("<Q", self.num_chunks))
-      self._file.close()
-    except BaseException as e:
-      self._stack.__exit__(type(e), e, e.__traceback__)
-      raise
-    self._stack.close()
-
-  def abort(self) -> None:
-    if self._closed:
-      return
-    self._closed = True
-    try:
-      self._stack.__exit__(_Aborted, _Aborted(), None)
-    except _Aborted:
-      pass
-
-  def __enter__(self) -> "NeighborMapWriter":
-    return self
-
-  def __exit__(self, exc_type, exc, tb) -> None:
-    if exc_type is None:
-      self.finalize()
-    else:
-      self.abort()
-
-  def __del__(self):
-    if not getattr(self, "_closed", True):
-      self.abort()
+  def _complete(self) -> None:
+    """Writes the row count into the header."""
+    self._file.seek(_KNN_COUNT_OFFSET)
+    self._file.write(struct.pack("<Q", self.num_chunks))
+    self._file.close()
 
 
 def write_neighbor_map(path: str | os.PathLike, neighbors, *,
@@ -1112,3 +1114,117 @@ def merge_neighbor_maps(paths: Sequence[str | os.PathLike],
   for shard in maps:
     shard.close()
   return NeighborMap(output_path)
+
+
+# ----------------------------------------------------------------------------------
+# Embeddings directory (written by retro_jax.retrieval.embeddings)
+# ----------------------------------------------------------------------------------
+
+EMBEDDINGS_STAGE = "embeddings"        # the manifest's stage
+EMBEDDINGS_SHARD_SUFFIX = ".npy"
+
+
+class Embeddings:
+  """The chunk embeddings of a finished build, memory-mapped shard by shard.
+
+  Attributes:
+    output_dir, settings: The build's directory and manifest settings.
+    num_vectors: Vectors = chunks of the DB; ``dim``: their width; ``dtype``: as stored.
+    shard_paths, shard_starts: The shards and the first chunk id of each.
+
+  ``get(start, end)`` / ``embeddings[start:end]`` return ``[end - start, dim]`` float32
+  (copied from the memory maps, so only that range is read); ``iter_blocks`` streams.
+
+  Raises on open: ``FileNotFoundError`` if the manifest or a shard is missing,
+  ``ValueError`` naming the file if a shard is incomplete, corrupt or of another
+  shape or dtype than the manifest records.
+  """
+
+  def __init__(self, output_dir: str):
+    self.output_dir = os.fspath(output_dir)
+    path = os.path.join(self.output_dir, Manifest.FILENAME)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: no embeddings build in {self.output_dir} (run "
+                              "`python -m retro_jax.retrieval.embeddings`)")
+    with open(path, encoding="utf-8") as f:
+      try:
+        data = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt manifest ({e})") from e
+    self.settings = settings = data.get("settings", {})
+    if settings.get("stage") != EMBEDDINGS_STAGE:
+      raise ValueError(f"{path}: not an embeddings build (stage {settings.get('stage')!r})")
+    manifest = Manifest(self.output_dir, settings)
+    num_shards = int(settings["num_shards"])
+    names = [stages.shard_name(s, num_shards, EMBEDDINGS_SHARD_SUFFIX)
+             for s in range(num_shards)]
+    missing = [n for n in names if not manifest.is_done(n)]
+    if missing:
+      raise FileNotFoundError(
+          f"{self.output_dir}: embeddings incomplete, {len(missing)} of {num_shards} "
+          f"shards missing: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    self.num_vectors = int(settings["db"]["num_chunks"])
+    self.dim = int(settings["dim"])
+    self.dtype = np.dtype(settings["dtype"])
+    self.shard_paths, self.shard_starts, self._shards = [], [], []
+    expected_start = 0
+    for s, name in enumerate(names):
+      start, end = stages.shard_chunk_range(self.num_vectors, s, num_shards)
+      info = manifest.info(name)
+      if (info.get("start"), info.get("end")) != (start, end):
+        raise ValueError(f"{path}: {name} is recorded for chunks [{info.get('start')}, "
+                         f"{info.get('end')}), expected [{start}, {end})")
+      shard_path = os.path.join(self.output_dir, name)
+      self._shards.append(self._open_shard(shard_path, end - start))
+      self.shard_paths.append(shard_path)
+      self.shard_starts.append(start)
+      expected_start = end
+    if expected_start != self.num_vectors:
+      raise ValueError(f"{path}: shards cover {expected_start} of {self.num_vectors} chunks")
+    self._ends = np.asarray(self.shard_starts[1:] + [self.num_vectors], np.int64)
+
+  def _open_shard(self, path: str, rows: int) -> np.ndarray:
+    try:
+      array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+      raise ValueError(f"{path}: not a readable .npy embeddings shard ({e})") from e
+    if array.dtype != self.dtype or array.shape != (rows, self.dim):
+      raise ValueError(f"{path}: holds {array.dtype} {array.shape}, the manifest expects "
+                       f"{self.dtype} {(rows, self.dim)}")
+    return array
+
+  def __len__(self) -> int:
+    return self.num_vectors
+
+  def __repr__(self) -> str:
+    return (f"Embeddings({self.output_dir!r}, num_vectors={self.num_vectors}, "
+            f"dim={self.dim}, dtype={self.dtype}, shards={len(self._shards)})")
+
+  def get(self, start: int, end: int, dtype=np.float32) -> np.ndarray:
+    """Vectors of chunk ids ``[start, end)``: ``[end - start, dim]`` of ``dtype``
+    (None: the stored dtype)."""
+    if not 0 <= start <= end <= self.num_vectors:
+      raise IndexError(f"chunk range [{start}, {end}) outside [0, {self.num_vectors})")
+    out = np.empty((end - start, self.dim), self.dtype if dtype is None else dtype)
+    s = int(np.searchsorted(self._ends, start, side="right"))
+    position = start
+    while position < end:
+      shard_start, shard_end = self.shard_starts[s], int(self._ends[s])
+      stop = min(end, shard_end)
+      out[position - start:stop - start] = self._shards[s][position - shard_start:
+                                                           stop - shard_start]
+      position, s = stop, s + 1
+    return out
+
+  def __getitem__(self, index: slice) -> np.ndarray:
+    if not isinstance(index, slice) or index.step not in (None, 1):
+      raise TypeError("Embeddings supports contiguous slices: embeddings[start:end]")
+    start, end, _ = index.indices(self.num_vectors)
+    return self.get(start, max(start, end))
+
+  def iter_blocks(self, block_size: int, start: int = 0, end: Optional[int] = None,
+                  dtype=np.float32) -> Iterator[tuple[int, np.ndarray]]:
+    """Yields ``(first chunk id, [<= block_size, dim] vectors)`` over ``[start, end)``."""
+    end = self.num_vectors if end is None else end
+    for block_start in range(start, end, block_size):
+      yield block_start, self.get(block_start, min(end, block_start + block_size), dtype)

@@ -99,6 +99,7 @@ import gin
 import numpy as np
 import tqdm
 
+from retro_jax.retrieval import formats
 from retro_jax.utils import stages
 from retro_jax.utils.io import Manifest, atomic_path, file_fingerprint
 
@@ -228,7 +229,7 @@ class VectorSource:
   """Row-block access to ``[num_vectors, dim]`` embeddings (any float dtype).
 
   Wraps a numpy array or memmap, a ``.npy`` path (memory-mapped), an embeddings
-  directory or reader (``retro_jax.retrieval.embeddings.Embeddings``: memory-mapped
+  directory or reader (``formats.Embeddings``: memory-mapped
   shards), or any object with ``len()``, ``dim`` and contiguous slicing.
   """
 
@@ -236,9 +237,7 @@ class VectorSource:
     if isinstance(source, (str, os.PathLike)):
       path = os.fspath(source)
       if os.path.isdir(path):
-        # pylint: disable-next=g-import-not-at-top
-        from retro_jax.retrieval import embeddings as embeddings_lib
-        source = embeddings_lib.Embeddings(path)
+        source = formats.Embeddings(path)
       elif path.endswith(".npy"):
         if not os.path.exists(path):
           raise FileNotFoundError(f"{path}: embeddings file not found")
@@ -884,23 +883,6 @@ def load_index(path: str, *, nprobe: Optional[int] = None, ef_search: Optional[i
   return IndexSearcher(index, nprobe=nprobe, ef_search=ef_search,
                        refine=refine if refine is not False else None, k_factor=k_factor,
                        use_gpu=use_gpu, path=path)
-
-
-def search_in_blocks(searcher, queries: Any, k: int, *, block_size: int = 16384,
-                     progress: bool = True, desc: str = "search"
-                     ) -> tuple[np.ndarray, np.ndarray]:
-  """Searches many queries (array or ``VectorSource``) block by block, with a bar."""
-  source = queries if isinstance(queries, VectorSource) else VectorSource(queries)
-  n = source.num_vectors
-  scores = np.empty((n, k), np.float32)
-  ids = np.empty((n, k), np.int64)
-  with tqdm.tqdm(total=n, unit="query", unit_scale=True, desc=desc,
-                 disable=not progress) as bar:
-    for lo in range(0, n, block_size):
-      hi = min(n, lo + block_size)
-      scores[lo:hi], ids[lo:hi] = searcher(source.read(lo, hi), k)
-      bar.update(hi - lo)
-  return scores, ids
 
 
 def exact_search(database: Any, queries: Any, k: int, metric: str = "ip", *,

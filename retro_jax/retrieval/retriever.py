@@ -35,7 +35,7 @@ from retro_jax.retrieval import formats
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval.chunk_db import layout_ids
 from retro_jax.retrieval.embedders import Embedder, load_embedder
-from retro_jax.retrieval.embeddings import Embeddings
+from retro_jax.retrieval.formats import Embeddings
 from retro_jax.retrieval.layout import RetrievalLayout
 
 
