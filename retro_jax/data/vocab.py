@@ -28,7 +28,7 @@ over a SentencePiece model with its own ids: typically unk 0, bos 1 ``<s>``, eos
 ``</s>`` and no pad piece, so pad = eos = 2 there. Beware ``seqio``'s vocabulary: its
 ``pad_id`` is always 0 whatever the model says (``special_ids`` reads the model). Where
 pad == eos, a pretraining example's loss weights count the first EOD after a document's
-tokens and not the EOD padding after it (``retro_jax.data.tasks.loss_weights``).
+tokens and not the EOD padding after it (``retro_jax.data.sources.loss_weights``).
 
 Training is deterministic: a seeded reservoir sample of at most ``max_sentences``
 lines of the corpus (kept in corpus order), fed to SentencePiece's trainer with a
