@@ -56,9 +56,9 @@ import gin
 import numpy as np
 
 from retro_jax import preprocess as preprocess_lib
+from retro_jax.data import batches  # pylint: disable=unused-import  # step gin files bind its sources
 from retro_jax.data import chat
 from retro_jax.data import encyclopedia
-from retro_jax.data import batches  # pylint: disable=unused-import  # step gin files bind its sources
 from retro_jax.evaluation import knowledge_update as update_lib
 from retro_jax.evaluation import qa as qa_lib
 from retro_jax.evaluation import report as report_lib
