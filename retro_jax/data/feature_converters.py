@@ -9,7 +9,7 @@ Task features (what every task of ``retro_jax.data.tasks`` yields per example)::
     neighbor_tokens  int32   [n // m, k, r]     Retro tasks only: each chunk's k neighbors
     neighbor_mask    bool    [n // m, k]        Retro tasks only: False = missing neighbor
 
-Model features (``retro_jax.training.trainer``'s batch contract)::
+Model features (the batch contract of ``retro_jax.models.lm``)::
 
     decoder_input_tokens   int32   [n]  = targets[:-1]
     decoder_target_tokens  int32   [n]  = targets[1:]

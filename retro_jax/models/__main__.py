@@ -12,7 +12,7 @@ from absl import app
 from absl import flags
 import jax
 
-from retro_jax.models import RetroConfig, init_params, param_count
+from retro_jax.models import RetroConfig, init_params, lm, param_count
 from retro_jax.models.flops import count_flops
 from retro_jax.utils import gin_utils
 
@@ -23,8 +23,7 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Sequence length for the FLOP c
 
 def summarize(config: RetroConfig, seq_len: int) -> str:
   shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-  retro = sum(param_count(layer.get(part, {})) for name, layer in shapes.items()
-              if name.startswith("layers_") for part in ("cca", "retro_encoder", "pre_cca_norm"))
+  retro = param_count(lm.split_retro_params(shapes)[1])
   total = param_count(shapes)
   flops = count_flops(config, seq_len)
   gpt = count_flops(config, seq_len, retrieval=False)
