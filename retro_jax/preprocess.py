@@ -60,6 +60,7 @@ from retro_jax.retrieval import embedders as embedders_lib
 from retro_jax.retrieval import embeddings as embeddings_lib
 from retro_jax.retrieval import formats
 from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import search as search_lib
 from retro_jax.retrieval import neighbors as neighbors_lib
 from retro_jax.retrieval.layout import RetrievalLayout
 from retro_jax.utils import stages
@@ -349,11 +350,11 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
              f"the merged index {layout.index_path}")
     log(StageReport("index", time.time() - stage_began, built.skipped,
                     f"{built.factory} ({built.metric}), {built.num_vectors} vectors"))
-    index = index_lib.open_index(layout.index_path, expected_dim=embedder_obj.dim,
+    index = search_lib.open_index(layout.index_path, expected_dim=embedder_obj.dim,
                                  expected_ntotal=retrieval_db.num_chunks)
-    searcher = index_lib.IndexSearcher(
+    searcher = search_lib.IndexSearcher(
         index, nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu, path=layout.index_path,
-        refine=embeddings if index_lib.needs_refine(index) else None)
+        refine=embeddings if search_lib.needs_refine(index) else None)
 
     embed_chunks = embedders_lib.ChunkEmbedder(embedder_obj, layout.vocab_path)
     split_settings = {}
@@ -494,7 +495,7 @@ def _define_flags():
                     "(default float16).")
   flags.DEFINE_string("factory", None, "Faiss factory string (default: by DB size; see "
                       "retro_jax.retrieval.index).")
-  flags.DEFINE_enum("metric", None, sorted(index_lib.METRICS), "ip (cosine of unit-norm "
+  flags.DEFINE_enum("metric", None, sorted(search_lib.METRICS), "ip (cosine of unit-norm "
                     "embeddings; default) or l2.")
   flags.DEFINE_integer("nprobe", None, "IVF lists searched (default: by index size).")
   flags.DEFINE_integer("ef_search", None, "HNSW efSearch (HNSW indexes / quantizers).")

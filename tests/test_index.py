@@ -11,6 +11,7 @@ import pytest
 
 from retro_jax.data.prose import real_embeddings
 from retro_jax.retrieval import index
+from retro_jax.retrieval import search
 from retro_jax.utils import stages
 
 N_REAL = 3000                     # real chunks (~90% DB, 10% held-out queries)
@@ -44,15 +45,15 @@ def test_default_ivf_index_recall_against_exact_search(real, tmp_path):
   nlist = index.ivf_num_centroids(factory)
   assert factory == f"IVF{nlist},SQ8" and nlist >= 32
   built = index.build_index(db, str(tmp_path), factory=factory, progress=False)
-  searcher = index.load_index(built.index_path)
-  assert searcher.nprobe == index.default_nprobe(nlist) and searcher.nprobe < nlist
+  searcher = search.load_index(built.index_path)
+  assert searcher.nprobe == search.default_nprobe(nlist) and searcher.nprobe < nlist
   _, approx = searcher(queries, 10)
-  _, exact = index.exact_search(db, queries, 10)
-  assert index.recall_at_k(approx, exact, 2) >= 0.9
-  assert index.recall_at_k(approx, exact, 10) >= 0.9
+  _, exact = search.exact_search(db, queries, 10)
+  assert search.recall_at_k(approx, exact, 2) >= 0.9
+  assert search.recall_at_k(approx, exact, 10) >= 0.9
   # The path is approximate: visiting one list loses many true neighbors.
-  _, one_list = index.load_index(built.index_path, nprobe=1)(queries, 10)
-  assert index.recall_at_k(one_list, exact, 2) < 0.85
+  _, one_list = search.load_index(built.index_path, nprobe=1)(queries, 10)
+  assert search.recall_at_k(one_list, exact, 2) < 0.85
 
 
 @pytest.mark.parametrize("factory,on_disk", [
@@ -70,12 +71,12 @@ def test_sharded_build_equals_one_shot_add(real, tmp_path, factory, on_disk):
     result = index.build_index(db, str(out), factory=factory, shard_id=shard, num_shards=3,
                                on_disk=on_disk, batch_size=300, progress=False)
   assert result.index_path == str(out / index.INDEX_NAME)
-  assert os.path.exists(out / index.IVFDATA_NAME) == on_disk
+  assert os.path.exists(out / search.IVFDATA_NAME) == on_disk
   if on_disk:                                    # relocatable: lists found beside it
     shutil.move(str(out), str(tmp_path / "moved"))
     out = tmp_path / "moved"
-  want = index.load_index(one.index_path)(queries, 10)
-  got = index.load_index(str(out / index.INDEX_NAME))(queries, 10)
+  want = search.load_index(one.index_path)(queries, 10)
+  got = search.load_index(str(out / index.INDEX_NAME))(queries, 10)
   np.testing.assert_array_equal(got[1], want[1])
   np.testing.assert_array_equal(got[0], want[0])
   assert got[1].min() >= 0 and got[1].max() < len(db)
@@ -89,7 +90,7 @@ def test_killed_shard_resumes_to_the_same_index(real, tmp_path, monkeypatch):
   out = str(tmp_path / "sharded")
   index.build_index(db, out, factory=factory, shard_id=0, num_shards=2, progress=False)
   calls = {"n": 0}
-  real_read = index.VectorSource.read
+  real_read = search.VectorSource.read
 
   def dying_read(self, start, stop):
     calls["n"] += 1
@@ -97,11 +98,11 @@ def test_killed_shard_resumes_to_the_same_index(real, tmp_path, monkeypatch):
       raise KeyboardInterrupt("killed")
     return real_read(self, start, stop)
 
-  monkeypatch.setattr(index.VectorSource, "read", dying_read)
+  monkeypatch.setattr(search.VectorSource, "read", dying_read)
   with pytest.raises(KeyboardInterrupt):
     index.build_index(db, out, factory=factory, shard_id=1, num_shards=2, batch_size=200,
                       progress=False)
-  monkeypatch.setattr(index.VectorSource, "read", real_read)
+  monkeypatch.setattr(search.VectorSource, "read", real_read)
   assert not os.path.exists(os.path.join(out, stages.shard_name(1, 2, index.SHARD_SUFFIX)))
   assert not os.path.exists(os.path.join(out, index.INDEX_NAME))
   stale = os.path.join(out, f".{stages.shard_name(1, 2, index.SHARD_SUFFIX)}.x1y2.tmp")   # as SIGKILL leaves
@@ -112,8 +113,8 @@ def test_killed_shard_resumes_to_the_same_index(real, tmp_path, monkeypatch):
   again = index.build_index(db, out, factory=factory, shard_id=0, num_shards=2,
                             progress=False)
   assert again.skipped and again.index_path == result.index_path
-  np.testing.assert_array_equal(index.load_index(result.index_path)(queries, 5)[1],
-                                index.load_index(one.index_path)(queries, 5)[1])
+  np.testing.assert_array_equal(search.load_index(result.index_path)(queries, 5)[1],
+                                search.load_index(one.index_path)(queries, 5)[1])
   with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
     assert "merged" in json.load(f)["done"]
 
@@ -149,22 +150,22 @@ def test_open_time_validation_names_the_file(real, tmp_path):
                             progress=False)
   path = built.index_path
   with pytest.raises(ValueError, match=r"index\.faissindex: index dimension 384, but .* 128"):
-    index.load_index(path, expected_dim=128)
+    search.load_index(path, expected_dim=128)
   with pytest.raises(ValueError, match=r"holds 500 vectors, but .* has 499 chunks"):
-    index.load_index(path, expected_ntotal=499)
+    search.load_index(path, expected_ntotal=499)
   with pytest.raises(ValueError, match="500 vectors, but the retrieval DB has 501"):
     index.build_index(db, str(tmp_path / "other"), expected_num_vectors=501, progress=False)
   with pytest.raises(ValueError, match="queries: expected"):
-    index.load_index(path)(np.zeros((2, 7), np.float32), 1)
+    search.load_index(path)(np.zeros((2, 7), np.float32), 1)
   bad = tmp_path / "bad.faissindex"
   bad.write_bytes(b"not an index at all")
   with pytest.raises(ValueError, match="bad.faissindex: not a readable Faiss index"):
-    index.load_index(str(bad))
+    search.load_index(str(bad))
   with pytest.raises(FileNotFoundError, match="missing.faissindex"):
-    index.load_index(str(tmp_path / "missing.faissindex"))
-  os.remove(os.path.join(os.path.dirname(path), index.IVFDATA_NAME))
+    search.load_index(str(tmp_path / "missing.faissindex"))
+  os.remove(os.path.join(os.path.dirname(path), search.IVFDATA_NAME))
   with pytest.raises(ValueError, match="on-disk inverted lists .*index.ivfdata"):
-    index.load_index(path)
+    search.load_index(path)
 
 
 @pytest.mark.slow
@@ -201,8 +202,8 @@ def test_embeddings_directory_source_and_command_line(real, tmp_path):
   from_array = index.build_index(vectors, str(tmp_path / "b"), factory="IVF8,Flat",
                                  train_size=400, progress=False)
   queries = real[0][600:700]
-  np.testing.assert_array_equal(index.load_index(from_dir.index_path)(queries, 5)[1],
-                                index.load_index(from_array.index_path)(queries, 5)[1])
+  np.testing.assert_array_equal(search.load_index(from_dir.index_path)(queries, 5)[1],
+                                search.load_index(from_array.index_path)(queries, 5)[1])
   np.save(tmp_path / "vectors.npy", vectors)
   out = subprocess.run(
       [sys.executable, "-m", "retro_jax.retrieval.index",
@@ -216,8 +217,8 @@ def test_embeddings_directory_source_and_command_line(real, tmp_path):
   assert result["factory"] == "IVF8,Flat" and result["num_vectors"] == 600
   with open(tmp_path / "cli" / "manifest.json", encoding="utf-8") as f:
     assert json.load(f)["settings"]["train_size"] == 400
-  np.testing.assert_array_equal(index.load_index(result["index_path"])(queries, 5)[1],
-                                index.load_index(from_array.index_path)(queries, 5)[1])
+  np.testing.assert_array_equal(search.load_index(result["index_path"])(queries, 5)[1],
+                                search.load_index(from_array.index_path)(queries, 5)[1])
 
 
 @pytest.mark.slow
@@ -228,14 +229,14 @@ def test_fast_scan_tier_reranks_with_the_stored_vectors(real, tmp_path):
   assert factory.endswith(",PQ192x4fs")
   built = index.build_index(db, str(tmp_path), factory=factory, progress=False)
   with pytest.raises(ValueError, match="pass refine="):
-    index.load_index(built.index_path)
+    search.load_index(built.index_path)
   np.save(tmp_path / "db.npy", db.astype(np.float16))           # as the embedding stage
-  searcher = index.load_index(built.index_path, refine=str(tmp_path / "db.npy"))
-  assert searcher.k_factor == index.DEFAULT_K_FACTOR
+  searcher = search.load_index(built.index_path, refine=str(tmp_path / "db.npy"))
+  assert searcher.k_factor == search.DEFAULT_K_FACTOR
   scores, approx = searcher(queries, 10)
-  exact_scores, exact = index.exact_search(db, queries, 10)
-  assert index.recall_at_k(approx, exact, 2) >= 0.9
-  codes_only = index.load_index(built.index_path, refine=False)(queries, 10)[1]
-  assert index.recall_at_k(codes_only, exact, 2) < index.recall_at_k(approx, exact, 2)
+  exact_scores, exact = search.exact_search(db, queries, 10)
+  assert search.recall_at_k(approx, exact, 2) >= 0.9
+  codes_only = search.load_index(built.index_path, refine=False)(queries, 10)[1]
+  assert search.recall_at_k(codes_only, exact, 2) < search.recall_at_k(approx, exact, 2)
   hit = approx[:, 0] == exact[:, 0]                              # re-ranked scores are exact
   np.testing.assert_allclose(scores[hit, 0], exact_scores[hit, 0], atol=2e-3)

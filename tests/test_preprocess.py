@@ -15,7 +15,7 @@ import pytest
 
 from retro_jax.data.prose import prose_documents
 from retro_jax.retrieval import formats
-from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import search as search_lib
 from retro_jax.retrieval.layout import RetrievalLayout
 
 NUM_DOCS = 16
@@ -110,7 +110,7 @@ def test_every_output_opens_with_its_reader(uninterrupted):
   assert formats.ChunkDB(layout.split_db_prefix("train")).num_chunks == db.num_chunks
   embeddings = Embeddings(layout.embeddings_dir)
   assert (embeddings.num_vectors, embeddings.dim) == (db.num_chunks, 384)
-  searcher = index_lib.load_index(layout.index_path, expected_dim=384,
+  searcher = search_lib.load_index(layout.index_path, expected_dim=384,
                                   expected_ntotal=db.num_chunks)
   assert searcher.ntotal == db.num_chunks
 
@@ -180,8 +180,8 @@ def test_killed_midway_and_rerun_equals_uninterrupted(corpus, uninterrupted, tmp
   from retro_jax.retrieval.formats import Embeddings
   keys = Embeddings(uninterrupted.embeddings_dir)[:]
   np.testing.assert_array_equal(Embeddings(layout.embeddings_dir)[:], keys)
-  a = index_lib.load_index(uninterrupted.index_path)(keys, 4)
-  b = index_lib.load_index(layout.index_path)(keys, 4)
+  a = search_lib.load_index(uninterrupted.index_path)(keys, 4)
+  b = search_lib.load_index(layout.index_path)(keys, 4)
   np.testing.assert_array_equal(a[1], b[1])
   config = layout.read_config()
   assert config == uninterrupted.read_config()

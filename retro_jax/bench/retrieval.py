@@ -62,6 +62,7 @@ from retro_jax.data.prose import prose_chunk_texts, prose_documents, real_embedd
 from retro_jax.data.vocab import train_sentencepiece
 from retro_jax.retrieval import formats
 from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import search as search_lib
 from retro_jax.retrieval.embedders import load_embedder
 from retro_jax.retrieval.neighbors import build_neighbor_map
 from retro_jax.utils import stages
@@ -170,9 +171,9 @@ def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int =
   done, built_settings = manifest["done"], manifest["settings"]
   train_seconds = done["trained"]["info"]["seconds"]
   add_seconds = done[stages.shard_name(0, 1, index_lib.SHARD_SUFFIX)]["info"]["seconds"]
-  index = index_lib.open_index(built.index_path)
-  refine = db_vectors if index_lib.needs_refine(index) else None
-  searcher = index_lib.IndexSearcher(index, nprobe=nprobe, ef_search=ef_search,
+  index = search_lib.open_index(built.index_path)
+  refine = db_vectors if search_lib.needs_refine(index) else None
+  searcher = search_lib.IndexSearcher(index, nprobe=nprobe, ef_search=ef_search,
                                      refine=refine, k_factor=k_factor if refine is not None
                                      else None, path=built.index_path)
   _write_random_db(os.path.join(workdir, "db"), n, retrieval_db=True, seed=1)
@@ -191,9 +192,9 @@ def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int =
       len(query_vectors), min(recall_queries, len(query_vectors)), replace=False))
   queries = np.asarray(query_vectors[subset], np.float32)
   began = time.perf_counter()
-  _, exact = index_lib.exact_search(db_vectors, queries, k, built.metric)
+  _, exact = search_lib.exact_search(db_vectors, queries, k, built.metric)
   exact_seconds = time.perf_counter() - began
-  recall = index_lib.recall_at_k(rows[subset], exact, k)
+  recall = search_lib.recall_at_k(rows[subset], exact, k)
   return {"factory": factory, "metric": built.metric, "db_vectors": n,
           "queries": len(query_vectors), "k": k, "extra": extra, **searcher.parameters,
           "train_size": built_settings["train_size"],
@@ -214,12 +215,12 @@ def real_recall_section(real: np.ndarray, *, ks: Sequence[int] = (2, 10)) -> dic
   factory = index_lib.default_factory(len(db), db.shape[1], exact_below=0)
   with tempfile.TemporaryDirectory() as workdir:
     built = index_lib.build_index(db, workdir, factory=factory, progress=False)
-    searcher = index_lib.load_index(built.index_path)
+    searcher = search_lib.load_index(built.index_path)
     _, approx = searcher(queries, max(ks))
-  _, exact = index_lib.exact_search(db, queries, max(ks))
+  _, exact = search_lib.exact_search(db, queries, max(ks))
   return {"factory": factory, "db_vectors": len(db), "queries": len(queries),
           **searcher.parameters,
-          **{f"recall@{k}": index_lib.recall_at_k(approx, exact, k) for k in ks}}
+          **{f"recall@{k}": search_lib.recall_at_k(approx, exact, k) for k in ks}}
 
 
 _RSS_CHILD = r"""
@@ -421,7 +422,7 @@ def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
 
 
 def index_gpus() -> int:
-  return index_lib._gpu_count()  # pylint: disable=protected-access
+  return search_lib.gpu_count()
 
 
 def _machine() -> str:

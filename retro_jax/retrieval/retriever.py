@@ -32,7 +32,7 @@ import numpy as np
 
 from retro_jax.data import vocab as vocab_lib
 from retro_jax.retrieval import formats
-from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import search as search_lib
 from retro_jax.retrieval.chunk_db import layout_ids
 from retro_jax.retrieval.embedders import Embedder, load_embedder
 from retro_jax.retrieval.formats import Embeddings
@@ -256,12 +256,12 @@ class Retriever:
                       "has %s; neighbors may be worse", layout.config_path, want[:12],
                       have[:12])
     store = formats.ChunkDB(layout.retrieval_db_prefix)
-    index = index_lib.open_index(layout.index_path, expected_dim=embedder.dim,
+    index = search_lib.open_index(layout.index_path, expected_dim=embedder.dim,
                                  expected_ntotal=store.num_chunks)
     refine = None
-    if index_lib.needs_refine(index):       # fast-scan codes: re-rank with the vectors
+    if search_lib.needs_refine(index):       # fast-scan codes: re-rank with the vectors
       refine = Embeddings(layout.embeddings_dir)
-    searcher = index_lib.IndexSearcher(
+    searcher = search_lib.IndexSearcher(
         index, nprobe=nprobe if nprobe is not None else config.get("nprobe"),
         ef_search=ef_search if ef_search is not None else config.get("ef_search"),
         refine=refine, k_factor=config.get("k_factor") if refine is not None else None,
