@@ -55,7 +55,6 @@ from absl import logging
 import gin
 import numpy as np
 
-from retro_jax import preprocess as preprocess_lib
 from retro_jax.data import batches  # pylint: disable=unused-import  # step gin files bind its sources
 from retro_jax.data import chat
 from retro_jax.data import encyclopedia
@@ -67,6 +66,7 @@ from retro_jax.inference.loading import load_generator
 from retro_jax.models import RetroConfig
 from retro_jax.retrieval import embedders
 from retro_jax.retrieval import formats
+from retro_jax.retrieval import pipeline
 from retro_jax.retrieval.formats import Embeddings
 from retro_jax.retrieval.layout import RetrievalLayout
 from retro_jax.retrieval.retriever import load_retriever
@@ -193,10 +193,10 @@ def build_retrieval(files: Mapping[str, Optional[str]], output_dir: str, *,
   the GPT pretraining text 'pretrain' (a query DB only)."""
   splits = {"valid": files["heldout"]} if files.get("heldout") else {}
   lm_splits = {"pretrain": files["pretrain"]} if files.get("pretrain") else {}
-  return preprocess_lib.preprocess(files["retrieval"], output_dir,
-                                   train_input=files["retrofit"], splits=splits,
-                                   lm_splits=lm_splits, vocab_size=vocab_size,
-                                   embedder=embedder, num_neighbors=num_neighbors)
+  return pipeline.preprocess(files["retrieval"], output_dir,
+                             train_input=files["retrofit"], splits=splits,
+                             lm_splits=lm_splits, vocab_size=vocab_size,
+                             embedder=embedder, num_neighbors=num_neighbors)
 
 
 # ----------------------------------------------------------------------------------
@@ -513,10 +513,10 @@ def build_updated_retrieval(original_dir: str, updated_corpus: str, output_dir: 
                                              with_continuation=False))
   cache = dict(zip(texts, vectors.get(0, db.num_chunks)))
   embedder = embedders.MemoizedEmbedder(base, cache)
-  preprocess_lib.preprocess(updated_corpus, output_dir, vocab=original.vocab_path,
-                            embedder=embedder, num_neighbors=config["num_neighbors"],
-                            factory=config["index_factory"], metric=config["metric"],
-                            embedding_dtype=config["embedding_dtype"])
+  pipeline.preprocess(updated_corpus, output_dir, vocab=original.vocab_path,
+                      embedder=embedder, num_neighbors=config["num_neighbors"],
+                      factory=config["index_factory"], metric=config["metric"],
+                      embedding_dtype=config["embedding_dtype"])
   logging.info("knowledge update: %d of %d chunk texts embedded anew",
                embedder.misses, embedder.calls)
   return {"retrieval_dir": output_dir, "embedded_anew": embedder.misses,

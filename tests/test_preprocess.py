@@ -189,7 +189,7 @@ def test_killed_midway_and_rerun_equals_uninterrupted(corpus, uninterrupted, tmp
 
 @pytest.mark.slow
 def test_sharded_run_equals_one_process(corpus, uninterrupted, embedder, tmp_path):
-  from retro_jax.preprocess import preprocess
+  from retro_jax.retrieval.pipeline import preprocess
   kwargs = dict(splits={"valid": str(corpus / "heldout.jsonl")}, text_key="body",
                 vocab=uninterrupted.vocab_path, embedder=embedder, extra_neighbors=6,
                 progress=False, use_gpu=False)
@@ -251,7 +251,7 @@ def test_help_explains_the_flags():
 
 def test_gin_files_bind_the_stages():
   import gin
-  from retro_jax.preprocess import preprocess
+  from retro_jax.retrieval.pipeline import preprocess
   from retro_jax.utils import gin_utils
   try:
     gin_utils.parse_gin(["preprocess/large_gpu.gin"], ["preprocess.num_neighbors = 4"])
