@@ -32,7 +32,7 @@ This module is the driver (the steps, their gin files, the run directory, the
 manifest); what a step computes lives in the library: the training run in
 ``retro_jax.training.loop``, perplexity and token classes in
 ``retro_jax.evaluation.perplexity``, QA and its paired statistics in
-``retro_jax.evaluation.qa``, the knowledge-update scores in
+``retro_jax.evaluation.qa``, the knowledge-update scores and updated DB in
 ``retro_jax.evaluation.knowledge_update``, plots and the report in
 ``retro_jax.evaluation.report``.
 
@@ -51,11 +51,10 @@ import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import flags
-from absl import logging
 import gin
-import numpy as np
 
-from retro_jax.data import batches  # pylint: disable=unused-import  # step gin files bind its sources
+# data.batches registers the batch sources the step gin files bind.
+from retro_jax.data import batches  # pylint: disable=unused-import
 from retro_jax.data import chat
 from retro_jax.data import encyclopedia
 from retro_jax.evaluation import knowledge_update as update_lib
@@ -64,10 +63,7 @@ from retro_jax.evaluation import report as report_lib
 from retro_jax.evaluation.perplexity import db_only_token_classes, eval_perplexity
 from retro_jax.inference.loading import load_generator
 from retro_jax.models import RetroConfig
-from retro_jax.retrieval import embedders
-from retro_jax.retrieval import formats
 from retro_jax.retrieval import pipeline
-from retro_jax.retrieval.formats import Embeddings
 from retro_jax.retrieval.layout import RetrievalLayout
 from retro_jax.retrieval.retriever import load_retriever
 from retro_jax.training.loop import train
@@ -448,8 +444,9 @@ class Recipe:
       return None, {"reason": "no knowledge-update files or no InstructRetro model"}
     self._eval_gin()
     began = time.time()
-    rebuild = build_updated_retrieval(self.layout.retrieval_dir, files["retrieval_updated"],
-                                      self.layout.updated_retrieval_dir)
+    rebuild = update_lib.build_updated_retrieval(
+        self.layout.retrieval_dir, files["retrieval_updated"],
+        self.layout.updated_retrieval_dir)
     updated = rebuild["retrieval_dir"]
     rebuild_seconds = time.time() - began
     updates = _read_rows(files["updates"])
@@ -492,35 +489,6 @@ class Recipe:
         infos={step: self.info(step) for step in STEPS})
     self.print(open(self.layout.report_path, encoding="utf-8").read())  # pylint: disable=consider-using-with
     return paths, {}
-
-
-# ----------------------------------------------------------------------------------
-# Knowledge update: a new retrieval DB without retraining, re-embedding changed chunks
-# ----------------------------------------------------------------------------------
-
-
-def build_updated_retrieval(original_dir: str, updated_corpus: str, output_dir: str
-                            ) -> dict[str, Any]:
-  """A retrieval directory for ``updated_corpus`` with the original's vocabulary,
-  embedder and settings; chunks whose text did not change reuse their embeddings."""
-  original = RetrievalLayout(original_dir)
-  config = original.read_config()
-  base = embedders.load_embedder(config["embedder"])
-  chunk_embedder = embedders.ChunkEmbedder(base, original.vocab_path)
-  db = formats.ChunkDB(original.retrieval_db_prefix)
-  vectors = Embeddings(original.embeddings_dir)
-  texts = chunk_embedder.texts(db.get_chunks(np.arange(db.num_chunks),
-                                             with_continuation=False))
-  cache = dict(zip(texts, vectors.get(0, db.num_chunks)))
-  embedder = embedders.MemoizedEmbedder(base, cache)
-  pipeline.preprocess(updated_corpus, output_dir, vocab=original.vocab_path,
-                      embedder=embedder, num_neighbors=config["num_neighbors"],
-                      factory=config["index_factory"], metric=config["metric"],
-                      embedding_dtype=config["embedding_dtype"])
-  logging.info("knowledge update: %d of %d chunk texts embedded anew",
-               embedder.misses, embedder.calls)
-  return {"retrieval_dir": output_dir, "embedded_anew": embedder.misses,
-          "chunk_texts": embedder.calls}
 
 
 # ----------------------------------------------------------------------------------

@@ -6,7 +6,10 @@ no retraining, and how often the models follow the new facts.
   lets a Retro LM (greedy, retrieving from a DB) complete it and counts completions
   that state the new value (and those that keep the old one);
 * as QA: ``knowledge_update_scores`` counts the ``run_qa`` predictions that match the
-  new answers (and the old ones).
+  new answers (and the old ones);
+* the updated DB: ``build_updated_retrieval`` prepares a retrieval directory for the
+  updated corpus with the original's vocabulary, embedder and settings, embedding only
+  the chunk texts that changed.
 
 Update rows: the corpus's ``updates.jsonl`` (``retro_jax.data.encyclopedia``), one
 ``{"entity", "old", "new", "question", "old_answers", "new_answers", ...}`` per changed
@@ -17,9 +20,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence
 
+from absl import logging
 import numpy as np
 
 from retro_jax.evaluation.qa import exact_match
+from retro_jax.retrieval import embedders
+from retro_jax.retrieval import formats
+from retro_jax.retrieval import pipeline
+from retro_jax.retrieval.layout import RetrievalLayout
 from retro_jax.utils.io import atomic_write_jsonl, read_jsonl
 
 
@@ -70,3 +78,27 @@ def knowledge_update_scores(predictions_path: str, updates: Sequence[Mapping[str
   old = [exact_match(r["prediction"], u["old_answers"]) for r, u in zip(rows, updates)]
   return {"follows_new": float(np.mean(new)), "keeps_old": float(np.mean(old)),
           "count": len(rows)}
+
+
+def build_updated_retrieval(original_dir: str, updated_corpus: str, output_dir: str
+                            ) -> dict[str, Any]:
+  """A retrieval directory for ``updated_corpus`` with the original's vocabulary,
+  embedder and settings; chunks whose text did not change reuse their embeddings."""
+  original = RetrievalLayout(original_dir)
+  config = original.read_config()
+  base = embedders.load_embedder(config["embedder"])
+  chunk_embedder = embedders.ChunkEmbedder(base, original.vocab_path)
+  db = formats.ChunkDB(original.retrieval_db_prefix)
+  vectors = formats.Embeddings(original.embeddings_dir)
+  texts = chunk_embedder.texts(db.get_chunks(np.arange(db.num_chunks),
+                                             with_continuation=False))
+  cache = dict(zip(texts, vectors.get(0, db.num_chunks)))
+  embedder = embedders.MemoizedEmbedder(base, cache)
+  pipeline.preprocess(updated_corpus, output_dir, vocab=original.vocab_path,
+                      embedder=embedder, num_neighbors=config["num_neighbors"],
+                      factory=config["index_factory"], metric=config["metric"],
+                      embedding_dtype=config["embedding_dtype"])
+  logging.info("knowledge update: %d of %d chunk texts embedded anew",
+               embedder.misses, embedder.calls)
+  return {"retrieval_dir": output_dir, "embedded_anew": embedder.misses,
+          "chunk_texts": embedder.calls}
