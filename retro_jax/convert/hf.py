@@ -31,16 +31,27 @@ To retro-fit a local HF decoder with the training recipes, write it as a GPT che
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import glob
+import json
+import os
 import re
+import shutil
 from typing import Any, Callable, Mapping
 
+from absl import app
+from absl import flags
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
+from safetensors import safe_open
 
 from retro_jax.models import RetroConfig, init_params
 from retro_jax.models import lm
+from retro_jax.training import checkpoints as ckpt_lib
+from retro_jax.utils.io import atomic_write_text
 
 # The RetroConfig fields that ``from_hf`` overrides may set: retrieval (the encoder and
 # CCA start fresh) and numerics. Every other field describes the HF decoder and comes
@@ -338,10 +349,6 @@ def load_hf_dir(hf_dir: str) -> tuple[dict[str, np.ndarray], dict]:
   Reads ``config.json`` and every ``*.safetensors`` file (sharded checkpoints too);
   bf16 / fp16 tensors are widened to float32.
   """
-  import glob  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   config_path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{hf_dir}: no config.json (a Hugging Face checkpoint "
@@ -369,11 +376,6 @@ def import_checkpoint(hf_dir: str, model_dir: str, **retro_overrides) -> RetroCo
   ``MODEL_DIR/vocab/spm.model`` the SentencePiece tokenizer when the HF directory has
   one (``tokenizer.model``, Llama family), for ``preprocess --vocab``.
   """
-  import os  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from retro_jax.training import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.utils.io import atomic_write_text  # pylint: disable=g-import-not-at-top
   state_dict, hf_config = load_hf_dir(hf_dir)
   config, params = from_hf((state_dict, hf_config), **retro_overrides)
   decoder, _ = lm.split_retro_params(params)
@@ -402,8 +404,6 @@ def import_checkpoint(hf_dir: str, model_dir: str, **retro_overrides) -> RetroCo
 
 def main(argv) -> None:
   """``python -m retro_jax.convert.hf --hf_dir=DIR --model_dir=OUT [--retro=k=v ...]``."""
-  import ast  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
   f = flags.FLAGS
   overrides = {}
@@ -425,11 +425,10 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags as _flags  # pylint: disable=g-import-not-at-top,g-multiple-import
-  _flags.DEFINE_string("hf_dir", None, "Local Hugging Face checkpoint directory "
+  flags.DEFINE_string("hf_dir", None, "Local Hugging Face checkpoint directory "
                        "(config.json + *.safetensors).", required=True)
-  _flags.DEFINE_string("model_dir", None, "Where to write the GPT checkpoint.",
+  flags.DEFINE_string("model_dir", None, "Where to write the GPT checkpoint.",
                        required=True)
-  _flags.DEFINE_multi_string("retro", [], "RetroConfig retrieval field FIELD=VALUE "
+  flags.DEFINE_multi_string("retro", [], "RetroConfig retrieval field FIELD=VALUE "
                              "(chunk_length, num_neighbors, cca_layers, encoder_*...).")
   app.run(main)

@@ -64,14 +64,22 @@ import re
 import shutil
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+from absl import app
+from absl import flags
 from absl import logging
+import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
+from tqdm import tqdm
 
 from retro_jax.convert import megatron_files as files
+from retro_jax.data import vocab as vocab_lib
 from retro_jax.models import RetroConfig, abstract_params, default_cca_layers
 from retro_jax.models import lm
+from retro_jax.training import checkpoints as ckpt_lib
+from retro_jax.utils.io import atomic_write_text
 
 LEGACY = "legacy"
 MCORE = "mcore"
@@ -507,7 +515,6 @@ def _to_layout(canonical: dict[str, Any], layout: str) -> dict[str, Any]:
 
 def param_shapes(config: RetroConfig, retro: bool) -> dict[tuple[str, ...], Any]:
   """Flat ``{path: ShapeDtypeStruct}`` of the parameters of ``config``."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   return traverse_util.flatten_dict(nn.unbox(abstract_params(config, retrieval=retro)))
 
 
@@ -622,11 +629,6 @@ def import_checkpoint(load_dir: str, model_dir: str, *, tokenizer_model: Optiona
   ``model_dir`` and dropped, then orbax writes from those memory maps. The parameters
   keep the checkpoint's dtype (bf16 stays bf16) unless ``param_dtype`` is given.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from retro_jax.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.training import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from retro_jax.utils.io import atomic_write_text  # pylint: disable=g-import-not-at-top
   iter_dir = files.iteration_dir(load_dir, iteration)
   paths = files.shard_paths(iter_dir)
   shards = [files.Shard(p) for p in paths]
@@ -786,7 +788,6 @@ def export_checkpoint(model_dir: str, save_dir: str, *, tensor_parallel: int = 1
                       make_vocab_size_divisible_by: int = 128) -> list[str]:
   """Writes a retro_jax Retro checkpoint as a Megatron-LM checkpoint directory
   (``save_dir/release/mp_rank_XX/model_optim_rng.pt``); returns the shard paths."""
-  from retro_jax.training import checkpoints as ckpt_lib  # pylint: disable=g-import-not-at-top
   config = model_config or ckpt_lib.stored_model_config(model_dir)
   if config is None:
     raise ValueError(f"{model_dir}: its checkpoint stores no RetroConfig; pass "
@@ -810,7 +811,6 @@ def export_checkpoint(model_dir: str, save_dir: str, *, tensor_parallel: int = 1
 
 def main(argv) -> None:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   if f.export:
     if not f.save:
@@ -834,18 +834,17 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags as _flags  # pylint: disable=g-import-not-at-top,g-multiple-import
-  _flags.DEFINE_string("load", None, "Megatron-LM checkpoint directory to import.")
-  _flags.DEFINE_string("model_dir", None, "retro_jax model directory.", required=True)
-  _flags.DEFINE_string("tokenizer_model", None, "SentencePiece model of the checkpoint "
+  flags.DEFINE_string("load", None, "Megatron-LM checkpoint directory to import.")
+  flags.DEFINE_string("model_dir", None, "retro_jax model directory.", required=True)
+  flags.DEFINE_string("tokenizer_model", None, "SentencePiece model of the checkpoint "
                        "(copied to MODEL_DIR/vocab/spm.model; drops vocab padding).")
-  _flags.DEFINE_string("iteration", None, "Iteration to import (default: the tracker's).")
-  _flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"],
+  flags.DEFINE_string("iteration", None, "Iteration to import (default: the tracker's).")
+  flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"],
                      "Stored parameter dtype (default: the checkpoint's).")
-  _flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                      "Compute dtype written to the model config.")
-  _flags.DEFINE_bool("export", False, "Export MODEL_DIR to a Megatron checkpoint.")
-  _flags.DEFINE_string("save", None, "--export: Megatron checkpoint directory to write.")
-  _flags.DEFINE_integer("tensor_parallel", 1, "--export: tensor-parallel ranks.")
-  _flags.DEFINE_enum("layout", MCORE, list(LAYOUTS), "--export: key layout.")
+  flags.DEFINE_bool("export", False, "Export MODEL_DIR to a Megatron checkpoint.")
+  flags.DEFINE_string("save", None, "--export: Megatron checkpoint directory to write.")
+  flags.DEFINE_integer("tensor_parallel", 1, "--export: tensor-parallel ranks.")
+  flags.DEFINE_enum("layout", MCORE, list(LAYOUTS), "--export: key layout.")
   app.run(main)

@@ -40,6 +40,7 @@ import os
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+import ml_dtypes
 import numpy as np
 
 SHARD_FILE = "model_optim_rng.pt"
@@ -169,7 +170,6 @@ def to_numpy(tensor: Any) -> np.ndarray:
   torch = _torch()
   tensor = tensor.detach().cpu()
   if tensor.dtype == torch.bfloat16:
-    import ml_dtypes  # pylint: disable=g-import-not-at-top
     return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return tensor.numpy()
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import ast
 import os
+import sys
 from typing import Sequence
 
+from absl import app
+from absl import flags
 from absl import logging
 import gin
 
@@ -80,8 +83,6 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def define_gin_flags() -> None:
   """The ``--gin_file`` / ``--gin_bindings`` flags every entry point takes (define them
   in ``__main__`` only, so that entry points can import each other)."""
-  import sys  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
   caller = sys._getframe(1).f_globals.get("__name__")  # pylint: disable=protected-access
   module = sys.argv[0] if caller == "__main__" else caller   # so --helpshort lists them
   flags.DEFINE_multi_string("gin_file", [], "gin files (searched in gin/ too).",
@@ -92,8 +93,6 @@ def define_gin_flags() -> None:
 
 def run_with_gin_flags(main) -> None:
   """``absl.app.run(main)`` after turning ``--gin.KEY=VALUE`` into ``--gin_bindings``."""
-  import sys  # pylint: disable=g-import-not-at-top
-  from absl import app  # pylint: disable=g-import-not-at-top
   rest, bindings = split_gin_flags(sys.argv)
   sys.argv = rest + [f"--gin_bindings={b}" for b in bindings]
   app.run(main)
