@@ -43,8 +43,10 @@ from retro_jax.utils import gin_utils
 from retro_jax.utils.io import atomic_write_text
 
 
-@gin.configurable
-def generate_texts(prompts: Sequence[str], *, checkpoint: str = gin.REQUIRED,
+# Flags name the run (checkpoint, prompts, sampling overrides); gin may bind only what no
+# flag sets, so a binding is never silently overridden.
+@gin.configurable(allowlist=["model_config", "mesh_shape"])
+def generate_texts(prompts: Sequence[str], *, checkpoint: str,
                    model_config: Optional[RetroConfig] = None,
                    vocab_path: Optional[str] = None, retrieval_dir: Optional[str] = None,
                    passages: Optional[Sequence[Sequence[str]]] = None,

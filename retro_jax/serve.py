@@ -29,6 +29,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import gin
+import uvicorn
 
 from retro_jax.inference.generator import Generator
 from retro_jax.inference.loading import load_generator
@@ -74,8 +75,10 @@ def service_for_generator(generator: Generator, embedder: Any, *,
                       model_name=model_name)
 
 
-@gin.configurable(denylist=["embedder"])
-def build_service(checkpoint: str = gin.REQUIRED, vocab_path: str = gin.REQUIRED, *,
+# The flags set checkpoint, vocab_path and embedder; gin may bind only the rest, so a
+# binding is never silently overridden.
+@gin.configurable(allowlist=["model_config", "sampling", "mesh_shape", "max_chunks"])
+def build_service(checkpoint: str, vocab_path: str, *,
                   embedder: Union[str, Any] = "all-MiniLM-L6-v2",
                   model_config: Optional[RetroConfig] = None,
                   sampling: Optional[SamplingConfig] = None,
@@ -122,7 +125,6 @@ def _define_flags() -> None:
 
 def main(argv) -> None:
   del argv
-  import uvicorn  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   gin_utils.parse_gin(f.gin_file, f.gin_bindings)
   for name in ("checkpoint", "vocab"):

@@ -3,6 +3,7 @@ and a SentencePiece vocabulary, on a real loopback server; and the generate entr
 
 import json
 
+import gin
 import jax
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from retro_jax.inference import loading
 from retro_jax.models import RetroConfig
 from retro_jax.serving.app import create_app
 from retro_jax.training.checkpoints import Checkpointer
+from retro_jax.utils import gin_utils
 from serving_utils import call, running_server
 from test_decoding import _params
 from test_retriever import DOCS, BagOfWordsEmbedder
@@ -87,3 +89,16 @@ def test_generate_entry_point_with_passages(model_files, tmp_path):
   assert with_passages[1]["retrievals"][0]["neighbors"] == []
   assert with_passages[0]["retrievals"][0]["neighbors"][0]["text"].startswith("title: Zorbia")
   assert "PROMPT: mount arrak" in generate_lib.format_record(with_passages[1])
+
+
+def test_gin_cannot_bind_what_a_flag_sets():
+  # generate/serve main() pass these from flags; a gin binding would be ignored silently.
+  for binding in ("generate_texts.batch_size = 4", "generate_texts.checkpoint = 'x'",
+                  "build_service.checkpoint = 'x'", "build_service.vocab_path = 'x'"):
+    gin.clear_config()
+    with pytest.raises(ValueError, match="allowlist"):
+      gin_utils.parse_gin([], [binding])
+  gin.clear_config()
+  gin_utils.parse_gin([], ["generate_texts.mesh_shape = {'data': 1}",
+                           "build_service.max_chunks = 5"])
+  gin.clear_config()

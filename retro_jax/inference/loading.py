@@ -85,7 +85,7 @@ def load_generator(checkpoint: str, *, model_config: Optional[RetroConfig] = Non
     vocab_path = RetrievalLayout(retrieval_dir).vocab_path
   vocab = vocab_lib.load_sentencepiece(vocab_path)
   if mesh_shape is None:
-    mesh = partitioning.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    mesh = partitioning.make_mesh(devices=jax.devices()[:1])
   else:
     mesh = partitioning.make_mesh(mesh_shape)
   params, _, has_retro = ckpt_lib.load_model_params(checkpoint, config, mesh)
