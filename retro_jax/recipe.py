@@ -5,7 +5,7 @@ r"""The InstructRetro recipe end to end, in miniature: the main job of retro_jax
     python -m retro_jax.recipe --documents=my_docs.jsonl --run_dir=runs/mine
 
 Steps (each one gin file in ``gin/miniature/``; the driver runs them in order, records
-every finished step in ``RUN_DIR/recipe.json`` and skips it on a re-run; a training
+every finished step in ``RUN_DIR/manifest.json`` and skips it on a re-run; a training
 step killed midway resumes from its last checkpoint):
 
  1. ``corpus``     the embedded fictional encyclopedia (``retro_jax.data.encyclopedia``,
@@ -35,6 +35,16 @@ manifest); what a step computes lives in the library: the training run in
 ``retro_jax.evaluation.qa``, the knowledge-update scores and updated DB in
 ``retro_jax.evaluation.knowledge_update``, plots and the report in
 ``retro_jax.evaluation.report``.
+
+A step is done only if the disk still holds what the manifest says: each step records
+its outputs with their fingerprints (``utils.io.tree_fingerprint``: a file's content
+hash, a directory's listing of names, sizes and mtimes; nothing large is read) and the
+fingerprints of the outputs of the steps it reads (``STEP_INPUTS``). A step re-runs
+when an output is missing (a deleted file, a deleted or emptied directory), when an
+output differs from what was recorded, or when an input's outputs differ from what the
+step was built on; so a step that re-ran re-runs every step downstream whose inputs it
+changed, and no other. The reason is printed (``[recipe] retro: output
+models/retro/checkpoints missing``, ``[recipe] report: input eval_perplexity changed``).
 
 ``--gin.KEY=VALUE`` bindings apply to every step (e.g. ``--gin.RetroConfig.hidden_size=192``,
 ``--gin.TRAIN_STEPS=400`` for all training steps, or a step's own macro such as
@@ -68,7 +78,8 @@ from retro_jax.retrieval.layout import RetrievalLayout
 from retro_jax.retrieval.retriever import load_retriever
 from retro_jax.training.loop import train
 from retro_jax.utils import gin_utils
-from retro_jax.utils.io import Manifest, atomic_write_json, atomic_write_jsonl, read_jsonl
+from retro_jax.utils.io import (Manifest, atomic_write_json, atomic_write_jsonl, read_jsonl,
+                                tree_fingerprint)
 
 RECIPE_VERSION = 1
 STEP_GIN = {
@@ -83,6 +94,22 @@ CORPUS_GIN = "miniature/corpus.gin"
 RETRIEVAL_GIN = "miniature/retrieval.gin"
 STEPS = ("corpus", "retrieval", "gpt", "retro", "gptfit", "sft_data", "instructretro",
          "gpt_instruct", "eval_perplexity", "eval_qa", "knowledge_update", "report")
+# The steps whose outputs each step reads (the run's dependency graph).
+STEP_INPUTS = {
+    "corpus": (),
+    "retrieval": ("corpus",),                       # the corpus texts
+    "gpt": ("retrieval",),                          # the 'pretrain' DB, the vocabulary
+    "retro": ("retrieval", "gpt"),                  # DBs and neighbors, GPT's checkpoint
+    "gptfit": ("retrieval", "gpt"),
+    "sft_data": ("corpus", "retrieval"),            # sft_qa.jsonl, the retriever
+    "instructretro": ("retrieval", "retro", "sft_data"),
+    "gpt_instruct": ("retrieval", "gptfit", "sft_data"),
+    "eval_perplexity": ("corpus", "retrieval", "retro", "gptfit"),   # kb.json, heldout
+    "eval_qa": ("corpus", "retrieval", "gpt_instruct", "instructretro"),
+    "knowledge_update": ("corpus", "retrieval", "retro", "instructretro"),
+    "report": ("gpt", "retro", "gptfit", "instructretro", "gpt_instruct",
+               "eval_perplexity", "eval_qa", "knowledge_update"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,15 +320,54 @@ class Recipe:
         "recipe_version": RECIPE_VERSION, "scale": scale, "seed": seed,
         "documents": os.path.abspath(documents) if documents else None})
     self._retriever = None
+    self._fingerprints: dict[str, Optional[str]] = {}   # relative path -> fingerprint
 
   # -- bookkeeping -------------------------------------------------------------------
 
+  def _fingerprint(self, rel: str) -> Optional[str]:
+    if rel not in self._fingerprints:
+      self._fingerprints[rel] = tree_fingerprint(os.path.join(self.layout.root, rel))
+    return self._fingerprints[rel]
+
+  def _outputs_now(self, step: str) -> Optional[dict[str, Optional[str]]]:
+    """The fingerprints of ``step``'s recorded outputs as they are on disk now (None if
+    the step has no record: not run, or skipped)."""
+    outputs = self.manifest.outputs(step)
+    return None if outputs is None else {rel: self._fingerprint(rel) for rel in outputs}
+
+  def _inputs_now(self, step: str) -> dict[str, Optional[dict[str, Optional[str]]]]:
+    return {dep: self._outputs_now(dep) for dep in STEP_INPUTS[step]}
+
+  def why_rerun(self, step: str) -> Optional[str]:
+    """None if ``step`` is done, else why it (re-)runs: "not run", "output X missing",
+    "output X changed", "input STEP changed"."""
+    outputs = self._outputs_now(step)
+    if outputs is None:
+      return "not run"
+    missing = [rel for rel, fp in outputs.items() if fp is None]
+    if missing:
+      return f"output {', '.join(missing)} missing"
+    recorded = self.manifest.fingerprints(step)
+    if recorded is None:   # recorded before fingerprints were: outputs present is done
+      return None
+    changed = [rel for rel, fp in outputs.items() if recorded["outputs"].get(rel) != fp]
+    if changed:
+      return f"output {', '.join(changed)} changed"
+    inputs = self._inputs_now(step)
+    changed = [dep for dep in STEP_INPUTS[step] if recorded["inputs"].get(dep) != inputs[dep]]
+    if changed:
+      return f"input {', '.join(changed)} changed"
+    return None
+
   def _done(self, step: str) -> bool:
-    return self.manifest.is_done(step)
+    return self.why_rerun(step) is None
 
   def _record(self, step: str, outputs: Sequence[str], info: Mapping[str, Any]) -> None:
     rel = [os.path.relpath(p, self.layout.root) for p in outputs]
-    self.manifest.mark_done(step, rel, dict(info))
+    self._fingerprints.clear()       # the step rewrote what it wrote
+    fingerprints = {"outputs": {r: self._fingerprint(r) for r in rel},
+                    "inputs": self._inputs_now(step)}
+    self.manifest.mark_done(step, rel, dict(info), fingerprints=fingerprints)
 
   def info(self, step: str) -> dict:
     return self.manifest.info(step) if self._done(step) else {}
@@ -310,12 +376,16 @@ class Recipe:
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
       raise ValueError(f"unknown steps {unknown}; steps are {STEPS}")
+    self._fingerprints.clear()       # the disk may have changed since the last run
     for step in STEPS:
       if step not in steps:
         continue
-      if self._done(step) and step != "report":    # the report is always rewritten
+      reason = self.why_rerun(step)
+      if reason is None and step != "report":    # the report is always rewritten
         self.print(f"[recipe] {step}: done (skipped)")
         continue
+      if reason not in (None, "not run"):
+        self.print(f"[recipe] {step}: {reason}")
       runner = getattr(self, f"step_{step}")
       began = time.time()
       self.print(f"[recipe] {step}: running")
@@ -357,7 +427,12 @@ class Recipe:
   def step_retrieval(self):
     _parse_step_gin(RETRIEVAL_GIN, (), self.overrides)
     summary = build_retrieval(self.files, self.layout.retrieval_dir)
-    return [os.path.join(self.layout.retrieval_dir, "retrieval.json")], {
+    # Each part (vocabulary, chunk DBs, index, neighbors, retrieval.json) is an output
+    # of its own, so that a deleted part is named.
+    root = self.layout.retrieval_dir
+    outputs = [os.path.join(root, name) for name in sorted(os.listdir(root))
+               if not name.startswith(".") and tree_fingerprint(os.path.join(root, name))]
+    return outputs, {
         "retrieval_db": summary["retrieval_db"], "splits": summary["splits"],
         "index": summary["index_factory"], "vocab_size": summary["vocab_size"],
         "stages": {s["stage"]: s["seconds"] for s in summary["stages"]}}

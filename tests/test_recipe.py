@@ -5,11 +5,19 @@ stage) through the command line, as a user runs it (``miniature_run`` in conftes
 shared with tests/test_notebook.py); then what it wrote is checked:
 every step recorded, the three perplexity modes on identical tokens, the QA table,
 the knowledge update re-embedding only changed chunks and retrieving the new facts,
-and a re-run skipping every finished step.
+and a re-run skipping every finished step; a copy of it with its chunk DB deleted
+re-runs the retrieval step and marks what follows as stale.
+
+The fast tests run the driver (``recipe.Recipe``) with the expensive work replaced by
+fakes that write small files where the real steps write theirs (the corpus generator,
+the preprocessing pipeline, training; the evaluation steps and the report as a whole):
+a step whose output is deleted, emptied or edited re-runs, and so does every step
+downstream of it (``STEP_INPUTS``), and no other.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,8 +25,6 @@ import pytest
 
 import recipe_fixture
 from recipe_fixture import run_recipe
-
-pytestmark = pytest.mark.slow  # see pytest.ini
 
 REPO = recipe_fixture.REPO
 
@@ -28,6 +34,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
+@pytest.mark.slow   # see pytest.ini
 def test_every_step_runs_and_is_recorded(miniature_run):
   from retro_jax.recipe import STEPS   # pylint: disable=g-import-not-at-top
   run_dir, proc = miniature_run
@@ -48,6 +55,7 @@ def test_every_step_runs_and_is_recorded(miniature_run):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", plot
 
 
+@pytest.mark.slow   # see pytest.ini
 def test_perplexity_modes_score_identical_tokens(miniature_run):
   run_dir, _ = miniature_run
   with open(run_dir / "eval" / "perplexity.json", encoding="utf-8") as f:
@@ -70,6 +78,7 @@ def test_perplexity_modes_score_identical_tokens(miniature_run):
     assert min(counts.values()) > 0
 
 
+@pytest.mark.slow   # see pytest.ini
 def test_qa_rows_and_prompts_with_retrieved_passages(miniature_run):
   run_dir, _ = miniature_run
   with open(run_dir / "eval" / "qa.json", encoding="utf-8") as f:
@@ -99,6 +108,7 @@ def test_qa_rows_and_prompts_with_retrieved_passages(miniature_run):
   assert sft[0]["messages"][-1]["content"].startswith("The answer is ")
 
 
+@pytest.mark.slow   # see pytest.ini
 def test_knowledge_update_reembeds_only_changed_chunks_and_retrieves_new_facts(miniature_run):
   run_dir, _ = miniature_run
   with open(run_dir / "eval" / "knowledge_update" / "knowledge_update.json",
@@ -123,6 +133,7 @@ def test_knowledge_update_reembeds_only_changed_chunks_and_retrieves_new_facts(m
   assert set(info["completions"]) == {"original DB", "updated DB"}
 
 
+@pytest.mark.slow   # see pytest.ini
 def test_rerun_skips_finished_steps(miniature_run):
   run_dir, _ = miniature_run
   proc = run_recipe(run_dir)
@@ -143,6 +154,7 @@ def test_rerun_skips_finished_steps(miniature_run):
   assert "eval_perplexity: finished" in proc.stdout
 
 
+@pytest.mark.slow   # see pytest.ini
 def test_user_corpus_split_and_errors(tmp_path):
   from retro_jax import recipe   # pylint: disable=g-import-not-at-top
   docs = tmp_path / "docs.jsonl"
@@ -163,6 +175,7 @@ def test_user_corpus_split_and_errors(tmp_path):
     recipe.Recipe(str(tmp_path / "r")).run(["corpus", "pretrain"])
 
 
+@pytest.mark.slow   # see pytest.ini
 def test_eval_command_lines_on_the_run(miniature_run, tmp_path):
   """``python -m retro_jax.eval`` with the shipped eval gin files, on the run's models."""
   run_dir, _ = miniature_run
@@ -189,3 +202,214 @@ def test_eval_command_lines_on_the_run(miniature_run, tmp_path):
   assert "| ir | retrieval |" in qa.stdout.replace("  ", " ")
   rows = read_jsonl(tmp_path / "ir_retrieval_predictions.jsonl")
   assert len(rows) == 3 and all("prediction" in r for r in rows)
+
+
+@pytest.mark.slow   # see pytest.ini
+def test_deleted_chunk_db_reruns_retrieval_and_what_follows(miniature_run, tmp_path):
+  from retro_jax import recipe   # pylint: disable=g-import-not-at-top
+  run_dir, _ = miniature_run
+  copy = tmp_path / "run"
+  shutil.copytree(run_dir, copy)         # keeps mtimes: the copy is as done as the run
+  shutil.rmtree(copy / "retrieval" / "retrieval_db")
+  proc = run_recipe(copy, "--steps=corpus,retrieval")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "[recipe] corpus: done (skipped)" in proc.stdout
+  assert "[recipe] retrieval: output retrieval/retrieval_db missing" in proc.stdout
+  assert "[recipe] retrieval: finished" in proc.stdout
+  assert os.listdir(copy / "retrieval" / "retrieval_db")
+  # Everything built on the old DB is stale now; the corpus is not.
+  rerun = recipe.Recipe(str(copy), scale=recipe_fixture.SCALE)
+  assert rerun.why_rerun("corpus") is None and rerun.why_rerun("retrieval") is None
+  assert rerun.why_rerun("gpt") == "input retrieval changed"
+  assert rerun.why_rerun("sft_data") == "input retrieval changed"
+
+
+# ----------------------------------------------------------------------------------
+# The driver trusts the disk, not only its manifest (fast, with fake steps)
+# ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_recipe(tmp_path, monkeypatch):
+  """A function making a ``Recipe`` on ``tmp_path/run`` whose expensive work is faked;
+  ``.log`` holds the lines it printed. The corpus is deterministic (a re-run writes
+  the same bytes); every other fake writes new bytes (a new length) each time."""
+  from retro_jax import recipe   # pylint: disable=g-import-not-at-top
+  sizes = iter(range(1, 10**6))
+
+  def write(path, text=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text if text is not None else json.dumps({"pad": "x" * next(sizes)}) + "\n")
+    return path
+
+  def generate_corpus(output_dir, scale, seed):
+    del scale, seed
+    for key in recipe.CORPUS_FILES:
+      write(os.path.join(output_dir, f"{key}.jsonl"), json.dumps({"text": key}) + "\n")
+    write(os.path.join(output_dir, "kb.json"), "{}")
+    return {"counts": {}}
+
+  def build_retrieval(files, output_dir):
+    del files
+    for part in ("vocab/spm.model", "retrieval_db/chunks.bin", "train_db/chunks.bin",
+                 "index/index.faissindex", "neighbors/train/neighbors.bin",
+                 "retrieval.json", ".config.lock"):
+      write(os.path.join(output_dir, part))
+    return {"retrieval_db": "retrieval_db", "splits": {}, "index_factory": "Flat",
+            "vocab_size": 8, "stages": []}
+
+  def run_training(step, layout, bindings, overrides):
+    del bindings, overrides
+    write(os.path.join(layout.model_dir(step), "checkpoints", "4", "params"))
+    return {"loss": 1.0}
+
+  def fake_step(*paths):
+    def step(self):
+      return [write(self.layout.path(p)) for p in paths], {}
+    return step
+
+  monkeypatch.setattr(recipe, "_parse_step_gin", lambda *args: None)
+  monkeypatch.setattr(recipe.encyclopedia, "generate_corpus", generate_corpus)
+  monkeypatch.setattr(recipe, "build_retrieval", build_retrieval)
+  monkeypatch.setattr(recipe, "run_training", run_training)
+  monkeypatch.setattr(recipe, "build_sft_data",
+                      lambda qa_file, retriever, output_path: write(output_path))
+  monkeypatch.setattr(recipe.Recipe, "retriever", lambda self: None)
+  monkeypatch.setattr(recipe.Recipe, "step_eval_perplexity", fake_step("eval/perplexity.json"))
+  monkeypatch.setattr(recipe.Recipe, "step_eval_qa", fake_step("eval/qa.json"))
+  monkeypatch.setattr(recipe.Recipe, "step_knowledge_update",
+                      fake_step("eval/knowledge_update/knowledge_update.json"))
+  monkeypatch.setattr(recipe.Recipe, "step_report", fake_step("report.md", "plots/loss.png"))
+
+  def make():
+    log = []
+    made = recipe.Recipe(str(tmp_path / "run"), print_fn=log.append)
+    made.log = log
+    return made
+
+  return make
+
+
+def ran(log):
+  return [line.split()[1].rstrip(":") for line in log if line.endswith(": running")]
+
+
+ALL = ["corpus", "retrieval", "gpt", "retro", "gptfit", "sft_data", "instructretro",
+       "gpt_instruct", "eval_perplexity", "eval_qa", "knowledge_update", "report"]
+
+
+def finished_run(fake_recipe, tmp_path):
+  first = fake_recipe()
+  first.run()
+  assert ran(first.log) == ALL
+  return tmp_path / "run"
+
+
+def test_clean_rerun_runs_only_the_report(fake_recipe, tmp_path):
+  finished_run(fake_recipe, tmp_path)
+  again = fake_recipe()
+  again.run()
+  assert ran(again.log) == ["report"]          # the report is always rewritten
+  assert sum(line.endswith("done (skipped)") for line in again.log) == 11
+  manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+  recorded = manifest["done"]["retro"]["fingerprints"]
+  assert set(recorded["inputs"]) == {"retrieval", "gpt"}
+  assert list(recorded["outputs"]) == ["models/retro/checkpoints"]
+  assert "retrieval/retrieval_db" in manifest["done"]["retrieval"]["outputs"]
+
+
+def test_deleted_output_reruns_its_step_and_exactly_the_steps_downstream(
+    fake_recipe, tmp_path):
+  run = finished_run(fake_recipe, tmp_path)
+  shutil.rmtree(run / "models" / "gptfit")
+  again = fake_recipe()
+  again.run()
+  assert ran(again.log) == ["gptfit", "gpt_instruct", "eval_perplexity", "eval_qa",
+                            "report"]
+  assert "[recipe] gptfit: output models/gptfit/checkpoints missing" in again.log
+  assert "[recipe] gpt_instruct: input gptfit changed" in again.log
+  assert "[recipe] eval_qa: input gpt_instruct changed" in again.log
+  for step in ("corpus", "retrieval", "gpt", "retro", "sft_data", "instructretro",
+               "knowledge_update"):
+    assert f"[recipe] {step}: done (skipped)" in again.log, step
+  # The retrieval DB deleted: every step but the corpus is built on it.
+  shutil.rmtree(run / "retrieval" / "retrieval_db")
+  third = fake_recipe()
+  third.run()
+  assert ran(third.log) == ALL[1:]
+  assert "[recipe] retrieval: output retrieval/retrieval_db missing" in third.log
+  assert "[recipe] gpt: input retrieval changed" in third.log
+
+
+def test_emptied_output_directory_is_missing(fake_recipe, tmp_path):
+  run = finished_run(fake_recipe, tmp_path)
+  checkpoints = run / "models" / "retro" / "checkpoints"
+  shutil.rmtree(checkpoints)
+  (checkpoints / ".lock").parent.mkdir()
+  (checkpoints / ".lock").write_text("")       # hidden files are not content
+  again = fake_recipe()
+  again.run()
+  assert "[recipe] retro: output models/retro/checkpoints missing" in again.log
+  assert ran(again.log) == ["retro", "instructretro", "eval_perplexity", "eval_qa",
+                            "knowledge_update", "report"]
+
+
+def test_output_edited_by_hand_reruns_the_steps_downstream(fake_recipe, tmp_path):
+  run = finished_run(fake_recipe, tmp_path)
+  with open(run / "sft" / "qa_with_passages.jsonl", "a", encoding="utf-8") as f:
+    f.write("edited by hand\n")
+  again = fake_recipe()
+  again.run()
+  assert "[recipe] sft_data: output sft/qa_with_passages.jsonl changed" in again.log
+  assert "[recipe] instructretro: input sft_data changed" in again.log
+  assert ran(again.log) == ["sft_data", "instructretro", "gpt_instruct", "eval_qa",
+                            "knowledge_update", "report"]
+  # A step that re-runs to the same bytes (the corpus is deterministic) changes
+  # nothing downstream.
+  (run / "corpus" / "heldout.jsonl").write_text("edited\n")
+  third = fake_recipe()
+  third.run()
+  assert "[recipe] corpus: output corpus/heldout.jsonl changed" in third.log
+  assert ran(third.log) == ["corpus", "report"]
+  # A file inside a directory output rewritten in place.
+  params = run / "models" / "gpt" / "checkpoints" / "4" / "params"
+  params.write_text(params.read_text() + "y")
+  fourth = fake_recipe()
+  fourth.run(["gpt", "retro"])
+  assert "[recipe] gpt: output models/gpt/checkpoints changed" in fourth.log
+  assert ran(fourth.log) == ["gpt", "retro"]
+  assert fourth.why_rerun("gptfit") == "input gpt changed"
+
+
+def test_tree_fingerprint_reads_listings_not_bytes(tmp_path):
+  from retro_jax.utils import io   # pylint: disable=g-import-not-at-top
+  tree = tmp_path / "tree"
+  assert io.tree_fingerprint(tree) is None
+  (tree / "sub").mkdir(parents=True)
+  (tree / ".lock").write_text("")
+  assert io.tree_fingerprint(tree) is None          # no file but a hidden one: empty
+  (tree / "sub" / "a").write_text("1")
+  assert io.tree_fingerprint(tree / "sub" / "a") == io.file_fingerprint(tree / "sub" / "a")
+  before = io.tree_fingerprint(tree)
+  assert before.startswith("tree:1:")
+  (tree / ".tmp").write_text("debris")
+  assert io.tree_fingerprint(tree) == before
+  shutil.copytree(tree, tmp_path / "copy")            # a copy keeping mtimes is the same
+  assert io.tree_fingerprint(tmp_path / "copy") == before
+  (tree / "sub" / "a").write_text("22")
+  assert io.tree_fingerprint(tree) != before
+
+
+def test_entry_recorded_before_fingerprints_is_done_while_its_outputs_exist(
+    fake_recipe, tmp_path):
+  run = finished_run(fake_recipe, tmp_path)
+  manifest = json.loads((run / "manifest.json").read_text())
+  for entry in manifest["done"].values():
+    del entry["fingerprints"]
+  (run / "manifest.json").write_text(json.dumps(manifest))
+  again = fake_recipe()
+  again.run()
+  assert ran(again.log) == ["report"]
+  shutil.rmtree(run / "models" / "gpt" / "checkpoints" / "4")
+  assert fake_recipe().why_rerun("gpt") == "output models/gpt/checkpoints missing"

@@ -11,6 +11,8 @@ file that looks complete, and a re-run can tell which shards are finished.
   settings match and every listed output still exists.
 * ``file_fingerprint(path)``: the content identity of an input file, so that manifests
   key inputs by what they hold, not by how their path is spelled (see below).
+* ``tree_fingerprint(path)``: the identity of an output file or directory as a step
+  that built on it saw it, without reading the bytes of large trees (see below).
 
 Inputs in manifests
 -------------------
@@ -36,6 +38,18 @@ that follow from the input, such as sizes, may differ too); a difference in othe
 settings only -> ``ValueError`` naming both (outputs of other settings are never
 silently replaced). A stage whose outputs changed changes the identity the next stage
 records as its input, so a change propagates down the chain of stages and only there.
+
+Outputs
+-------
+``tree_fingerprint(path)`` is ``file_fingerprint`` for a file; for a directory it is
+the SHA-256 of its listing, each file (recursively, names starting with ``.`` such as
+lock files and temporary files left out) as its relative path, size and
+``st_mtime_ns`` (``"tree:<files>:<sha256>"``): no file is read, so a checkpoint
+directory of gigabytes costs one ``stat`` per file; a deleted, added, resized or
+rewritten file changes it, a copy that keeps mtimes (``shutil.copytree``, ``cp -p``)
+or a move does not. A missing path, or a directory with no file in it, is ``None``.
+A unit records such identities with ``Manifest.mark_done(..., fingerprints=...)``
+and reads them back with ``Manifest.fingerprints``.
 """
 
 from __future__ import annotations
@@ -69,6 +83,27 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     f.seek(st.st_size - SAMPLE_BYTES)
     digest.update(f.read(SAMPLE_BYTES))
   return f"sampled:{st.st_size}:{st.st_mtime_ns}:{digest.hexdigest()}"
+
+
+def tree_fingerprint(path: str | os.PathLike) -> str | None:
+  """The identity of an output file or directory; None if missing or an empty
+  directory (rule in the module docstring)."""
+  path = os.fspath(path)
+  if os.path.isfile(path):
+    return file_fingerprint(path)
+  if not os.path.isdir(path):
+    return None
+  listing = []
+  for directory, subdirs, names in os.walk(path):
+    subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+    for name in sorted(n for n in names if not n.startswith(".")):
+      full = os.path.join(directory, name)
+      st = os.stat(full)
+      listing.append(f"{os.path.relpath(full, path)}\0{st.st_size}\0{st.st_mtime_ns}")
+  if not listing:
+    return None
+  digest = hashlib.sha256("\n".join(listing).encode("utf-8")).hexdigest()
+  return f"tree:{len(listing)}:{digest}"
 
 
 @contextlib.contextmanager
@@ -150,14 +185,17 @@ class Manifest:
 
   Layout of ``<directory>/manifest.json``::
 
-      {"settings": {...}, "done": {"<unit>": {"outputs": [...], "info": {...}}}}
+      {"settings": {...}, "done": {"<unit>": {"outputs": [...], "info": {...},
+                                             "fingerprints": {...}}}}
 
   ``settings`` are the parameters the outputs depend on; opening a manifest with
   different settings raises, naming both, instead of mixing incompatible outputs,
   unless a key in ``input_keys`` (an input's content identity) differs: then the
   inputs changed and the manifest starts afresh (``self.inputs_changed``), so every
   unit is redone. Paths in ``outputs`` are relative to the directory, so a moved
-  directory keeps its manifest.
+  directory keeps its manifest. ``fingerprints`` (present only where the caller gave
+  them) are the content identities the caller checks the unit against, e.g. of its
+  outputs and inputs (``tree_fingerprint``); ``is_done`` does not read them.
   """
 
   FILENAME = "manifest.json"
@@ -201,9 +239,21 @@ class Manifest:
   def info(self, unit: str) -> dict[str, Any]:
     return dict(self._done[unit].get("info", {}))
 
-  def mark_done(self, unit: str, outputs: Sequence[str], info: Mapping[str, Any] | None = None
-                ) -> None:
-    """Records ``unit`` as complete; ``outputs`` are paths relative to the directory.
+  def fingerprints(self, unit: str) -> dict[str, Any] | None:
+    """What ``mark_done`` recorded as ``fingerprints`` for ``unit`` (None if nothing)."""
+    entry = self._done.get(unit)
+    return None if entry is None or "fingerprints" not in entry else dict(
+        entry["fingerprints"])
+
+  def outputs(self, unit: str) -> list[str] | None:
+    """The recorded outputs of ``unit`` (relative paths), None if it has no entry."""
+    entry = self._done.get(unit)
+    return None if entry is None else list(entry["outputs"])
+
+  def mark_done(self, unit: str, outputs: Sequence[str], info: Mapping[str, Any] | None = None,
+                *, fingerprints: Mapping[str, Any] | None = None) -> None:
+    """Records ``unit`` as complete; ``outputs`` are paths relative to the directory,
+    ``fingerprints`` (JSON) what the caller will check the unit against later.
 
     Safe when several processes finish shards at once: under an exclusive lock on
     the directory it re-reads the file, adds this unit and rewrites it.
@@ -220,6 +270,8 @@ class Manifest:
         if data.get("settings") == self.settings:
           self._done.update(data.get("done", {}))
       self._done[unit] = {"outputs": list(outputs), "info": dict(info or {})}
+      if fingerprints is not None:
+        self._done[unit]["fingerprints"] = json.loads(json.dumps(dict(fingerprints)))
       atomic_write_json(self.path, {"settings": self.settings, "done": self._done})
     finally:
       fcntl.flock(fd, fcntl.LOCK_UN)
