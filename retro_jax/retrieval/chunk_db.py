@@ -40,6 +40,7 @@ Python::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -335,6 +336,14 @@ def _missing_shards(manifest: Manifest, num_shards: int) -> list[str]:
 
 
 def _link_or_copy(src: str, dst: str) -> None:
+  """Makes ``dst`` a hard link to ``src`` (a copy where links fail).
+
+  A ``dst`` already linked to ``src`` (a merge killed after this rename) is removed
+  first: renaming one link of a file onto another link of the same file does nothing
+  (POSIX ``rename``), which would leave the temporary link behind.
+  """
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(dst)
   with atomic_path(dst) as tmp:
     os.remove(tmp)
     try:

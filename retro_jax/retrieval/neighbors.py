@@ -159,6 +159,7 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
   if not manifest.is_done(name):
     start, end = stages.shard_chunk_range(query_db.num_chunks, shard_id, num_shards)
     began = time.time()
+    stages.remove_stale_temporaries(output_dir, name)
     with formats.NeighborMapWriter(os.path.join(output_dir, name), k,
                                    chunk_start_id=start) as writer:
       bar = tqdm.tqdm(total=end - start, unit="chunk", disable=not progress,
@@ -187,7 +188,10 @@ def merge_shards(output_dir: str, num_shards: int, manifest: Manifest) -> Option
   if not all(fresh.is_done(n) for n in names):
     return None
   merged = os.path.join(output_dir, MERGED_NAME)
-  if not fresh.is_done(MERGED_NAME):
-    formats.merge_neighbor_maps([os.path.join(output_dir, n) for n in names], merged)
-    fresh.mark_done(MERGED_NAME, [MERGED_NAME])
+  with stages.locked(output_dir, "merge"):        # the last shards may finish at once
+    fresh = Manifest(output_dir, manifest.settings, INPUT_KEYS)
+    if not fresh.is_done(MERGED_NAME):
+      stages.remove_stale_temporaries(output_dir, MERGED_NAME)
+      formats.merge_neighbor_maps([os.path.join(output_dir, n) for n in names], merged)
+      fresh.mark_done(MERGED_NAME, [MERGED_NAME])
   return merged

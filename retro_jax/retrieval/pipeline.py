@@ -146,6 +146,7 @@ def _vocab_stage(layout: RetrievalLayout, inputs: Inputs, corpus_options: dict, 
   """Copies the given vocabulary in, or trains one on the retrieval corpus (once)."""
   began = time.time()
   with stages.locked(layout.vocab_dir, "vocab"):
+    stages.remove_stale_temporaries(layout.vocab_dir, "spm")   # of a killed run
     if vocab is not None:
       if not os.path.exists(vocab):
         raise FileNotFoundError(f"--vocab={vocab}: SentencePiece model not found")
@@ -415,6 +416,7 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
       "splits": split_settings,
   }
   with stages.locked(layout.root, "config"):
+    stages.remove_stale_temporaries(layout.root, os.path.basename(layout.config_path))
     if not os.path.exists(layout.config_path) or layout.read_config() != config:
       layout.write_config(config)
   total = time.time() - began

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -256,12 +257,17 @@ class Manifest:
     ``fingerprints`` (JSON) what the caller will check the unit against later.
 
     Safe when several processes finish shards at once: under an exclusive lock on
-    the directory it re-reads the file, adds this unit and rewrites it.
+    the directory it re-reads the file, adds this unit and rewrites it. Every write
+    of the file holds that lock, so a temporary of it found there was left by a
+    killed process; it is removed.
     """
     os.makedirs(self.directory, exist_ok=True)
     fd = os.open(self.directory, os.O_RDONLY)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX)
+      for stale in glob.glob(os.path.join(glob.escape(self.directory),
+                                          f".{self.FILENAME}.*.tmp")):
+        os.remove(stale)
       if os.path.exists(self.path):
         with open(self.path, encoding="utf-8") as f:
           data = json.load(f)
