@@ -9,13 +9,24 @@ everything (every chunk, with continuation for a retrieval DB, every document, e
 chunk range, the document of every chunk) must raise an error whose message names
 the damaged file. A case that opens and reads without error is a *silent read*; the
 test counts the cases and asserts there are none.
+
+Killed preprocess runs: ``retrieval.pipeline.preprocess`` (a small corpus, a hashed
+bag-of-words embedder, an exact index) is killed with ``os._exit`` just after its Nth
+``os.replace`` (every rename that puts an output in place), for every N of a clean
+run, and just before it; each killed directory is then re-run to completion and must
+equal an uninterrupted run byte for byte (manifests up to their timings), with no
+temporary file left behind.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +34,7 @@ import pytest
 from retro_jax.data import sources
 from retro_jax.retrieval import formats
 from retro_jax.retrieval.layout import RetrievalLayout
+import retrieval_fixture
 
 M = 4
 HEADER = formats.ChunkDBHeader.SIZE
@@ -365,3 +377,159 @@ def test_decode_step_past_the_cache_raises():
       method=Retro.decode_step, mutable=["cache"])[0])
   logits = np.asarray(jitted(np.array([2 * M, 2])))
   assert np.isnan(logits[0]).all() and np.isfinite(logits[1]).all()
+
+
+# ----------------------------------------------------------------------------------
+# Preprocess killed at every rename
+# ----------------------------------------------------------------------------------
+
+KILLED = 17
+# Runs preprocess in forked children of one process (imports paid once); argv: the
+# corpus directory, a work directory, "after" or "before", the exit code KILLED. A
+# clean run counts the renames; then for every N, a child exits with KILLED at its Nth
+# os.replace (just after the rename, or just before it), and a second child re-runs
+# its directory to the end. Prints {"reference": the clean run's exit code,
+# "renames": its renames, "cases": [...]} as JSON.
+_LAUNCHER = r"""
+import json, os, sys, traceback
+import numpy as np
+from retro_jax.retrieval import pipeline
+
+corpus, work, mode, killed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+
+class HashedWords:
+  dim, name, fingerprint = 16, "hashed-words", "hashed-words-16"
+
+  def embed_texts(self, texts):
+    out = np.zeros((len(texts), self.dim), np.float32)
+    for i, text in enumerate(texts):
+      for word in text.lower().split():
+        out[i, sum(map(ord, word)) % self.dim] += 1.0
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-6)
+
+
+def run(out, kill_at=0, before=False):
+  count = out + ".renames"
+  pid = os.fork()
+  if pid == 0:
+    try:
+      null = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(null, 1)
+      os.dup2(null, 2)
+      real, renames = os.replace, [0]
+
+      def replace(src, dst, **kwargs):
+        if before and renames[0] + 1 == kill_at:
+          os._exit(killed)
+        real(src, dst, **kwargs)
+        renames[0] += 1
+        if renames[0] == kill_at:
+          os._exit(killed)
+
+      os.replace = replace
+      pipeline.preprocess(
+          os.path.join(corpus, "docs.jsonl"), out, vocab_size=300,
+          splits={"valid": os.path.join(corpus, "valid.jsonl")},
+          embedder=HashedWords(), extra_neighbors=2, use_gpu=False, progress=False)
+      with open(count, "w") as f:
+        f.write(str(renames[0]))
+      os._exit(0)
+    except BaseException:
+      with open(out + ".error", "w") as f:
+        f.write(traceback.format_exc())
+      os._exit(2)
+  _, status = os.waitpid(pid, 0)
+  renames = None
+  if os.path.exists(count):
+    with open(count) as f:
+      renames = int(f.read())
+    os.remove(count)
+  return os.waitstatus_to_exitcode(status), renames
+
+
+code, total = run(os.path.join(work, "reference"))
+results = {"reference": code, "renames": total, "cases": []}
+for n in range(1, (total or 0) + 1):
+  out = os.path.join(work, f"{mode}_{n}")
+  code, _ = run(out, n, before=mode == "before")
+  resumed, _ = run(out)
+  results["cases"].append({"kill_at": n, "killed": code, "resumed": resumed,
+                           "out": out})
+print(json.dumps(results))
+"""
+
+
+def _without_timings(value):
+  if isinstance(value, dict):
+    return {k: _without_timings(v) for k, v in value.items()
+            if k != "seconds" and not k.endswith("_per_second")}
+  if isinstance(value, list):
+    return [_without_timings(v) for v in value]
+  return value
+
+
+def _tree(root: str) -> dict[str, object]:
+  """Every file under root (hidden ones too) -> its bytes (a manifest: its JSON
+  without timings)."""
+  out = {}
+  for directory, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(directory, name)
+      with open(path, "rb") as f:
+        data = f.read()
+      out[os.path.relpath(path, root)] = (
+          _without_timings(json.loads(data)) if name == "manifest.json" else data)
+  return out
+
+
+def _kill_at_renames(tmp_path, mode: str) -> tuple[int, int, list[str]]:
+  """Kills preprocess ``mode`` ("after" / "before") each rename of a clean run and
+  re-runs it; returns (renames of a clean run, cases, failures)."""
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for name, seed, count in (("docs", 1, 12), ("valid", 2, 3)):
+    with open(corpus / f"{name}.jsonl", "w", encoding="utf-8") as f:
+      for text in retrieval_fixture.documents(seed, count):
+        f.write(json.dumps({"text": text}) + "\n")
+  work = tmp_path / "runs"
+  work.mkdir()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1")
+  began = time.time()
+  result = subprocess.run([sys.executable, "-c", _LAUNCHER, str(corpus), str(work),
+                           mode, str(KILLED)], capture_output=True, text=True,
+                          timeout=600, env=env)
+  seconds = time.time() - began
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  reference = str(work / "reference")
+  assert report["reference"] == 0, open(reference + ".error").read()
+  want = _tree(reference)
+  assert not [n for n in want if n.endswith(".tmp")], sorted(want)
+  failures = []
+  for case in report["cases"]:
+    name = f"kill {mode} rename {case['kill_at']}"
+    if case["killed"] != KILLED or case["resumed"] != 0:
+      error = case["out"] + ".error"
+      failures.append(f"{name}: exit codes {case['killed']}, {case['resumed']}: "
+                      f"{open(error).read()[-800:] if os.path.exists(error) else ''}")
+      continue
+    got = _tree(case["out"])
+    debris = sorted(set(got) - set(want))
+    missing = sorted(set(want) - set(got))
+    differ = sorted(n for n in set(want) & set(got) if got[n] != want[n])
+    if debris or missing or differ:
+      failures.append(f"{name}: left {debris}, missing {missing}, differ {differ}")
+  print(f"\npreprocess killed at renames: {report['renames']} renames in a clean run, "
+        f"{len(report['cases'])} cases, {len(failures)} failed, {seconds:.1f}s")
+  return report["renames"], len(report["cases"]), failures
+
+
+@pytest.mark.parametrize("mode", ["after", "before"])
+def test_preprocess_killed_at_every_rename_resumes_identically(tmp_path, mode):
+  renames, cases, failures = _kill_at_renames(tmp_path, mode)
+  # A clean run renames 38 outputs into place: vocab (3), three chunk DBs (shard and
+  # merge, 6 each), embeddings (2), index (6), two neighbor maps (4 each),
+  # retrieval.json (1).
+  assert renames >= 38 and cases == renames
+  assert not failures, "\n".join(failures)
