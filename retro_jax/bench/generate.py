@@ -47,6 +47,7 @@ from retro_jax.data import encyclopedia
 from retro_jax.data import vocab as vocab_lib
 from retro_jax.inference.generator import Generator, LiveNeighbors, passages_to_neighbors
 from retro_jax.models import RetroConfig, init_params, param_count
+from retro_jax.retrieval.embedders import load_embedder
 from retro_jax.retrieval.retriever import DocumentStore, Retriever
 
 MODES = ("decoder alone", "Retro, fixed neighbors", "Retro, live retrieval")
@@ -68,7 +69,6 @@ class HashEmbedder:
 def load_bench_embedder(name: str) -> tuple[Any, str]:
   if name != "hash":
     try:
-      from retro_jax.retrieval.embedders import load_embedder  # pylint: disable=g-import-not-at-top
       return load_embedder(name), name
     except (ImportError, FileNotFoundError) as e:
       logging.warning("embedder %s unavailable (%s); using a hashed bag of words", name, e)
