@@ -32,7 +32,7 @@ LAYERS = {
 }
 # Third-party modules a function may import lazily: optional, or heavy to import.
 LAZY_OK = {"torch", "sentence_transformers", "tensorflow", "tensorflow_datasets", "seqio",
-           "matplotlib", "selenium", "transformers", "megatron"}
+           "matplotlib", "selenium", "transformers", "megatron", "retro_pytorch"}
 
 
 def _modules() -> dict[str, str]:

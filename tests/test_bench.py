@@ -3,6 +3,7 @@
 import pytest
 
 from retro_jax.bench import model as model_bench
+from retro_jax.bench import peers
 from retro_jax.bench import train as train_bench
 
 pytestmark = pytest.mark.slow  # see pytest.ini
@@ -17,3 +18,22 @@ def test_model_bench_runs_all_variants():
   assert rows[0]["ratio"] == 1.0 and rows[1]["flop_ratio"] > rows[2]["flop_ratio"] > 1.0
   assert rows[1]["params"] > rows[2]["params"] > rows[0]["params"]
   assert lines[1].startswith("| size | model |") and len(lines) == 2 + 3
+
+
+TINY_PEER_ARCH = dict(vocab=256, dec_dim=64, dec_depth=2, dim_head=32, cca_layers=(1,),
+                      enc_dim=64, enc_depth=1)
+
+
+@pytest.mark.parametrize("peer", [False, True])
+def test_peers_bench_runs(peer):
+  if peer:
+    pytest.importorskip("retro_pytorch")
+  lines = []
+  rows = peers.run(arch=TINY_PEER_ARCH, batch=8, seq_len=64, steps=1, num_neighbors=2,
+                   prompt_tokens=64, new_tokens=4, repeats=1, peer=peer,
+                   print_fn=lines.append)
+  assert len(rows) == 1 + peer and rows[0]["framework"].startswith("retro_jax")
+  assert all(r["step_s"] > 0 and r["gen_tokens_s"] > 0 for r in rows)
+  assert lines[1].startswith("| framework |") and len(lines) == 3 + len(rows) + peer
+  if peer:
+    assert rows[1]["framework"].startswith("RETRO-pytorch") and lines[-1].startswith("| jax / peer")
