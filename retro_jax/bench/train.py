@@ -21,7 +21,6 @@ from typing import Optional
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 
 from retro_jax.data.synthetic import SyntheticRetroSource
 from retro_jax.models import RetroConfig, param_count

@@ -8,7 +8,6 @@ Nothing is allocated: parameter shapes come from ``jax.eval_shape``.
 
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 import jax
 
