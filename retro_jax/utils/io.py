@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
 import hashlib
 import json
 import os
@@ -64,6 +63,8 @@ import tempfile
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from absl import logging
+
+from retro_jax.utils import stages
 
 
 FULL_HASH_BYTES = 8 << 20
@@ -265,9 +266,7 @@ class Manifest:
     fd = os.open(self.directory, os.O_RDONLY)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX)
-      for stale in glob.glob(os.path.join(glob.escape(self.directory),
-                                          f".{self.FILENAME}.*.tmp")):
-        os.remove(stale)
+      stages.remove_stale_temporaries(self.directory, self.FILENAME)
       if os.path.exists(self.path):
         with open(self.path, encoding="utf-8") as f:
           data = json.load(f)
