@@ -25,7 +25,7 @@ _ENCODER_POSITIONS = ("none", "rope", "learned")
 _ENCODER_RESIDUALS = ("stream", "normed")
 _ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 _REMAT = ("none", "full", "dots", "dots_with_no_batch_dims")
-_ATTENTION_IMPLS = (None, "xla", "cudnn")
+_ATTENTION_IMPLS = (None, "xla", "cudnn", "einsum")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -108,8 +108,9 @@ class RetroConfig:
     remat_policy: rematerialise each decoder layer in the backward pass: 'none',
       'full' (save only layer inputs), 'dots' or 'dots_with_no_batch_dims' (save
       matmul outputs; jax.checkpoint_policies of the same names).
-    attention_impl: None (best available: cuDNN flash on GPU when it applies),
-      'xla' or 'cudnn'; passed to ``jax.nn.dot_product_attention``.
+    attention_impl: None (best available: 'einsum' on CPU, cuDNN flash on GPU when it
+      applies), 'xla' or 'cudnn' (``jax.nn.dot_product_attention``), or 'einsum'
+      (``layers.dot_product_attention``).
   """
 
   vocab_size: int = 50304

@@ -106,7 +106,11 @@ class Embed(nn.Module):
 
   def attend(self, x: Array) -> Array:
     """Tied output layer: x [..., features] -> logits [..., num_embeddings]."""
-    return jnp.einsum("...d,vd->...v", x, self.embedding.astype(self.dtype))
+    # One 2-D matmul (see DenseGeneral): the "...d,vd->...v" einsum made XLA:CPU
+    # transpose the [batch, length, vocab] cotangent for the table's gradient.
+    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), self.embedding.astype(self.dtype),
+                            (((1,), (1,)), ((), ())))
+    return y.reshape(*x.shape[:-1], self.num_embeddings)
 
 
 # RoPE ------------------------------------------------------------------------------
@@ -144,9 +148,13 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
                           dropout_rng: Optional[Array] = None) -> Array:
   """Scaled dot-product attention; the one attention kernel of the project.
 
-  Without attention-probability dropout this is ``jax.nn.dot_product_attention``
-  (cuDNN flash attention on GPU for bf16/fp16 when ``implementation`` is None or
-  'cudnn'). With dropout (training only) it falls back to an explicit softmax.
+  ``implementation``: 'xla' or 'cudnn' is ``jax.nn.dot_product_attention`` with that
+  implementation; 'einsum' is the same math written as two einsums and a float32
+  softmax (``jax.nn.dot_product_attention``'s XLA path without its grouped-head
+  reshapes, whose gradients XLA:CPU lowers with transposed copies of every
+  [heads, q, kv] matrix: issue 18); None picks 'einsum' on CPU and
+  ``jax.nn.dot_product_attention``'s best (cuDNN flash for bf16/fp16 on GPU)
+  elsewhere. Attention-probability dropout (training only) always takes 'einsum'.
 
   Args:
     query: [batch, q_length, heads, head_dim].
@@ -161,13 +169,17 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
   if sliding_window is not None and not is_causal:
     raise ValueError("sliding_window needs is_causal=True (a caller with its own mask "
                      "builds the window into it)")
-  if dropout_rate > 0.0 and dropout_rng is not None:
+  dropout = dropout_rate > 0.0 and dropout_rng is not None
+  if implementation is None and jax.default_backend() == "cpu":
+    implementation = "einsum"
+  if dropout or implementation == "einsum":
     heads, kv_heads = query.shape[2], key.shape[2]
     if heads != kv_heads:
       key = jnp.repeat(key, heads // kv_heads, axis=2)
       value = jnp.repeat(value, heads // kv_heads, axis=2)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
-    logits = logits / math.sqrt(query.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                        preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
     if is_causal:
       causal = jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))
       if sliding_window is not None:  # The same mask as local_window_size below.
@@ -177,9 +189,10 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(value.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, value)
+    if dropout:
+      keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+      probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)
   if mask is not None:
     mask = jnp.broadcast_to(
         mask, (query.shape[0], query.shape[2], query.shape[1], key.shape[1]))
