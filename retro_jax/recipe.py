@@ -561,7 +561,8 @@ class Recipe:
     paths = report_lib.write_recipe_report(
         self.layout.report_path, run_dir=self.layout.root,
         model_dirs={step: self.layout.model_dir(step) for step in STEP_GIN},
-        infos={step: self.info(step) for step in STEPS})
+        infos={step: self.info(step) for step in STEPS},
+        documents=os.path.abspath(self.documents) if self.documents else None)
     self.print(open(self.layout.report_path, encoding="utf-8").read())  # pylint: disable=consider-using-with
     return paths, {}
 

@@ -123,7 +123,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Sequence
 
 
 def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[str, str],
-                        infos: Mapping[str, Mapping[str, Any]]) -> list[str]:
+                        infos: Mapping[str, Mapping[str, Any]],
+                        documents: Optional[str] = None) -> list[str]:
   """Plots (in ``plots/`` beside ``report_path``) and the markdown report of a recipe
   run, from what its steps recorded; returns the paths written.
 
@@ -135,6 +136,9 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
       out.
     infos: Step -> the info it recorded (``{}`` for a step not done), in step order
       (the time table follows it).
+    documents: The user corpus of a ``--documents`` run (None: the embedded
+      encyclopedia); the corpus and held-out set are described as what they are, the
+      encyclopedia's "facts only in the DB" story only for the encyclopedia.
   """
   plots_dir = os.path.join(os.path.dirname(report_path), "plots")
   os.makedirs(plots_dir, exist_ok=True)
@@ -151,7 +155,13 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
     lines += [f"Retrieval DB: {retrieval['retrieval_db']['num_chunks']} chunks of 64 tokens "
               f"({retrieval['retrieval_db']['num_docs']} documents), index "
               f"`{retrieval['index']}`, vocabulary {retrieval['vocab_size']} pieces.", ""]
-  if corpus:
+  if documents and corpus:
+    lines += [f"Corpus: `{documents}`, split by document into GPT pretraining "
+              f"({corpus.get('pretrain')}), retro-fitting ({corpus.get('retrofit')}) and "
+              f"held-out ({corpus.get('heldout')}) documents; the retrieval DB holds the "
+              "pretraining and retro-fitting documents (a chunk never retrieves from its "
+              "own document), the held-out ones are in no DB.", ""]
+  elif corpus:
     lines += ["Corpus: `" + json.dumps(corpus.get("entities", corpus)) + "`", ""]
   runs = {name: model_dirs[step] for name, step in (
       ("GPT pretraining", "gpt"), ("Retro-fit", "retro"), ("GPT-fit", "gptfit"),
@@ -175,9 +185,13 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
   ppl = info("eval_perplexity").get("rows")
   if ppl:
     outputs.append(plot_perplexity(ppl, os.path.join(plots_dir, "perplexity.png")))
-    lines += ["## Held-out perplexity", "",
-              "Held-out documents of entities whose facts exist only in the retrieval DB.",
-              "", markdown_table(ppl, (
+    heldout = ("Held-out documents of the corpus, in no retrieval DB: Retro reads the "
+               "neighbors its held-out chunks retrieve from the DB; encoder ablated is "
+               "the same model without them; GPT-fit is the decoder trained on the same "
+               "tokens for as many steps." if documents else
+               "Held-out documents of entities whose facts exist only in the retrieval DB.")
+    lines += ["## Held-out perplexity", "", heldout, ""] + _retrieval_gain(ppl) + [
+              markdown_table(ppl, (
                   ("model", "model"), ("mode", "mode"), ("loss", "loss"),
                   ("perplexity", "perplexity"), ("accuracy", "token accuracy"),
                   ("tokens", "tokens"))), "", "![perplexity](plots/perplexity.png)", ""]
@@ -231,6 +245,23 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
             markdown_table(timings, (("step", "step"), ("seconds", "seconds", ".0f")))]
   atomic_write_text(report_path, "\n".join(lines) + "\n")
   return outputs + [report_path]
+
+
+def _retrieval_gain(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+  """The report's sentence on what retrieval is worth: Retro's loss with its encoder
+  ablated minus with retrieval (nats per token), and its perplexity over GPT-fit's."""
+  by = {(r["model"], r["mode"]): r for r in rows}
+  retro, ablated = by.get(("Retro", "retrieval")), by.get(("Retro", "encoder ablated"))
+  if not retro or not ablated:
+    return []
+  text = (f"Retrieval is worth {ablated['loss'] - retro['loss']:.4f} nats per token "
+          "(Retro's held-out loss with its encoder ablated minus with retrieval)")
+  gpt = by.get(("GPT-fit", "decoder only")) or next(
+      (r for r in rows if r["model"] == "GPT-fit"), None)
+  if gpt:
+    text += (f"; Retro's perplexity is {retro['perplexity'] / gpt['perplexity']:.3f} x "
+             "GPT-fit's")
+  return [text + ".", ""]
 
 
 def _last_step(model_dir: Optional[str]) -> int:
