@@ -1,5 +1,6 @@
 """Neighbor-map stage: exact top-k with same-document exclusion, -1 padding, resume."""
 
+import json
 import os
 
 import faiss
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from retro_jax.retrieval import formats
+from retro_jax.retrieval import search as search_lib
 from retro_jax.retrieval.neighbors import build_neighbor_map, select_neighbors
 
 M = 4
@@ -114,3 +116,126 @@ def test_misaligned_documents_and_training_db_are_rejected(tmp_path, dbs):
   with pytest.raises(ValueError, match="is a training DB"):
     build_neighbor_map(train, train, embed_chunks, _index(db), str(tmp_path / "y"),
                        progress=False)
+
+
+# ----------------------------------------------------------------------------------
+# Search parameters chosen for a target recall
+# ----------------------------------------------------------------------------------
+
+DIM = 32
+
+
+def _clustered(n, seed, centers=200, noise=1.0):
+  """Unit vectors around 200 fixed random centers, as far from them as they are apart
+  (recall@2 of IVF256 grows from ~0.8 at nprobe 1 to 0.99 at 16)."""
+  c = np.random.default_rng(1234).standard_normal((centers, DIM)).astype(np.float32)
+  rng = np.random.default_rng(seed)
+  x = c[rng.integers(0, centers, n)] + noise * rng.standard_normal((n, DIM)).astype(np.float32)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def db_vectors():
+  return _clustered(20_000, seed=0)
+
+
+def _searcher(factory, db, refine=False):
+  index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
+  faiss.try_extract_index_ivf(index).cp.seed = 0
+  index.train(db)
+  index.add(db)
+  return search_lib.IndexSearcher(index, refine=db if refine else None, use_gpu=False)
+
+
+def _fresh_recall(searcher, db, k=2, count=10, n=1000):
+  queries = _clustered(n, seed=99)
+  _, ids = searcher(queries, count)
+  _, exact = search_lib.exact_search(db, queries, k)
+  return search_lib.recall_at_k(ids[:, :k], exact, k)
+
+
+@pytest.mark.parametrize("factory,refine", [("IVF256,Flat", False), ("IVF64,PQ8x4fs", True)])
+def test_tuned_search_reaches_the_target_on_a_fresh_sample(db_vectors, factory, refine):
+  searcher = _searcher(factory, db_vectors, refine)
+  tuning = search_lib.tune_search(searcher, _clustered(500, seed=7), db_vectors, k=2,
+                                  count=10, target_recall=0.9)
+  assert tuning.recall >= 0.9 and tuning.parameters == searcher.parameters
+  assert searcher.nprobe == tuning.parameters["nprobe"] < 256
+  # Measured independently (exact ids, a sample the tuning never saw); 0.02 is ~3
+  # standard errors of a recall near 0.9 over 2,000 neighbors.
+  assert _fresh_recall(searcher, db_vectors) >= 0.9 - 0.02
+  # The choice is minimal: half the nprobe at the same k_factor missed the target.
+  below = [t for t in tuning.tried if t["k_factor"] == searcher.k_factor
+           and t["nprobe"] == searcher.nprobe // 2]
+  assert searcher.nprobe == 1 or (below and below[0]["recall"] < 0.9)
+  if refine:
+    assert searcher.k_factor in search_lib.TUNE_K_FACTORS
+
+
+def test_a_lower_target_chooses_a_cheaper_setting(db_vectors):
+  sample = _clustered(500, seed=7)
+  costs = []
+  for target in (0.98, 0.9, 0.6):
+    searcher = _searcher("IVF256,Flat", db_vectors)
+    costs.append((search_lib.tune_search(searcher, sample, db_vectors, k=2, count=10,
+                                         target_recall=target).cost, searcher.nprobe))
+  assert costs[0] > costs[1] > costs[2]
+  assert costs[0][1] > costs[1][1] > costs[2][1]
+
+
+def test_an_unreachable_target_raises_and_explicit_settings_win(db_vectors):
+  searcher = _searcher("IVF64,PQ2", db_vectors)      # 2-byte codes, no re-ranking
+  with pytest.raises(ValueError, match=r"target_recall=0.99: not reached .* best setting "
+                     r"tried \(nprobe=\d+, k_factor=None\) reaches 0\.\d+"):
+    search_lib.tune_search(searcher, _clustered(300, seed=7), db_vectors, k=2,
+                           target_recall=0.99)
+  explicit = search_lib.IndexSearcher(searcher.index, nprobe=3, use_gpu=False)
+  assert search_lib.tune_search(explicit, _clustered(300, seed=7), db_vectors, k=2) is None
+  assert explicit.nprobe == 3
+
+
+def test_sample_recall_counts_ties_as_hits():
+  vectors = np.array([[1, 0], [1, 0], [0.6, 0.8], [0, 1]], np.float32)
+  query = np.array([[1, 0]], np.float32)
+  exact = np.array([[0, 2]])
+  source = search_lib.VectorSource(vectors)
+  assert search_lib.sample_recall(query, np.array([[1, 2]]), exact, source) == 1.0  # 1 ties 0
+  assert search_lib.sample_recall(query, np.array([[1, 3]]), exact, source) == 0.5
+  assert search_lib.sample_recall(query, np.array([[3, -1]]), exact, source) == 0.0
+
+
+def _vector_dbs(tmp_path, num_db, num_queries):
+  docs = lambda n, seed: [np.random.default_rng(seed + i).integers(2, VOCAB, 16 * M)
+                          .astype(np.int32) for i in range(n // 16)]
+  formats.write_chunk_db(tmp_path / "vdb", docs(num_db, 0), dtype=np.uint16, pad_id=0,
+                         chunk_size=M, retrieval_db=True)
+  formats.write_chunk_db(tmp_path / "vq", docs(num_queries, 10_000), dtype=np.uint16,
+                         pad_id=0, chunk_size=M, retrieval_db=False)
+  return formats.ChunkDB(tmp_path / "vq"), formats.ChunkDB(tmp_path / "vdb")
+
+
+def test_neighbor_map_tunes_its_search_and_records_it(tmp_path, db_vectors):
+  query_db, db = _vector_dbs(tmp_path, len(db_vectors), 2000)
+  queries = _clustered(query_db.num_chunks, seed=5)
+  searcher = _searcher("IVF256,Flat", db_vectors)
+  out = str(tmp_path / "nn")
+  path = build_neighbor_map(query_db, db, None, searcher, out, k=2, extra=8,
+                            exclude_same_document=False, query_embeddings=queries,
+                            db_embeddings=db_vectors, target_recall=0.9, tune_queries=400,
+                            settings={"nprobe": 999}, progress=False)
+  with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
+    manifest = json.load(f)
+  [info] = [d["info"] for d in manifest["done"].values() if "start" in d["info"]]
+  tuned = info["search_tuning"]
+  assert tuned["target_recall"] == 0.9 and tuned["sample_recall"] >= 0.9
+  assert tuned["sample_queries"] == 400 and tuned["nprobe"] == searcher.nprobe
+  assert manifest["settings"]["nprobe"] == searcher.nprobe       # over the caller's 999
+  assert manifest["settings"]["target_recall"] == 0.9
+  _, exact = search_lib.exact_search(db_vectors, queries, 2)
+  rows = formats.NeighborMap(path)[0:query_db.num_chunks]
+  assert search_lib.recall_at_k(rows, exact, 2) >= 0.9 - 0.02
+  with pytest.raises(ValueError, match="not reached"):
+    build_neighbor_map(query_db, db, None, _searcher("IVF64,PQ2", db_vectors),
+                       str(tmp_path / "nn2"), exclude_same_document=False,
+                       query_embeddings=queries, db_embeddings=db_vectors,
+                       target_recall=0.99, tune_queries=200, progress=False)

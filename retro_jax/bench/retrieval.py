@@ -10,9 +10,11 @@ Sections (``--sections``, comma-separated):
 * ``index``: the neighbor-map workload at ``--num_vectors`` DB chunks: train the
   default index (``retro_jax.retrieval.index.default_factory``, or ``--factory``), add
   (vectors/s), then ``build_neighbor_map`` for ``--num_queries`` query chunks (queries/s,
-  the stage's own code path: search k + extra candidates, select, write the NeMo KNN
-  file) and recall@k of its rows against exact search (``IndexFlatIP``) on a seeded
-  subset of ``--recall_queries`` queries. The total (train + add + neighbors) is the
+  the stage's own code path: choose nprobe / k_factor for ``--target_recall`` on a
+  sample of 1,000 queries unless ``--nprobe`` / ``--k_factor`` are given, search k +
+  extra candidates, select, write the NeMo KNN file) and recall@k of its rows against
+  exact search (``IndexFlatIP``) on a seeded subset of ``--recall_queries`` queries.
+  The total (train + add + neighbors) is the
   time to "neighbors for N chunks" once the chunks are embedded.
 * ``real_recall``: recall@k of the default IVF index at its default nprobe on the real
   MiniLM embeddings alone (queries: held-out real chunks).
@@ -143,17 +145,23 @@ def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int =
                   nprobe: Optional[int] = None, ef_search: Optional[int] = None,
                   k_factor: Optional[int] = None, train_size: Optional[int] = None,
                   recall_queries: int = 2000, workdir: Optional[str] = None,
-                  progress: bool = True, seed: int = 0) -> dict:
+                  progress: bool = True, seed: int = 0,
+                  target_recall: Optional[float] = search_lib.DEFAULT_TARGET_RECALL,
+                  tune_queries: int = 1000) -> dict:
   """Train + add + ``build_neighbor_map`` over ``query_vectors``; recall on a subset.
 
-  Works in ``workdir`` (default: a temporary directory, removed afterwards).
+  The map chooses nprobe / k_factor for ``target_recall`` on a sample of
+  ``tune_queries`` queries unless they are given (``build_neighbor_map``); its time is
+  in the neighbor seconds. Works in ``workdir`` (default: a temporary directory,
+  removed afterwards).
   """
   if workdir is None:
     with tempfile.TemporaryDirectory(prefix="bench_retrieval_") as tmp:
       return index_section(db_vectors, query_vectors, k=k, extra=extra, factory=factory,
                            nprobe=nprobe, ef_search=ef_search, k_factor=k_factor,
                            train_size=train_size, recall_queries=recall_queries,
-                           workdir=tmp, progress=progress, seed=seed)
+                           workdir=tmp, progress=progress, seed=seed,
+                           target_recall=target_recall, tune_queries=tune_queries)
   n, dim = db_vectors.shape
   # Stored as the embedding stage stores them: float16 .npy files, memory-mapped.
   for name, array in (("db.npy", db_vectors), ("queries.npy", query_vectors)):
@@ -185,8 +193,11 @@ def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int =
   path = build_neighbor_map(query_db, retrieval_db, None, searcher,
                             os.path.join(workdir, "neighbors"), k=k, extra=extra,
                             exclude_same_document=False, block_size=16384,
-                            progress=progress, query_embeddings=query_vectors)
+                            progress=progress, query_embeddings=query_vectors,
+                            target_recall=target_recall, db_embeddings=db_vectors,
+                            tune_queries=tune_queries, seed=seed)
   neighbor_seconds = time.perf_counter() - began
+  tuning = searcher.tuning
   rows = formats.NeighborMap(path)
   subset = np.sort(np.random.default_rng(seed).choice(
       len(query_vectors), min(recall_queries, len(query_vectors)), replace=False))
@@ -205,7 +216,11 @@ def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int =
           "total_seconds": build_seconds + neighbor_seconds,
           f"recall@{k}": recall, "recall_queries": len(subset),
           "exact_queries_per_s": len(subset) / max(exact_seconds, 1e-9),
-          "on_gpu": searcher.on_gpu}
+          "on_gpu": searcher.on_gpu,
+          "target_recall": None if tuning is None else tuning.target_recall,
+          "sample_recall": None if tuning is None else tuning.recall,
+          "tune_seconds": None if tuning is None else tuning.seconds,
+          "tune_queries": None if tuning is None else tuning.sample}
 
 
 def real_recall_section(real: np.ndarray, *, ks: Sequence[int] = (2, 10)) -> dict:
@@ -341,7 +356,9 @@ def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
         num_queries: Optional[int] = None, recall_queries: int = 2000, k: int = 2,
         factory: Optional[str] = None, nprobe: Optional[int] = None,
         ef_search: Optional[int] = None, k_factor: Optional[int] = None,
-        train_size: Optional[int] = None, embedding_texts: int = 1024,
+        train_size: Optional[int] = None,
+        target_recall: Optional[float] = search_lib.DEFAULT_TARGET_RECALL,
+        embedding_texts: int = 1024,
         db_docs: Sequence[int] = (5_000, 50_000), cache_dir: Optional[str] = None,
         seed: int = 0, progress: bool = True, db_open_chunks: int = 10_000_000,
         print_fn=print) -> dict:
@@ -398,7 +415,7 @@ def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
     generate_seconds = time.perf_counter() - began
     row = index_section(db_vectors, query_vectors, k=k, factory=factory, nprobe=nprobe,
                         ef_search=ef_search, k_factor=k_factor, train_size=train_size,
-                        recall_queries=recall_queries,
+                        recall_queries=recall_queries, target_recall=target_recall,
                         progress=progress, seed=seed)
     row["vectors"] = made
     results["index"] = row
@@ -407,14 +424,20 @@ def run(*, sections: Sequence[str] = SECTIONS, num_vectors: int = 1_000_000,
               f"{made['bandwidth']:.3f}, parent cosine {made['target_parent_cosine']:.3f}; "
               f"generated in {generate_seconds:.0f}s, not counted)")
     print_fn(f"\nneighbors for {row['queries']:,} query chunks over {row['db_vectors']:,} "
-             f"DB chunks (k={k}, +{row['extra']} candidates; vectors: {source})")
-    print_fn("| factory | train size | nprobe | efSearch | re-rank k_factor | train s | "
-             "add vectors/s | "
+             f"DB chunks (k={k}, +{row['extra']} candidates; vectors: {source}); load "
+             f"average {os.getloadavg()[0]:.1f}")
+    if row["target_recall"] is None:
+      chosen = "given (no tuning)"
+    else:
+      chosen = (f"for recall {row['target_recall']:.2f}: {row['sample_recall']:.3f} on "
+                f"{row['tune_queries']} sample queries, {row['tune_seconds']:.1f} s")
+    print_fn("| factory | train size | nprobe | efSearch | re-rank k_factor | "
+             "settings chosen | train s | add vectors/s | "
              "neighbor queries/s | total s (train+add+neighbors) | "
              f"recall@{k} vs exact ({row['recall_queries']} queries) |\n"
-             "|---|---|---|---|---|---|---|---|---|---|")
+             "|---|---|---|---|---|---|---|---|---|---|---|")
     print_fn(f"| {row['factory']} | {row['train_size']:,} | {row.get('nprobe', '-')} | "
-             f"{row.get('ef_search', '-')} | {row.get('k_factor', '-')} | "
+             f"{row.get('ef_search', '-')} | {row.get('k_factor', '-')} | {chosen} | "
              f"{row['train_seconds']:.1f} | {row['add_vectors_per_s']:,.0f} | "
              f"{row['queries_per_s']:,.0f} | {row['total_seconds']:.1f} | "
              f"{row[f'recall@{k}']:.3f} |")
@@ -444,7 +467,7 @@ def main(argv):
   run(sections=[s for s in f.sections.split(",") if s], num_vectors=f.num_vectors,
       num_queries=f.num_queries, recall_queries=f.recall_queries, k=f.k,
       factory=f.factory, nprobe=f.nprobe, ef_search=f.ef_search, k_factor=f.k_factor,
-      train_size=f.train_size,
+      train_size=f.train_size, target_recall=f.target_recall or None,
       embedding_texts=f.embedding_texts, db_docs=[int(x) for x in f.db_docs.split(",")],
       cache_dir=f.cache_dir, seed=f.seed, progress=f.progress,
       db_open_chunks=f.db_open_chunks)
@@ -462,6 +485,9 @@ if __name__ == "__main__":
   flags.DEFINE_integer("k_factor", None, "Re-ranked candidates per result (fast-scan).")
   flags.DEFINE_integer("train_size", None, "Index training sample (default 40 per "
                         "centroid).")
+  flags.DEFINE_float("target_recall", search_lib.DEFAULT_TARGET_RECALL,
+                     "Choose nprobe / k_factor (those not given) for this recall@k on a "
+                     "sample (0: the fixed defaults).")
   flags.DEFINE_integer("embedding_texts", 1024, "Texts for the embedding section.")
   flags.DEFINE_string("db_docs", "5000,50000", "Corpus sizes (documents) for db_rss.")
   flags.DEFINE_string("cache_dir", None, "Cache of the real embeddings (default "

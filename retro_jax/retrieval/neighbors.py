@@ -41,6 +41,7 @@ import numpy as np
 import tqdm
 
 from retro_jax.retrieval import formats
+from retro_jax.retrieval import search as search_lib
 from retro_jax.utils import stages
 from retro_jax.utils.io import Manifest
 
@@ -98,15 +99,8 @@ def check_documents_align(query_db: formats.ChunkDB, retrieval_db: formats.Chunk
                        "documents must be the first documents of the retrieval DB, in order")
 
 
-def _neighbors_of_block(query_db, retrieval_db, start, end, embed_chunks, search, k,
-                        extra, exclude_same_document, query_embeddings=None):
-  ids = np.arange(start, end)
-  if query_embeddings is not None:
-    embeddings = np.asarray(query_embeddings[start:end], np.float32)
-  else:
-    queries = query_db.get_chunks(ids, with_continuation=False)
-    embeddings = np.asarray(embed_chunks(queries), np.float32)
-  _, candidates = search(embeddings, k + extra)
+def _select_rows(query_db, retrieval_db, ids, candidates, k, exclude_same_document):
+  """The map's rows [n, k] of query chunks ``ids`` from their search candidates."""
   candidates = np.asarray(candidates, np.int64)
   if np.any(candidates >= retrieval_db.num_chunks):
     raise ValueError(f"the index returned chunk ids >= {retrieval_db.num_chunks}, the size of "
@@ -121,12 +115,65 @@ def _neighbors_of_block(query_db, retrieval_db, start, end, embed_chunks, search
   return select_neighbors(candidates, cand_docs, query_docs, k)
 
 
+def _neighbors_of_block(query_db, retrieval_db, start, end, embed_chunks, search, k,
+                        extra, exclude_same_document, query_embeddings=None):
+  ids = np.arange(start, end)
+  if query_embeddings is not None:
+    embeddings = np.asarray(query_embeddings[start:end], np.float32)
+  else:
+    queries = query_db.get_chunks(ids, with_continuation=False)
+    embeddings = np.asarray(embed_chunks(queries), np.float32)
+  _, candidates = search(embeddings, k + extra)
+  return _select_rows(query_db, retrieval_db, ids, candidates, k, exclude_same_document)
+
+
+def tune_neighbor_search(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
+                         embed_chunks: Optional[EmbedFn], searcher: search_lib.IndexSearcher,
+                         *, k: int, extra: int, exclude_same_document: bool,
+                         target_recall: float, db_embeddings=None, query_embeddings=None,
+                         sample_size: int = 1000, seed: int = 0
+                         ) -> Optional[search_lib.SearchTuning]:
+  """Chooses ``searcher``'s nprobe / k_factor for ``target_recall`` of the map's rows.
+
+  A seeded sample of ``sample_size`` query chunks of the whole query DB (the same in
+  every shard) is searched as the map searches (``k + extra`` candidates, same-document
+  exclusion) and compared with the rows exact search would give
+  (``search_lib.tune_search``; brute force over ``db_embeddings``, default the
+  searcher's re-ranking vectors).
+
+  Returns:
+    The tuning, or None when the searcher has nothing to choose.
+  """
+  if not search_lib.is_tunable(searcher):
+    return None
+  vectors = db_embeddings if db_embeddings is not None else searcher.refine
+  if vectors is None:
+    raise ValueError("target_recall: the exact neighbors of the tuning sample need the "
+                     "retrieval DB's embeddings; pass db_embeddings= (or give nprobe, or "
+                     "target_recall=None)")
+  n = query_db.num_chunks
+  rng = np.random.default_rng(seed)
+  ids = np.sort(rng.choice(n, size=min(sample_size, n), replace=False)).astype(np.int64)
+  if query_embeddings is not None:
+    queries = search_lib.VectorSource(query_embeddings).take(ids)
+  else:
+    queries = np.asarray(embed_chunks(query_db.get_chunks(ids, with_continuation=False)),
+                         np.float32)
+  select = lambda candidates: _select_rows(query_db, retrieval_db, ids, candidates, k,
+                                           exclude_same_document)
+  return search_lib.tune_search(searcher, queries, vectors, k=k, count=k + extra,
+                                target_recall=target_recall, select=select)
+
+
 def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
                        embed_chunks: EmbedFn, search: SearchFn, output_dir: str, *,
                        k: int = 2, extra: int = 8, exclude_same_document: bool = True,
                        shard_id: int = 0, num_shards: int = 1, block_size: int = 4096,
                        settings: Optional[dict] = None, merge: bool = True,
-                       progress: bool = True, query_embeddings=None) -> Optional[str]:
+                       progress: bool = True, query_embeddings=None,
+                       target_recall: Optional[float] = search_lib.DEFAULT_TARGET_RECALL,
+                       db_embeddings=None, tune_queries: int = 1000,
+                       seed: int = 0) -> Optional[str]:
   """Builds this shard's neighbor map (skipped when done); merges when all are done.
 
   Args:
@@ -134,8 +181,18 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
       with different settings in the same directory is refused.
     query_embeddings: ``[query_db.num_chunks, dim]`` precomputed query embeddings
       (sliceable rows); then ``embed_chunks`` is not called.
+    target_recall: With an ``IndexSearcher`` of an IVF index, first choose the cheapest
+      nprobe / k_factor whose rows reach this recall against exact search on a seeded
+      sample of ``tune_queries`` query chunks (``tune_neighbor_search``; parameters the
+      searcher was given are kept); the choice and the recall it reached are logged and
+      recorded in the manifest. None: search with the searcher's parameters as they are.
+    db_embeddings: The retrieval DB's embeddings, for the sample's exact neighbors
+      (default: the searcher's re-ranking vectors).
+    seed: Of the tuning sample.
   Returns:
     The merged map's path once every shard is finished, else None.
+  Raises:
+    ValueError: among others, when ``target_recall`` cannot be reached.
   """
   if not retrieval_db.is_retrieval_db:
     raise ValueError(f"{retrieval_db.idx_path} is a training DB; neighbors come from a "
@@ -149,9 +206,24 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
     if rows < query_db.num_chunks:
       raise ValueError(f"query_embeddings: {rows} rows for the {query_db.num_chunks} "
                        f"chunks of {query_db.idx_path}")
+  tuning = None
+  if target_recall is not None:
+    tuning = tune_neighbor_search(
+        query_db, retrieval_db, embed_chunks, search, k=k, extra=extra,
+        exclude_same_document=exclude_same_document, target_recall=target_recall,
+        db_embeddings=db_embeddings, query_embeddings=query_embeddings,
+        sample_size=tune_queries, seed=seed)
+  searched_with = {}
+  if tuning is not None:
+    # The parameters searched with (deterministic), over any the caller recorded.
+    searched_with = dict(search.parameters, target_recall=target_recall)
+    logging.info("neighbors: search parameters %s chosen for recall %.3f: %.4f on %d "
+                 "sample query chunks", search.parameters, target_recall, tuning.recall,
+                 tuning.sample)
   # The DBs by content (never by path): changed DBs redo the map, a moved one keeps it.
   manifest = Manifest(output_dir, dict(
-      settings or {}, k=k, extra=extra, exclude_same_document=exclude_same_document,
+      settings or {}, **searched_with, k=k, extra=extra,
+      exclude_same_document=exclude_same_document,
       num_shards=num_shards, query_chunks=query_db.num_chunks,
       db_chunks=retrieval_db.num_chunks, query_db=formats.db_fingerprint(query_db),
       retrieval_db=formats.db_fingerprint(retrieval_db)), INPUT_KEYS)
@@ -172,7 +244,10 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
         bar.update(block_end - block_start)
       bar.close()
     seconds = time.time() - began
-    manifest.mark_done(name, [name], {"start": start, "end": end, "seconds": seconds})
+    info = {"start": start, "end": end, "seconds": seconds}
+    if tuning is not None:
+      info["search_tuning"] = tuning.summary()
+    manifest.mark_done(name, [name], info)
     logging.info("neighbors: shard %d/%d, chunks [%d, %d) in %.1fs (%.0f chunks/s)",
                  shard_id, num_shards, start, end, seconds,
                  (end - start) / max(seconds, 1e-9))

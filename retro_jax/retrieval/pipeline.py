@@ -251,6 +251,7 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
                embedder: Any = DEFAULT_EMBEDDER, embedding_dtype: str = "float16",
                factory: Optional[str] = None, metric: str = "ip",
                nprobe: Optional[int] = None, ef_search: Optional[int] = None,
+               target_recall: Optional[float] = search_lib.DEFAULT_TARGET_RECALL,
                train_size: Optional[int] = None, seed: int = 0,
                exclude_same_document: Union[bool, str] = "auto",
                shard_id: int = 0, num_shards: int = 1, wait: bool = True,
@@ -278,6 +279,11 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
     embedding_dtype: float16 or float32 embedding files.
     factory, metric, train_size: The index (``retro_jax.retrieval.index.build_index``).
     nprobe, ef_search: Search parameters of the neighbor search (and retrieval.json).
+    target_recall: Unless nprobe is given, the neighbor search of an IVF index takes
+      the cheapest nprobe (and re-ranking k_factor) whose rows reach this recall@k
+      against exact search on a seeded sample of each split's query chunks
+      (``neighbors.tune_neighbor_search``); None: the defaults of
+      ``search.default_nprobe``.
     seed: Vocabulary sampling and index training seed.
     exclude_same_document: 'auto' (see the module docstring), True or False.
     shard_id, num_shards: This process' shard of every stage.
@@ -370,7 +376,8 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
           query_db, retrieval_db, embed_chunks, searcher, layout.neighbors_dir(split),
           k=num_neighbors, extra=extra_neighbors, exclude_same_document=exclude,
           shard_id=shard_id, num_shards=num_shards, settings=settings, progress=progress,
-          query_embeddings=embeddings if prefix else None)
+          query_embeddings=embeddings if prefix else None, target_recall=target_recall,
+          db_embeddings=embeddings, seed=seed)
       wait_for(lambda s=split: os.path.exists(layout.neighbor_map_path(s)),
                f"the {split} neighbor map")
       path = layout.neighbor_map_path(split)
@@ -383,6 +390,8 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
       split_settings[split] = {"inputs": query_inputs[split], "num_docs": query_db.num_docs,
                                "num_chunks": query_db.num_chunks,
                                "exclude_same_document": exclude}
+      if searcher.tuning is not None and target_recall is not None:
+        split_settings[split]["search"] = searcher.tuning.summary()
     for split, files in lm_inputs.items():
       query_db = formats.ChunkDB(layout.split_db_prefix(split))
       split_settings[split] = {"inputs": files, "num_docs": query_db.num_docs,

@@ -8,6 +8,11 @@ MiniLM embeddings, see tests/test_index.py and ``python -m retro_jax.bench.retri
 quantizer's efSearch), set through ``faiss.ParameterSpace``, and ``refine`` /
 ``k_factor`` (re-ranking, below).
 
+Target recall (``tune_search``, the neighbor map's default): rather than the fixed
+defaults, the cheapest nprobe (and k_factor) whose results reach a recall@k target
+against brute force on a seeded sample of queries; cost = bytes read per query
+(``search_cost``), recall counts ties as hits (``sample_recall``).
+
 Re-ranking (``refine=``): a fast-scan PQ index (4-bit codes scanned with SIMD, several
 times faster than SQ8 on a CPU) returns ``k_factor * k`` candidates, whose exact scores
 are computed from the embedding stage's vectors (memory-mapped float16 files) before
@@ -36,12 +41,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import sys
-from typing import Any, Iterator, Optional, Union
+import time
+from typing import Any, Callable, Iterator, Optional, Union
 
 from absl import logging
 import faiss
@@ -321,6 +328,10 @@ class IndexSearcher:
                k_factor: Optional[int] = None, use_gpu: Union[bool, str] = "auto",
                path: Optional[str] = None):
     self.index, self.path = index, path
+    # What the caller fixed: ``tune_search`` varies only the others.
+    self.explicit = {name for name, value in (("nprobe", nprobe), ("ef_search", ef_search),
+                                              ("k_factor", k_factor)) if value is not None}
+    self.tuning: Optional[SearchTuning] = None
     self.parameters = set_search_parameters(index, nprobe=nprobe, ef_search=ef_search)
     self.metric = "ip" if index.metric_type == faiss.METRIC_INNER_PRODUCT else "l2"
     self.refine = None
@@ -342,6 +353,22 @@ class IndexSearcher:
         if "nprobe" in self.parameters:
           faiss.GpuParameterSpace().set_index_parameter(gpu_index, "nprobe",
                                                         self.parameters["nprobe"])
+
+  def set_parameters(self, *, nprobe: Optional[int] = None,
+                     k_factor: Optional[int] = None) -> None:
+    """Changes nprobe (IVF; an HNSW quantizer's efSearch follows it unless it was given)
+    and/or k_factor (re-ranking) of this searcher, on its CPU and GPU indexes."""
+    if nprobe is not None:
+      ef_search = self.parameters.get("ef_search") if "ef_search" in self.explicit else None
+      self.parameters.update(set_search_parameters(self.index, nprobe=nprobe,
+                                                   ef_search=ef_search))
+      if self.on_gpu:
+        faiss.GpuParameterSpace().set_index_parameter(self._search_index, "nprobe",
+                                                      self.parameters["nprobe"])
+    if k_factor is not None:
+      if self.refine is None:
+        raise ValueError("k_factor re-ranks with the stored vectors: this searcher has none")
+      self.parameters["k_factor"] = int(k_factor)
 
   @property
   def dim(self) -> int:
@@ -454,3 +481,183 @@ def recall_at_k(approximate_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> f
   approx, exact = np.asarray(approximate_ids)[:, :k], np.asarray(exact_ids)[:, :k]
   hits = sum(len(np.intersect1d(a[a >= 0], e[e >= 0])) for a, e in zip(approx, exact))
   return hits / float(exact.shape[0] * k)
+
+
+# ----------------------------------------------------------------------------------
+# Choosing nprobe / k_factor for a target recall
+# ----------------------------------------------------------------------------------
+
+DEFAULT_TARGET_RECALL = 0.95
+TUNE_K_FACTORS = (1, 2, 4, 8)
+
+
+@dataclasses.dataclass
+class SearchTuning:
+  """What ``tune_search`` chose.
+
+  Attributes:
+    target_recall: Asked for.
+    recall: Reached by the chosen parameters on the sample (``sample_recall``).
+    parameters: The searcher's parameters after tuning (nprobe, k_factor, ef_search).
+    sample: Queries in the sample.
+    cost: ``search_cost`` of the choice (bytes read per query).
+    seconds: Time taken (exact search of the sample included).
+    tried: Every (nprobe, k_factor, recall, cost) measured, in order.
+  """
+  target_recall: float
+  recall: float
+  parameters: dict[str, int]
+  sample: int
+  cost: float
+  seconds: float
+  tried: list[dict[str, Any]]
+
+  def summary(self) -> dict[str, Any]:
+    """The figures to record (manifests, retrieval.json), without ``tried``."""
+    return {"target_recall": self.target_recall, "sample_recall": round(self.recall, 6),
+            "sample_queries": self.sample, **self.parameters}
+
+
+def is_tunable(searcher: Any) -> bool:
+  """True for an ``IndexSearcher`` of an IVF index with nprobe (or, when re-ranking,
+  k_factor) not given explicitly: what ``tune_search`` chooses."""
+  if not isinstance(searcher, IndexSearcher) or ivf_of(searcher.index) is None:
+    return False
+  return ("nprobe" not in searcher.explicit
+          or (searcher.refine is not None and "k_factor" not in searcher.explicit))
+
+
+def search_cost(index: faiss.Index, nprobe: int, k_factor: Optional[int], count: int,
+                refine_bytes_per_vector: int = 0) -> float:
+  """Bytes read per query, the cost ``tune_search`` minimises: the codes of the
+  ``nprobe`` inverted lists scanned (``nprobe * ntotal / nlist * code_size``) plus, when
+  re-ranking, the ``count * k_factor`` candidates' stored vectors."""
+  ivf = ivf_of(index)
+  codes = nprobe * index.ntotal / max(ivf.nlist, 1) * ivf.code_size
+  return float(codes + (count * k_factor * refine_bytes_per_vector if k_factor else 0))
+
+
+def sample_recall(queries: np.ndarray, rows: np.ndarray, exact_rows: np.ndarray,
+                  vectors: VectorSource, metric: str = "ip", tolerance: float = 1e-5) -> float:
+  """Recall of ``rows`` against ``exact_rows``, ties counted as hits.
+
+  A returned id is a hit when its exact score is at least the score of the worst id of
+  its exact row (duplicate chunks have equal scores and either is a correct answer);
+  each row scores at most its number of exact ids (-1 = none).
+
+  Args:
+    queries: float32 [n, dim].
+    rows, exact_rows: int64 [n, k] approximate and exact ids, best first, -1 = none.
+  Returns:
+    Hits / exact ids, in [0, 1] (1.0 when no row has an exact id).
+  """
+  def scores(ids):
+    out = np.full(ids.shape, -np.inf, np.float32)
+    present = ids >= 0
+    if present.any():
+      unique, inverse = np.unique(ids[present], return_inverse=True)
+      vecs = vectors.take(unique)[inverse]
+      q = queries[np.nonzero(present)[0]]
+      out[present] = (np.einsum("nd,nd->n", q, vecs) if metric == "ip"
+                      else -np.einsum("nd,nd->n", q - vecs, q - vecs))
+    return out
+
+  exact_scores = scores(exact_rows)
+  wanted = (exact_rows >= 0).sum(axis=1)
+  worst = np.where(np.isfinite(exact_scores), exact_scores, np.inf).min(axis=1)
+  slack = tolerance * np.maximum(1.0, np.abs(worst))
+  hits = (scores(rows) >= (worst - slack)[:, None]).sum(axis=1)
+  total = wanted.sum()
+  return float(np.minimum(hits, wanted).sum() / total) if total else 1.0
+
+
+def tune_search(searcher: IndexSearcher, queries: np.ndarray, vectors: Any, *, k: int,
+                count: Optional[int] = None, target_recall: float = DEFAULT_TARGET_RECALL,
+                select: Optional[Callable[[np.ndarray], np.ndarray]] = None
+                ) -> Optional[SearchTuning]:
+  """Sets the cheapest nprobe / k_factor of ``searcher`` that reach ``target_recall``.
+
+  The sample's exact answers come from brute force over ``vectors`` (the indexed
+  embeddings, ``exact_search``). For every k_factor (1, 2, 4, 8 when re-ranking; the
+  given one otherwise) the smallest nprobe of 1, 2, 4, ..., nlist whose rows reach the
+  target is found; of those, the one of least ``search_cost`` is set on the searcher
+  (ties: the smaller k_factor). Parameters given to the searcher (``explicit``) are
+  kept. Deterministic: the same sample and index choose the same parameters in every
+  shard.
+
+  Args:
+    queries: float32 [n, dim], the sample.
+    vectors: The indexed vectors (anything ``VectorSource`` takes).
+    k: Neighbors per row that count for recall.
+    count: Candidates asked per query (the neighbor map asks k + extra); default k.
+    target_recall: In (0, 1].
+    select: ``candidates [n, count] -> rows [n, k]`` applied to approximate and exact
+      candidates alike (the neighbor map's same-document exclusion); default: first k.
+  Returns:
+    The ``SearchTuning`` (also kept as ``searcher.tuning``), or None when there is
+    nothing to choose (an exact index, an HNSW index, or every parameter given).
+  Raises:
+    ValueError: no setting reaches the target (the message has the best one).
+  """
+  if not 0.0 < target_recall <= 1.0:
+    raise ValueError(f"target_recall={target_recall}: must be in (0, 1]")
+  if not is_tunable(searcher):
+    return None
+  ivf = ivf_of(searcher.index)
+  refine = searcher.refine is not None
+  began = time.perf_counter()
+  count = count or k
+  select = select or (lambda candidates: candidates[:, :k])
+  queries = np.ascontiguousarray(queries, np.float32)
+  source = vectors if isinstance(vectors, VectorSource) else VectorSource(vectors)
+  if (source.num_vectors, source.dim) != (searcher.ntotal, searcher.dim):
+    raise ValueError(f"tune_search: vectors {source.description} are [{source.num_vectors}, "
+                     f"{source.dim}], the index holds [{searcher.ntotal}, {searcher.dim}]")
+  _, exact = exact_search(source, queries, count, searcher.metric)
+  exact_rows = select(exact.astype(np.int64))
+  if "nprobe" in searcher.explicit:
+    ladder = [searcher.nprobe]
+  else:
+    ladder = [1 << i for i in range(ivf.nlist.bit_length()) if (1 << i) < ivf.nlist]
+    ladder.append(ivf.nlist)
+  if not refine:
+    k_factors = [None]
+  elif "k_factor" in searcher.explicit:
+    k_factors = [searcher.k_factor]
+  else:
+    k_factors = list(TUNE_K_FACTORS)
+  refine_bytes = searcher.refine.dim * 2 if refine else 0   # float16 embedding files
+  tried: list[dict[str, Any]] = []
+  reached = []
+  for k_factor in k_factors:
+    for nprobe in ladder:
+      if reached and nprobe >= min(r["nprobe"] for r in reached):
+        break                       # no cheaper than a setting with a smaller k_factor
+      searcher.set_parameters(nprobe=nprobe, k_factor=k_factor)
+      _, candidates = searcher.search(queries, count)
+      recall = sample_recall(queries, select(candidates), exact_rows, source,
+                             searcher.metric)
+      entry = {"nprobe": nprobe, "k_factor": k_factor, "recall": recall,
+               "cost": search_cost(searcher.index, nprobe, k_factor, count, refine_bytes)}
+      tried.append(entry)
+      if recall >= target_recall:
+        reached.append(entry)
+        break
+  if not reached:
+    best = max(tried, key=lambda e: e["recall"])
+    searcher.set_parameters(nprobe=best["nprobe"], k_factor=best["k_factor"])
+    raise ValueError(
+        f"target_recall={target_recall}: not reached on {len(queries)} sample queries; the "
+        f"best setting tried (nprobe={best['nprobe']}, k_factor={best['k_factor']}) reaches "
+        f"{best['recall']:.3f} with {searcher.path or type(searcher.index).__name__}. Lower "
+        "target_recall, give nprobe / k_factor explicitly, or build a finer index")
+  chosen = min(reached, key=lambda e: (e["cost"], e["k_factor"] or 0))
+  searcher.set_parameters(nprobe=chosen["nprobe"], k_factor=chosen["k_factor"])
+  searcher.tuning = SearchTuning(target_recall=target_recall, recall=chosen["recall"],
+                                 parameters=dict(searcher.parameters), sample=len(queries),
+                                 cost=chosen["cost"], seconds=time.perf_counter() - began,
+                                 tried=tried)
+  logging.info("search: target recall %.3f -> %s, recall %.4f on %d sample queries "
+               "(%d settings tried in %.1fs)", target_recall, searcher.parameters,
+               chosen["recall"], len(queries), len(tried), searcher.tuning.seconds)
+  return searcher.tuning
