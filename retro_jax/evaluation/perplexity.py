@@ -15,7 +15,10 @@ rows ignore the neighbors, so every row scores identical tokens.
 ``eval_perplexity`` (gin-configurable: ``python -m retro_jax.eval``'s perplexity task and
 the recipe bind it) runs the table over a split of a prepared retrieval directory and
 writes it; with ``token_classes`` (e.g. ``db_only_token_classes``, ``PhraseMatcher``) it
-also scores classes of target tokens: where a retrieval gain comes from.
+also scores classes of target tokens: where a retrieval gain comes from. Its rows carry
+bits per byte beside perplexity (``bytes``: UTF-8 bytes of the scored targets; ``bpb``;
+``retro_jax.evaluation.bits_per_byte``), which ``perplexity_table`` and
+``token_class_table`` add when given ``token_bytes``.
 """
 
 from __future__ import annotations
@@ -32,16 +35,37 @@ import numpy as np
 import sentencepiece as spm
 
 from retro_jax.data import batches
+from retro_jax.evaluation.bits_per_byte import (target_bytes, token_byte_lengths,
+                                                with_bits_per_byte)
 from retro_jax.evaluation.report import CLASS_COLUMNS, markdown_table
 from retro_jax.models import RetroConfig
 from retro_jax.models import partitioning
+from retro_jax.retrieval.layout import RetrievalLayout
 from retro_jax.training import checkpoints as ckpt_lib
 from retro_jax.training.trainer import BatchSource, Evaluator
 from retro_jax.utils.io import atomic_write_json, atomic_write_text
 
 PERPLEXITY_COLUMNS = (("model", "model"), ("mode", "mode"), ("loss", "loss", ".4f"),
-                      ("perplexity", "perplexity", ".3f"),
+                      ("perplexity", "perplexity", ".3f"), ("bpb", "bits/byte"),
                       ("accuracy", "token accuracy", ".4f"), ("tokens", "tokens", ".0f"))
+
+
+def count_target_bytes(source: BatchSource, num_batches: int, token_bytes: np.ndarray,
+                       classes: Optional[Mapping[str, Any]] = None) -> dict[str, float]:
+  """UTF-8 bytes of the scored targets of ``num_batches`` batches: ``{'all': ...}`` and,
+  with ``classes`` (name -> ``mask_fn(batch) -> bool [b, n]``), each class and
+  ``'other'`` (tokens in no class), as ``Evaluator.evaluate_classes`` splits them."""
+  classes = classes or {}
+  totals = dict.fromkeys(["all", *classes] + (["other"] if classes else []), 0.0)
+  for i in range(num_batches):
+    batch = source.get_batch(i)
+    totals["all"] += target_bytes(batch, token_bytes)
+    if classes:
+      masks = {name: np.asarray(fn(batch), bool) for name, fn in classes.items()}
+      for name, mask in masks.items():
+        totals[name] += target_bytes(batch, token_bytes, mask)
+      totals["other"] += target_bytes(batch, token_bytes, ~np.any(list(masks.values()), 0))
+  return totals
 
 
 def _checkpoint_modes(model_config: RetroConfig, checkpoints: Mapping[str, str],
@@ -60,20 +84,28 @@ def _checkpoint_modes(model_config: RetroConfig, checkpoints: Mapping[str, str],
 
 def perplexity_table(model_config: RetroConfig, checkpoints: Mapping[str, str],
                      eval_source: BatchSource, num_batches: int, *,
-                     mesh_shape: Optional[dict] = None) -> list[dict[str, Any]]:
+                     mesh_shape: Optional[dict] = None,
+                     token_bytes: Optional[np.ndarray] = None) -> list[dict[str, Any]]:
   """Scores each checkpoint; a Retro checkpoint gives two rows (retrieval, ablated).
 
   Args:
     model_config: The architecture of every checkpoint (GPT ones use its decoder).
     checkpoints: display name -> checkpoint path (MODEL_DIR or a step directory).
     eval_source: batches with neighbor features.
+    token_bytes: int [vocab] UTF-8 bytes per token id (``token_byte_lengths``): adds
+      ``bytes`` and ``bpb`` to every row.
   Returns:
-    Rows {'model', 'mode', 'checkpoint', 'loss', 'perplexity', 'accuracy', 'tokens'}.
+    Rows {'model', 'mode', 'checkpoint', 'loss', 'perplexity', 'accuracy', 'tokens'}
+    (+ 'bytes', 'bpb').
   """
-  return [dict(model=name, mode=mode, checkpoint=path,
+  rows = [dict(model=name, mode=mode, checkpoint=path,
                **evaluator.evaluate(params, eval_source, num_batches))
           for name, path, mode, params, evaluator in _checkpoint_modes(
               model_config, checkpoints, mesh_shape)]
+  if token_bytes is None:
+    return rows
+  nbytes = count_target_bytes(eval_source, num_batches, token_bytes)["all"]
+  return [with_bits_per_byte(row, nbytes) for row in rows]
 
 
 def write_results(rows: list[dict[str, Any]], output_dir: str, name: str = "perplexity"
@@ -169,7 +201,8 @@ class PhraseMatcher:
 
 def token_class_table(model_config: RetroConfig, checkpoints: Mapping[str, str],
                       eval_source: BatchSource, num_batches: int,
-                      classes: Mapping[str, Any], *, mesh_shape: Optional[dict] = None
+                      classes: Mapping[str, Any], *, mesh_shape: Optional[dict] = None,
+                      token_bytes: Optional[np.ndarray] = None
                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
   """``perplexity_table`` and the same scores on classes of target tokens, from one
   forward pass per batch.
@@ -177,14 +210,19 @@ def token_class_table(model_config: RetroConfig, checkpoints: Mapping[str, str],
   Args:
     classes: class name -> ``mask_fn(batch) -> bool [b, n]`` (e.g. ``PhraseMatcher``);
       the class ``'other'`` (tokens in no class) is added.
+    token_bytes: as ``perplexity_table``: ``bytes`` and ``bpb`` on every row.
   Returns:
     ``(rows, class_rows)``: the rows of ``perplexity_table``, and rows
     ``{'class', 'model', 'mode', 'checkpoint', 'loss', 'tokens', ...}``.
   """
   rows, class_rows = [], []
+  nbytes = None if token_bytes is None else count_target_bytes(
+      eval_source, num_batches, token_bytes, classes)
   for name, path, mode, params, evaluator in _checkpoint_modes(model_config, checkpoints,
                                                               mesh_shape):
     scores = evaluator.evaluate_classes(params, eval_source, num_batches, classes)
+    if nbytes is not None:
+      scores = {c: with_bits_per_byte(s, nbytes[c]) for c, s in scores.items()}
     head = dict(model=name, mode=mode, checkpoint=path)
     rows.append(dict(head, **scores.pop("all")))
     class_rows += [dict({"class": c}, **head, **s) for c, s in scores.items()]
@@ -244,8 +282,9 @@ def eval_perplexity(*, output_dir: str, checkpoints: Mapping[str, str] = gin.REQ
                     ) -> list[dict[str, Any]]:
   """Perplexity of each checkpoint on a split of ``retrieval_dir`` (every example
   once): a Retro checkpoint gives two rows (with its retrieved neighbors; encoder
-  ablated), a GPT checkpoint one (decoder only); writes ``{name}.json/.md`` under
-  ``output_dir`` and returns the rows.
+  ablated), a GPT checkpoint one (decoder only), each with bits per byte (the UTF-8
+  bytes of the scored targets, from the directory's vocabulary); writes
+  ``{name}.json/.md`` under ``output_dir`` and returns the rows.
 
   ``token_classes`` (name -> ``mask_fn(batch) -> bool [b, n]``, e.g.
   ``PhraseMatcher``) also writes ``{name}_by_class.json/.md``: the loss of
@@ -256,13 +295,15 @@ def eval_perplexity(*, output_dir: str, checkpoints: Mapping[str, str] = gin.REQ
   source = batches.pretraining_batch_source(
       retrieval_dir, split=split, seq_len=seq_len, batch_size=batch_size,
       with_neighbors=True, shuffle=False, num_epochs=1, model_config=model_config)
+  token_bytes = token_byte_lengths(RetrievalLayout(retrieval_dir).vocab_path,
+                                   model_config.vocab_size)
   if token_classes:    # the same forward passes score every class
     rows, by_class = token_class_table(
         model_config, checkpoints, source, eval_batches(source), token_classes,
-        mesh_shape=mesh_shape)
+        mesh_shape=mesh_shape, token_bytes=token_bytes)
   else:
     rows = perplexity_table(model_config, checkpoints, source, eval_batches(source),
-                            mesh_shape=mesh_shape)
+                            mesh_shape=mesh_shape, token_bytes=token_bytes)
   table = write_results(rows, output_dir, name)
   logging.info("perplexity on %s/%s:\n%s", retrieval_dir, split, table)
   if token_classes:
