@@ -11,6 +11,7 @@ import os
 
 import faiss
 from flax import linen as nn
+from flax import traverse_util
 import gin
 import jax
 import numpy as np
@@ -115,8 +116,14 @@ def retrieval_dir(tmp_path_factory):
 
 def _save_checkpoint(model_dir, config, retrieval, seed):
   """A checkpoint in the trainer's format (initial parameters: the analyses need
-  checkpoints, not trained ones, to be checked against their references)."""
+  checkpoints, not trained ones, to be checked against their references), with the CCA
+  values and output scaled up so that the neighbors move the loss visibly."""
   params = nn.unbox(RetroLM(config, retrieval=retrieval).init_boxed(jax.random.PRNGKey(seed)))
+  flat = traverse_util.flatten_dict(params)
+  for key in flat:
+    if "cca" in key and key[-2] in ("value", "out"):
+      flat[key] = flat[key] * 30.0
+  params = traverse_util.unflatten_dict(flat)
   saver = ckpt_lib.Checkpointer(model_dir, async_save=False)
   saver.save(1, params, {"count": np.zeros((), np.int32)}, ckpt_lib.config_meta(config))
   saver.close()
@@ -349,7 +356,7 @@ def test_neighbor_sweep_scores_the_first_k_neighbors(run):
   assert source.get_batch(0)["neighbor_tokens"].shape[2] == 1
   ref = Evaluator(config, mesh, shardings, retrieval=True).evaluate(params, source, 2)
   assert rows[1]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
-  assert rows[1]["loss"] != rows[2]["loss"]
+  assert abs(rows[1]["loss"] - rows[2]["loss"]) > 1e-4 < abs(rows[1]["loss"] - rows[0]["loss"])
 
 
 def test_eval_entry_point_runs_the_analyses_task(run):
