@@ -88,6 +88,7 @@ class ListSource:
 
   def __init__(self, batches: Sequence[dict[str, np.ndarray]]):
     self.batches = list(batches)
+    self.target_bytes: dict[tuple, dict[str, float]] = {}    # classes -> bytes by class
 
   def __len__(self) -> int:
     return len(self.batches)
@@ -158,7 +159,6 @@ class _Scorer:
   def __init__(self, evaluators: Mapping[bool, Evaluator], params: Any,
                token_bytes: np.ndarray):
     self.evaluators, self.params, self.token_bytes = evaluators, params, token_bytes
-    self._bytes: dict[tuple[int, tuple], dict[str, float]] = {}
 
   def __call__(self, source: ListSource, retrieval: bool,
                classes: Optional[Mapping[str, Any]] = None) -> dict[str, dict[str, Any]]:
@@ -168,10 +168,11 @@ class _Scorer:
       scores = evaluator.evaluate_classes(self.params, source, len(source), classes)
     else:
       scores = {"all": evaluator.evaluate(self.params, source, len(source))}
-    key = (id(source), tuple(classes or ()))
-    if key not in self._bytes:
-      self._bytes[key] = count_target_bytes(source, len(source), self.token_bytes, classes)
-    rows = {c: with_bits_per_byte(s, self._bytes[key][c]) for c, s in scores.items()}
+    key = tuple(classes or ())
+    if key not in source.target_bytes:
+      source.target_bytes[key] = count_target_bytes(source, len(source), self.token_bytes,
+                                                    classes)
+    rows = {c: with_bits_per_byte(s, source.target_bytes[key][c]) for c, s in scores.items()}
     for row in rows.values():           # an empty class has no loss (not 0, not ppl 1)
       if not row["tokens"]:
         row.update(dict.fromkeys(SCORES))
@@ -195,7 +196,7 @@ def _mode(has_retro: bool, retrieval: bool) -> str:
 
 
 def _query_embeddings(layout: RetrievalLayout, query_db: formats.ChunkDB,
-                      retrieval_db: formats.ChunkDB, vectors: search_lib.VectorSource,
+                      vectors: search_lib.VectorSource,
                       chunk_ids: np.ndarray, prefix: bool, embedder: Any,
                       block: int = 4096) -> np.ndarray:
   """Embeddings of query chunks ``chunk_ids``: the DB's stored rows when the split's
@@ -240,8 +241,7 @@ def db_size_maps(layout: RetrievalLayout, split: str, output_dir: str,
   prefix = documents_are_prefix(query_db, retrieval_db)
   exclude = config.get("splits", {}).get(split, {}).get("exclude_same_document", prefix)
   chunk_ids = np.arange(min(evaluated_chunks, query_db.num_chunks), dtype=np.int64)
-  queries = _query_embeddings(layout, query_db, retrieval_db, vectors, chunk_ids, prefix,
-                              embedder)
+  queries = _query_embeddings(layout, query_db, vectors, chunk_ids, prefix, embedder)
   query_docs = query_db.doc_of_chunk(chunk_ids) if exclude else None
   extra = int(config.get("extra_neighbors", 8))
   metric = config.get("metric", "ip")
