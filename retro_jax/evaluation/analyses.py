@@ -415,6 +415,7 @@ def eval_analyses(*, output_dir: str, checkpoints: Mapping[str, str] = gin.REQUI
     raise ValueError(f"eval_analyses.num_neighbors must be >= 0, got {list(num_neighbors)}")
   model_config = model_config or RetroConfig()
   layout = RetrievalLayout(retrieval_dir)
+  os.makedirs(output_dir, exist_ok=True)
   m = model_config.chunk_length
   mesh = partitioning.make_mesh(mesh_shape)
   token_bytes = token_byte_lengths(layout.vocab_path, model_config.vocab_size)
