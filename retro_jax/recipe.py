@@ -88,12 +88,22 @@ STEP_GIN = {
     "gptfit": "miniature/gpt_fitting.gin",
     "instructretro": "miniature/instruction_tuning.gin",
     "gpt_instruct": "miniature/instruction_tuning_gpt.gin",
+    "retro_scratch": "miniature/retro_from_scratch.gin",
 }
+# A --documents run (a user's corpus) reads these step files instead: each includes the
+# step's file above and changes what real text needs (docs/benchmarks.md, "Real text").
+DOCUMENTS_STEP_GIN = {}
+# Optional steps (``--arms``), run after 'gptfit' and evaluated beside Retro and GPT-fit:
+# 'retro_scratch' trains a Retro from scratch with retrieval at the compute of GPT
+# pretraining + GPT-fitting (RETRO; Wang et al. 2023).
+ARMS = ("retro_scratch",)
+DOCUMENTS_ARMS: tuple[str, ...] = ()      # the arms a --documents run adds by default
 EVAL_GIN = "miniature/evaluation.gin"
 CORPUS_GIN = "miniature/corpus.gin"
 RETRIEVAL_GIN = "miniature/retrieval.gin"
 STEPS = ("corpus", "retrieval", "gpt", "retro", "gptfit", "sft_data", "instructretro",
          "gpt_instruct", "eval_perplexity", "eval_qa", "knowledge_update", "report")
+ALL_STEPS = STEPS[:5] + ARMS + STEPS[5:]     # the order, arms included
 # The steps whose outputs each step reads (the run's dependency graph).
 STEP_INPUTS = {
     "corpus": (),
@@ -101,13 +111,15 @@ STEP_INPUTS = {
     "gpt": ("retrieval",),                          # the 'pretrain' DB, the vocabulary
     "retro": ("retrieval", "gpt"),                  # DBs and neighbors, GPT's checkpoint
     "gptfit": ("retrieval", "gpt"),
+    "retro_scratch": ("retrieval",),
     "sft_data": ("corpus", "retrieval"),            # sft_qa.jsonl, the retriever
     "instructretro": ("retrieval", "retro", "sft_data"),
     "gpt_instruct": ("retrieval", "gptfit", "sft_data"),
-    "eval_perplexity": ("corpus", "retrieval", "retro", "gptfit"),   # kb.json, heldout
+    "eval_perplexity": ("corpus", "retrieval", "retro", "gptfit",   # kb.json, heldout
+                        "retro_scratch"),
     "eval_qa": ("corpus", "retrieval", "gpt_instruct", "instructretro"),
     "knowledge_update": ("corpus", "retrieval", "retro", "instructretro"),
-    "report": ("gpt", "retro", "gptfit", "instructretro", "gpt_instruct",
+    "report": ("gpt", "retro", "gptfit", "retro_scratch", "instructretro", "gpt_instruct",
                "eval_perplexity", "eval_qa", "knowledge_update"),
 }
 
@@ -235,11 +247,13 @@ def _parse_step_gin(gin_file: str, bindings: Sequence[str], overrides: Sequence[
 
 
 def run_training(step: str, layout: RunLayout, bindings: Mapping[str, Any],
-                 overrides: Sequence[str]) -> dict:
-  """Runs one training step's gin file with the run's directories bound."""
+                 overrides: Sequence[str], gin_file: Optional[str] = None) -> dict:
+  """Runs one training step's gin file (default ``STEP_GIN[step]``) with the run's
+  directories bound."""
   values = {"MODEL_DIR": layout.model_dir(step), "RETRIEVAL_DIR": layout.retrieval_dir,
             **bindings}
-  _parse_step_gin(STEP_GIN[step], [f"{k} = {v!r}" for k, v in values.items()], overrides)
+  _parse_step_gin(gin_file or STEP_GIN[step],
+                  [f"{k} = {v!r}" for k, v in values.items()], overrides)
   return train()
 
 
@@ -307,9 +321,17 @@ class Recipe:
 
   def __init__(self, run_dir: str, *, scale: float = 1.0, seed: int = 0,
                documents: Optional[str] = None, overrides: Sequence[str] = (),
+               arms: Optional[Sequence[str]] = None,
                print_fn: Callable[[str], None] = print):
     self.layout = RunLayout(os.path.abspath(run_dir))
     self.scale, self.seed, self.documents = scale, seed, documents
+    arms = (DOCUMENTS_ARMS if documents else ()) if arms is None else tuple(arms)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+      raise ValueError(f"--arms: unknown arms {unknown}; arms are {ARMS}")
+    self.arms = arms
+    # This run's steps in order: the recipe's, with the chosen arms.
+    self.steps = tuple(s for s in ALL_STEPS if s in STEPS or s in arms)
     self.overrides = list(overrides)
     self.print = print_fn
     os.makedirs(self.layout.root, exist_ok=True)
@@ -372,12 +394,14 @@ class Recipe:
   def info(self, step: str) -> dict:
     return self.manifest.info(step) if self._done(step) else {}
 
-  def run(self, steps: Sequence[str] = STEPS) -> dict:
-    unknown = [s for s in steps if s not in STEPS]
+  def run(self, steps: Optional[Sequence[str]] = None) -> dict:
+    steps = self.steps if steps is None else steps
+    unknown = [s for s in steps if s not in self.steps]
     if unknown:
-      raise ValueError(f"unknown steps {unknown}; steps are {STEPS}")
+      raise ValueError(f"unknown steps {unknown}; this run's steps are {self.steps} "
+                       f"(arms: {ARMS}, added with --arms)")
     self._fingerprints.clear()       # the disk may have changed since the last run
-    for step in STEPS:
+    for step in self.steps:
       if step not in steps:
         continue
       reason = self.why_rerun(step)
@@ -396,7 +420,7 @@ class Recipe:
       info = dict(info, seconds=round(time.time() - began, 1), gin_overrides=self.overrides)
       self._record(step, outputs, info)
       self.print(f"[recipe] {step}: finished in {info['seconds']:.0f}s")
-    return {s: self.info(s) for s in STEPS}
+    return {s: self.info(s) for s in self.steps}
 
   @property
   def files(self) -> dict[str, Optional[str]]:
@@ -437,8 +461,13 @@ class Recipe:
         "index": summary["index_factory"], "vocab_size": summary["vocab_size"],
         "stages": {s["stage"]: s["seconds"] for s in summary["stages"]}}
 
+  def step_gin(self, step: str) -> str:
+    """The gin file of a training step in this run (a --documents run's own, if any)."""
+    return (DOCUMENTS_STEP_GIN if self.documents else {}).get(step, STEP_GIN[step])
+
   def _train(self, step: str, **bindings) -> tuple[list[str], dict]:
-    metrics = run_training(step, self.layout, bindings, self.overrides)
+    metrics = run_training(step, self.layout, bindings, self.overrides,
+                           gin_file=self.step_gin(step))
     return [os.path.join(self.layout.model_dir(step), "checkpoints")], {"metrics": metrics}
 
   def step_gpt(self):
@@ -449,6 +478,9 @@ class Recipe:
 
   def step_gptfit(self):
     return self._train("gptfit", INIT_CHECKPOINT=self.layout.model_dir("gpt"))
+
+  def step_retro_scratch(self):
+    return self._train("retro_scratch")
 
   def step_sft_data(self):
     if not self.files.get("sft_qa"):
@@ -477,8 +509,11 @@ class Recipe:
     classes = db_only_token_classes(os.path.join(self.layout.corpus_dir, "kb.json"),
                                     RetrievalLayout(self.layout.retrieval_dir).vocab_path,
                                     RetroConfig().chunk_length)
-    rows = eval_perplexity(output_dir=self.layout.eval_dir, checkpoints={
-        "Retro": self.layout.model_dir("retro"), "GPT-fit": self.layout.model_dir("gptfit")},
+    checkpoints = {"Retro": self.layout.model_dir("retro"),
+                   "GPT-fit": self.layout.model_dir("gptfit")}
+    if "retro_scratch" in self.arms:
+      checkpoints[report_lib.SCRATCH_MODEL] = self.layout.model_dir("retro_scratch")
+    rows = eval_perplexity(output_dir=self.layout.eval_dir, checkpoints=checkpoints,
                            retrieval_dir=self.layout.retrieval_dir, token_classes=classes)
     outputs = [os.path.join(self.layout.eval_dir, "perplexity.json")]
     info = {"rows": rows}
@@ -561,7 +596,7 @@ class Recipe:
     paths = report_lib.write_recipe_report(
         self.layout.report_path, run_dir=self.layout.root,
         model_dirs={step: self.layout.model_dir(step) for step in STEP_GIN},
-        infos={step: self.info(step) for step in STEPS},
+        infos={step: self.info(step) for step in self.steps},
         documents=os.path.abspath(self.documents) if self.documents else None)
     self.print(open(self.layout.report_path, encoding="utf-8").read())  # pylint: disable=consider-using-with
     return paths, {}
@@ -577,7 +612,11 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Corpus and split seed.")
   flags.DEFINE_string("documents", None, "Use this jsonl corpus (a 'text' key per line) "
                       "instead of the embedded one.")
-  flags.DEFINE_list("steps", list(STEPS), "Steps to run (finished ones are skipped).")
+  flags.DEFINE_list("steps", None, "Steps to run (finished ones are skipped); default "
+                    f"all: {', '.join(STEPS)} and the run's arms.")
+  flags.DEFINE_list("arms", None, f"Optional steps to add ({', '.join(ARMS)}); default "
+                    "none for the embedded corpus, "
+                    "the DOCUMENTS_ARMS for --documents.")
   flags.DEFINE_multi_string("gin_bindings", [], "gin bindings for every step (or "
                             "--gin.KEY=VALUE).")
 
@@ -586,7 +625,7 @@ def main(argv) -> None:
   del argv
   f = flags.FLAGS
   recipe = Recipe(f.run_dir, scale=f.scale, seed=f.seed, documents=f.documents,
-                  overrides=f.gin_bindings)
+                  overrides=f.gin_bindings, arms=f.arms)
   recipe.run(f.steps)
 
 

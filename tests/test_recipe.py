@@ -259,8 +259,8 @@ def fake_recipe(tmp_path, monkeypatch):
     return {"retrieval_db": "retrieval_db", "splits": {}, "index_factory": "Flat",
             "vocab_size": 8, "stages": []}
 
-  def run_training(step, layout, bindings, overrides):
-    del bindings, overrides
+  def run_training(step, layout, bindings, overrides, gin_file=None):
+    del bindings, overrides, gin_file
     write(os.path.join(layout.model_dir(step), "checkpoints", "4", "params"))
     return {"loss": 1.0}
 
@@ -282,9 +282,9 @@ def fake_recipe(tmp_path, monkeypatch):
                       fake_step("eval/knowledge_update/knowledge_update.json"))
   monkeypatch.setattr(recipe.Recipe, "step_report", fake_step("report.md", "plots/loss.png"))
 
-  def make():
+  def make(**kwargs):
     log = []
-    made = recipe.Recipe(str(tmp_path / "run"), print_fn=log.append)
+    made = recipe.Recipe(str(tmp_path / "run"), print_fn=log.append, **kwargs)
     made.log = log
     return made
 
@@ -317,6 +317,21 @@ def test_clean_rerun_runs_only_the_report(fake_recipe, tmp_path):
   assert set(recorded["inputs"]) == {"retrieval", "gpt"}
   assert list(recorded["outputs"]) == ["models/retro/checkpoints"]
   assert "retrieval/retrieval_db" in manifest["done"]["retrieval"]["outputs"]
+
+
+def test_arm_runs_after_gptfit_and_feeds_the_evaluation(fake_recipe, tmp_path):
+  first = fake_recipe(arms=["retro_scratch"])
+  first.run()
+  assert ran(first.log) == ALL[:5] + ["retro_scratch"] + ALL[5:]
+  shutil.rmtree(tmp_path / "run" / "models" / "retro_scratch")
+  again = fake_recipe(arms=["retro_scratch"])
+  again.run()
+  assert ran(again.log) == ["retro_scratch", "eval_perplexity", "report"]
+  assert "[recipe] eval_perplexity: input retro_scratch changed" in again.log
+  with pytest.raises(ValueError, match="unknown arms"):
+    fake_recipe(arms=["nope"])
+  with pytest.raises(ValueError, match="added with --arms"):
+    fake_recipe().run(["retro_scratch"])
 
 
 def test_deleted_output_reruns_its_step_and_exactly_the_steps_downstream(

@@ -36,12 +36,12 @@ def test_user_corpus_report_is_neutral_and_states_the_retrieval_gain(tmp_path):
   assert "GPT pretraining (40), retro-fitting (55) and held-out (5) documents" in text
   assert "in no retrieval DB" in text
   # 3.05 - 3.00 nats; exp(3.00) / exp(3.20) = exp(-0.2).
-  assert "Retrieval is worth 0.0500 nats per token" in text
-  assert f"{math.exp(-0.2):.3f} x GPT-fit's" in text
+  assert "Retro: retrieval is worth 0.0500 nats per token" in text
+  assert f"perplexity {math.exp(-0.2):.3f} x GPT-fit's" in text
 
 
 def test_embedded_corpus_report_keeps_its_story(tmp_path):
   text = _report(tmp_path, None)
   assert "Held-out documents of entities whose facts exist only in the retrieval DB." in text
-  assert "Retrieval is worth 0.0500 nats per token" in text
+  assert "Retro: retrieval is worth 0.0500 nats per token" in text
   assert "in no retrieval DB" not in text

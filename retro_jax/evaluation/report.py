@@ -19,6 +19,9 @@ from typing import Any, Mapping, Optional, Sequence
 from retro_jax.training.trainer import read_metrics
 from retro_jax.utils.io import atomic_path, atomic_write_text
 
+# The recipe's Retro trained from scratch (its 'retro_scratch' arm), as tables name it.
+SCRATCH_MODEL = "Retro from scratch"
+
 # The loss by class of target tokens (``perplexity.token_class_table``'s class rows).
 CLASS_COLUMNS = (("class", "target tokens"), ("model", "model"), ("mode", "mode"),
                  ("loss", "loss"), ("accuracy", "token accuracy"), ("tokens", "tokens"))
@@ -165,8 +168,9 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
     lines += ["Corpus: `" + json.dumps(corpus.get("entities", corpus)) + "`", ""]
   runs = {name: model_dirs[step] for name, step in (
       ("GPT pretraining", "gpt"), ("Retro-fit", "retro"), ("GPT-fit", "gptfit"),
-      ("InstructRetro SFT", "instructretro"), ("GPT-Instruct SFT", "gpt_instruct"))
-          if os.path.isdir(model_dirs[step])}
+      (SCRATCH_MODEL, "retro_scratch"), ("InstructRetro SFT", "instructretro"),
+      ("GPT-Instruct SFT", "gpt_instruct"))
+          if step in model_dirs and os.path.isdir(model_dirs[step])}
   if runs:
     outputs.append(plot_loss_curves(
         {k: v for k, v in runs.items() if "SFT" not in k},
@@ -248,20 +252,22 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
 
 
 def _retrieval_gain(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-  """The report's sentence on what retrieval is worth: Retro's loss with its encoder
-  ablated minus with retrieval (nats per token), and its perplexity over GPT-fit's."""
+  """The report's sentences on what retrieval is worth to each Retro model: its loss
+  with the encoder ablated minus with retrieval (nats per token), and its perplexity
+  over GPT-fit's."""
   by = {(r["model"], r["mode"]): r for r in rows}
-  retro, ablated = by.get(("Retro", "retrieval")), by.get(("Retro", "encoder ablated"))
-  if not retro or not ablated:
-    return []
-  text = (f"Retrieval is worth {ablated['loss'] - retro['loss']:.4f} nats per token "
-          "(Retro's held-out loss with its encoder ablated minus with retrieval)")
-  gpt = by.get(("GPT-fit", "decoder only")) or next(
-      (r for r in rows if r["model"] == "GPT-fit"), None)
-  if gpt:
-    text += (f"; Retro's perplexity is {retro['perplexity'] / gpt['perplexity']:.3f} x "
-             "GPT-fit's")
-  return [text + ".", ""]
+  gpt = next((r for r in rows if r["model"] == "GPT-fit"), None)
+  lines = []
+  for model in dict.fromkeys(r["model"] for r in rows):
+    retro, ablated = by.get((model, "retrieval")), by.get((model, "encoder ablated"))
+    if not retro or not ablated:
+      continue
+    text = (f"{model}: retrieval is worth {ablated['loss'] - retro['loss']:.4f} nats per "
+            "token (held-out loss with the encoder ablated minus with retrieval)")
+    if gpt:
+      text += f"; perplexity {retro['perplexity'] / gpt['perplexity']:.3f} x GPT-fit's"
+    lines += [text + ".", ""]
+  return lines
 
 
 def _last_step(model_dir: Optional[str]) -> int:
