@@ -287,8 +287,8 @@ def _plot_lines(series: Mapping[str, tuple[list, list]], path: str, *, xlabel: s
   fig, ax = plt.subplots(figsize=(7, 4))
   for label, (xs, ys) in series.items():
     ax.plot(xs, ys, marker="o", label=label)
-  for label, y in (hlines or {}).items():
-    ax.axhline(y, linestyle="--", linewidth=1, label=label, color="gray")
+  for (label, y), style in zip((hlines or {}).items(), ("--", ":", "-.") * 8):
+    ax.axhline(y, linestyle=style, linewidth=1, label=label, color="gray")
   if logx:
     ax.set_xscale("log")
   ax.set_xlabel(xlabel)
@@ -309,11 +309,13 @@ def _plot_leakage(rows: Sequence[Mapping[str, Any]], buckets: Sequence[str], pat
     by = {r["class"]: r["loss"] for r in rows if (r["model"], r["mode"]) == run}
     ax.bar(np.arange(len(buckets)) + i * width, [np.nan if by.get(b) is None else by[b] for b in buckets],
            width, label=f"{run[0]}, {run[1]}")
-  ax.set_xticks(np.arange(len(buckets)) + 0.4 - width / 2, buckets, fontsize=7)
+  ax.set_xticks(np.arange(len(buckets)) + 0.4 - width / 2,
+                [b.replace("overlap ", "") for b in buckets], fontsize=8)
+  ax.set_xlabel("overlap with the neighbors that condition the chunk")
   ax.set_ylabel("loss (nats / token)")
   ax.set_title("Loss by the chunk's overlap with its neighbors (RETRO §4.4)")
   ax.grid(axis="y", alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
   return _save(fig, path)
 
 
@@ -361,7 +363,8 @@ def write_report(results: Mapping[str, Any], output_dir: str) -> list[str]:
               _table(rows, (("model", "model"), ("fraction", "DB fraction", ".4g"),
                                     ("db_docs", "documents"), ("db_tokens", "DB tokens"),
                                     *SCORE_COLUMNS)), "", "![db size](db_size.png)", ""]
-    for metric, name in (("perplexity", "db_size.png"), ("bpb", "db_size_bpb.png")):
+    for metric, name, label in (("perplexity", "db_size.png", "perplexity"),
+                                ("bpb", "db_size_bpb.png", "bits per byte")):
       series, hlines = {}, {}
       for r in rows:
         xs, ys = series.setdefault(r["model"], ([], []))
@@ -371,8 +374,8 @@ def write_report(results: Mapping[str, Any], output_dir: str) -> list[str]:
         if r["mode"] != "retrieval":
           hlines[f"{r['model']}, {r['mode']}"] = r[metric]
       paths.append(_plot_lines(series, os.path.join(output_dir, name),
-                               xlabel="retrieval DB tokens", ylabel=metric, logx=True,
-                               title=f"{metric} vs retrieval DB size", hlines=hlines))
+                               xlabel="retrieval DB tokens", ylabel=label, logx=True,
+                               title=f"{label} vs retrieval DB size", hlines=hlines))
   atomic_write_text(paths[1], "\n".join(lines) + "\n")
   return paths
 
