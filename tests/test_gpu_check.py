@@ -79,7 +79,8 @@ def test_dry_run_train_prints_one_table_from_the_dumped_hlo(tmp_path):
 def test_dry_run_of_every_part(tmp_path):
   proc = _run("--dry_run", f"--cache_dir={tmp_path}")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][2:]
+  lines = proc.stdout.strip().splitlines()
+  rows = lines[lines.index(gpu_check.HEADER.splitlines()[0]) + 2:]
   assert [r.split(" | ")[0][2:] for r in rows] == [
       "devices", "train", "train", "generate", "generate", "embedding", "faiss"]
   faiss_row = rows[-1].split(" | ")
