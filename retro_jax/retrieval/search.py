@@ -658,6 +658,7 @@ def tune_search(searcher: IndexSearcher, queries: np.ndarray, vectors: Any, *, k
                                  cost=chosen["cost"], seconds=time.perf_counter() - began,
                                  tried=tried)
   logging.info("search: target recall %.3f -> %s, recall %.4f on %d sample queries "
-               "(%d settings tried in %.1fs)", target_recall, searcher.parameters,
-               chosen["recall"], len(queries), len(tried), searcher.tuning.seconds)
+               "(%.1fs; tried nprobe/k_factor: recall %s)", target_recall,
+               searcher.parameters, chosen["recall"], len(queries), searcher.tuning.seconds,
+               ", ".join(f"{t['nprobe']}/{t['k_factor']}: {t['recall']:.3f}" for t in tried))
   return searcher.tuning
