@@ -92,7 +92,10 @@ STEP_GIN = {
 }
 # A --documents run (a user's corpus) reads these step files instead: each includes the
 # step's file above and changes what real text needs (docs/benchmarks.md, "Real text").
-DOCUMENTS_STEP_GIN = {}
+DOCUMENTS_STEP_GIN = {
+    "retro": "miniature/documents_retro_fitting.gin",
+    "gptfit": "miniature/documents_gpt_fitting.gin",
+}
 # Optional steps (``--arms``), run after 'gptfit' and evaluated beside Retro and GPT-fit:
 # 'retro_scratch' trains a Retro from scratch with retrieval at the compute of GPT
 # pretraining + GPT-fitting (RETRO; Wang et al. 2023).
