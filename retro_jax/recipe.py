@@ -3,6 +3,7 @@ r"""The InstructRetro recipe end to end, in miniature: the main job of retro_jax
     python -m retro_jax.recipe                        # embedded corpus, ~15 min on 2 cores
     python -m retro_jax.recipe --run_dir=runs/big --scale=3 --gin.TRAIN_STEPS=2000
     python -m retro_jax.recipe --documents=my_docs.jsonl --run_dir=runs/mine
+    python -m retro_jax.recipe --documents=my_docs.jsonl --arms=retro_scratch
 
 Steps (each one gin file in ``gin/miniature/``; the driver runs them in order, records
 every finished step in ``RUN_DIR/manifest.json`` and skips it on a re-run; a training
@@ -11,12 +12,19 @@ step killed midway resumes from its last checkpoint):
  1. ``corpus``     the embedded fictional encyclopedia (``retro_jax.data.encyclopedia``,
                    ``corpus.gin``)
                    or ``--documents`` (any jsonl with a ``text`` key, split by the
-                   driver into GPT pretraining / retro-fitting / held-out documents);
+                   driver into GPT pretraining / retro-fitting / held-out documents;
+                   ``retro_jax.data.debian_text`` makes one from a Debian package);
  2. ``retrieval``  ``retro_jax.preprocess``: SentencePiece vocabulary, NeMo chunk DBs,
                    all-MiniLM-L6-v2 embeddings (Flax), Faiss index, NeMo neighbor maps;
  3. ``gpt``        pretrain a small GPT (``gpt_pretraining.gin``);
  4. ``retro``      retro-fit it, decoder frozen (``retro_fitting.gin`` says why), and
     ``gptfit``     GPT-fit it on the same tokens with equal steps (``gpt_fitting.gin``);
+                   a ``--documents`` run reads ``documents_retro_fitting.gin`` (all
+                   parameters trained, as InstructRetro) and ``documents_gpt_fitting.gin``
+                   (GPT-fit at the same learning rate) instead (``DOCUMENTS_STEP_GIN``);
+    ``retro_scratch`` (only with ``--arms=retro_scratch``) a Retro trained from
+                   scratch with retrieval at the compute of GPT pretraining + GPT-fitting
+                   (``retro_from_scratch.gin``), evaluated beside the two;
  5. ``sft_data``   instruction data: short-answer QA about the retro-fitting corpus with
                    the top retrieved passages in the prompt, plus the project's chat set;
     ``instructretro`` / ``gpt_instruct``  instruction-tune both (decoder only);
