@@ -10,8 +10,8 @@ quantizer's efSearch), set through ``faiss.ParameterSpace``, and ``refine`` /
 
 Target recall (``tune_search``, the neighbor map's default): rather than the fixed
 defaults, the cheapest nprobe (and k_factor) whose results reach a recall@k target
-against brute force on a seeded sample of queries; cost = bytes read per query
-(``search_cost``), recall counts ties as hits (``sample_recall``).
+against brute force on a seeded sample of queries; cost = estimated time per
+query (``search_cost``), recall counts ties as hits (``sample_recall``).
 
 Re-ranking (``refine=``): a fast-scan PQ index (4-bit codes scanned with SIMD, several
 times faster than SQ8 on a CPU) returns ``k_factor * k`` candidates, whose exact scores
@@ -489,6 +489,14 @@ def recall_at_k(approximate_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> f
 
 DEFAULT_TARGET_RECALL = 0.95
 TUNE_K_FACTORS = (1, 2, 4, 8)
+# Search time per query, estimated for ``search_cost`` from the 1M-chunk benchmark on 2
+# CPU cores (docs/benchmarks.md): scanning fast-scan codes ~4 ns per 96-byte code;
+# re-ranking ~3.5 us per candidate (a random row of the float16 memory map + its score).
+SCAN_NS_PER_CODE_BYTE = 0.04
+RERANK_NS_PER_CANDIDATE = 3500.0
+# A setting reaches the target when its sample recall minus this many standard errors
+# does (rows of one query are not independent: the margin is a floor, not a bound).
+RECALL_MARGIN_SE = 2.0
 
 
 @dataclasses.dataclass
@@ -500,7 +508,7 @@ class SearchTuning:
     recall: Reached by the chosen parameters on the sample (``sample_recall``).
     parameters: The searcher's parameters after tuning (nprobe, k_factor, ef_search).
     sample: Queries in the sample.
-    cost: ``search_cost`` of the choice (bytes read per query).
+    cost: ``search_cost`` of the choice (estimated ns per query).
     seconds: Time taken (exact search of the sample included).
     tried: Every (nprobe, k_factor, recall, cost) measured, in order.
   """
@@ -527,14 +535,17 @@ def is_tunable(searcher: Any) -> bool:
           or (searcher.refine is not None and "k_factor" not in searcher.explicit))
 
 
-def search_cost(index: faiss.Index, nprobe: int, k_factor: Optional[int], count: int,
-                refine_bytes_per_vector: int = 0) -> float:
-  """Bytes read per query, the cost ``tune_search`` minimises: the codes of the
-  ``nprobe`` inverted lists scanned (``nprobe * ntotal / nlist * code_size``) plus, when
-  re-ranking, the ``count * k_factor`` candidates' stored vectors."""
+def search_cost(index: faiss.Index, nprobe: int, k_factor: Optional[int],
+                count: int) -> float:
+  """Estimated ns per query, the cost ``tune_search`` minimises: the code bytes of the
+  ``nprobe`` inverted lists scanned (``nprobe * ntotal / nlist * code_size``) at
+  ``SCAN_NS_PER_CODE_BYTE``, plus, when re-ranking, ``count * k_factor`` candidates at
+  ``RERANK_NS_PER_CANDIDATE``. Only the ratio of the two matters (it decides between
+  a larger nprobe and a larger k_factor)."""
   ivf = ivf_of(index)
-  codes = nprobe * index.ntotal / max(ivf.nlist, 1) * ivf.code_size
-  return float(codes + (count * k_factor * refine_bytes_per_vector if k_factor else 0))
+  code_bytes = nprobe * index.ntotal / max(ivf.nlist, 1) * ivf.code_size
+  rerank = count * k_factor * RERANK_NS_PER_CANDIDATE if k_factor else 0.0
+  return float(code_bytes * SCAN_NS_PER_CODE_BYTE + rerank)
 
 
 def sample_recall(queries: np.ndarray, rows: np.ndarray, exact_rows: np.ndarray,
@@ -580,7 +591,8 @@ def tune_search(searcher: IndexSearcher, queries: np.ndarray, vectors: Any, *, k
   The sample's exact answers come from brute force over ``vectors`` (the indexed
   embeddings, ``exact_search``). For every k_factor (1, 2, 4, 8 when re-ranking; the
   given one otherwise) the smallest nprobe of 1, 2, 4, ..., nlist whose rows reach the
-  target is found; of those, the one of least ``search_cost`` is set on the searcher
+  target (sample recall minus ``RECALL_MARGIN_SE`` standard errors) is found; of
+  those, the one of least ``search_cost`` is set on the searcher
   (ties: the smaller k_factor). Parameters given to the searcher (``explicit``) are
   kept. Deterministic: the same sample and index choose the same parameters in every
   shard.
@@ -626,7 +638,7 @@ def tune_search(searcher: IndexSearcher, queries: np.ndarray, vectors: Any, *, k
     k_factors = [searcher.k_factor]
   else:
     k_factors = list(TUNE_K_FACTORS)
-  refine_bytes = searcher.refine.dim * 2 if refine else 0   # float16 embedding files
+  slots = max(int((exact_rows >= 0).sum()), 1)
   tried: list[dict[str, Any]] = []
   reached = []
   for k_factor in k_factors:
@@ -637,10 +649,12 @@ def tune_search(searcher: IndexSearcher, queries: np.ndarray, vectors: Any, *, k
       _, candidates = searcher.search(queries, count)
       recall = sample_recall(queries, select(candidates), exact_rows, source,
                              searcher.metric)
+      margin = RECALL_MARGIN_SE * math.sqrt(max(recall * (1.0 - recall), 0.0) / slots)
       entry = {"nprobe": nprobe, "k_factor": k_factor, "recall": recall,
-               "cost": search_cost(searcher.index, nprobe, k_factor, count, refine_bytes)}
+               "reached": recall - margin >= target_recall,
+               "cost": search_cost(searcher.index, nprobe, k_factor, count)}
       tried.append(entry)
-      if recall >= target_recall:
+      if entry["reached"]:
         reached.append(entry)
         break
   if not reached:
