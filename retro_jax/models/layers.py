@@ -155,6 +155,10 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
   [heads, q, kv] matrix: issue 18); None picks 'einsum' on CPU and
   ``jax.nn.dot_product_attention``'s best (cuDNN flash for bf16/fp16 on GPU)
   elsewhere. Attention-probability dropout (training only) always takes 'einsum'.
+  With one query per example (a decoding step) 'einsum' multiplies and reduces instead
+  of two dots: a dot would first copy each [batch, kv_length, heads, head_dim] cache
+  to a heads-major layout, every step and layer, and the step is bound by reading the
+  caches once (issue 18).
 
   Args:
     query: [batch, q_length, heads, head_dim].
@@ -177,8 +181,13 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
     if heads != kv_heads:
       key = jnp.repeat(key, heads // kv_heads, axis=2)
       value = jnp.repeat(value, heads // kv_heads, axis=2)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
-                        preferred_element_type=jnp.float32)
+    one_query = query.shape[1] == 1 and not dropout
+    if one_query:   # [b, 1, h, d] x [b, k, h, d] -> [b, h, 1, k], reading the cache once
+      logits = jnp.sum(query.astype(jnp.float32) * key.astype(jnp.float32), axis=-1)
+      logits = jnp.transpose(logits, (0, 2, 1))[:, :, None, :]
+    else:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                          preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(1.0 / math.sqrt(query.shape[-1]))
     if is_causal:
       causal = jnp.tril(jnp.ones((query.shape[1], key.shape[1]), bool))
@@ -192,6 +201,10 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
     if dropout:
       keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
       probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    if one_query:   # sum_k p[b, h, k] v[b, k, h, d] -> [b, 1, h, d]
+      weights = jnp.transpose(probs[:, :, 0, :], (0, 2, 1))[..., None]   # [b, k, h, 1]
+      out = jnp.sum(weights * value.astype(jnp.float32), axis=1, keepdims=True)
+      return out.astype(value.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)
   if mask is not None:
     mask = jnp.broadcast_to(
