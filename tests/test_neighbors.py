@@ -169,9 +169,7 @@ def test_tuned_search_reaches_the_target_on_a_fresh_sample(db_vectors, factory, 
   below = [t for t in tuning.tried if t["k_factor"] == searcher.k_factor
            and t["nprobe"] == searcher.nprobe // 2]
   assert searcher.nprobe == 1 or (below and not below[0]["reached"])
-  assert all(t["reached"] == (t["recall"] - 2 * np.sqrt(t["recall"] * (1 - t["recall"])
-                                                        / 1000) >= 0.9)
-             for t in tuning.tried)
+  assert all(not t["reached"] or t["recall"] >= 0.9 for t in tuning.tried)
   if refine:
     assert searcher.k_factor in search_lib.TUNE_K_FACTORS
 
@@ -206,6 +204,10 @@ def test_sample_recall_counts_ties_as_hits():
   assert search_lib.sample_recall(query, np.array([[1, 2]]), exact, source) == 1.0  # 1 ties 0
   assert search_lib.sample_recall(query, np.array([[1, 3]]), exact, source) == 0.5
   assert search_lib.sample_recall(query, np.array([[3, -1]]), exact, source) == 0.0
+  two = np.array([[1, 0], [0, 1]], np.float32)
+  np.testing.assert_array_equal(search_lib.sample_recall(
+      two, np.array([[0, 3], [2, 3]]), np.array([[0, 2], [3, 2]]), source, per_query=True),
+      [0.5, 1.0])
 
 
 def _vector_dbs(tmp_path, num_db, num_queries):

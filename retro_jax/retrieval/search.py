@@ -495,7 +495,7 @@ TUNE_K_FACTORS = (1, 2, 4, 8)
 SCAN_NS_PER_CODE_BYTE = 0.04
 RERANK_NS_PER_CANDIDATE = 3500.0
 # A setting reaches the target when its sample recall minus this many standard errors
-# does (rows of one query are not independent: the margin is a floor, not a bound).
+# of the mean of the per-query recalls does.
 RECALL_MARGIN_SE = 2.0
 
 
@@ -549,7 +549,8 @@ def search_cost(index: faiss.Index, nprobe: int, k_factor: Optional[int],
 
 
 def sample_recall(queries: np.ndarray, rows: np.ndarray, exact_rows: np.ndarray,
-                  vectors: VectorSource, metric: str = "ip", tolerance: float = 1e-5) -> float:
+                  vectors: VectorSource, metric: str = "ip", tolerance: float = 1e-5,
+                  per_query: bool = False) -> Union[float, np.ndarray]:
   """Recall of ``rows`` against ``exact_rows``, ties counted as hits.
 
   A returned id is a hit when its exact score is at least the score of the worst id of
@@ -560,7 +561,8 @@ def sample_recall(queries: np.ndarray, rows: np.ndarray, exact_rows: np.ndarray,
     queries: float32 [n, dim].
     rows, exact_rows: int64 [n, k] approximate and exact ids, best first, -1 = none.
   Returns:
-    Hits / exact ids, in [0, 1] (1.0 when no row has an exact id).
+    Hits / exact ids, in [0, 1] (1.0 when no row has an exact id); with ``per_query``,
+    float64 [n] of each row's (1.0 for a row without exact ids).
   """
   def scores(ids):
     out = np.full(ids.shape, -np.inf, np.float32)
@@ -578,6 +580,8 @@ def sample_recall(queries: np.ndarray, rows: np.ndarray, exact_rows: np.ndarray,
   worst = np.where(np.isfinite(exact_scores), exact_scores, np.inf).min(axis=1)
   slack = tolerance * np.maximum(1.0, np.abs(worst))
   hits = (scores(rows) >= (worst - slack)[:, None]).sum(axis=1)
+  if per_query:
+    return np.where(wanted > 0, np.minimum(hits, wanted) / np.maximum(wanted, 1), 1.0)
   total = wanted.sum()
   return float(np.minimum(hits, wanted).sum() / total) if total else 1.0
 
@@ -591,7 +595,8 @@ def tune_search(searcher: IndexSearcher, queries: np.ndarray, vectors: Any, *, k
   The sample's exact answers come from brute force over ``vectors`` (the indexed
   embeddings, ``exact_search``). For every k_factor (1, 2, 4, 8 when re-ranking; the
   given one otherwise) the smallest nprobe of 1, 2, 4, ..., nlist whose rows reach the
-  target (sample recall minus ``RECALL_MARGIN_SE`` standard errors) is found; of
+  target (sample recall minus ``RECALL_MARGIN_SE`` standard errors of the per-query
+  recalls' mean: the rows of a query are not independent) is found; of
   those, the one of least ``search_cost`` is set on the searcher
   (ties: the smaller k_factor). Parameters given to the searcher (``explicit``) are
   kept. Deterministic: the same sample and index choose the same parameters in every
@@ -638,7 +643,6 @@ def tune_search(searcher: IndexSearcher, queries: np.ndarray, vectors: Any, *, k
     k_factors = [searcher.k_factor]
   else:
     k_factors = list(TUNE_K_FACTORS)
-  slots = max(int((exact_rows >= 0).sum()), 1)
   tried: list[dict[str, Any]] = []
   reached = []
   for k_factor in k_factors:
@@ -647,9 +651,10 @@ def tune_search(searcher: IndexSearcher, queries: np.ndarray, vectors: Any, *, k
         break                       # no cheaper than a setting with a smaller k_factor
       searcher.set_parameters(nprobe=nprobe, k_factor=k_factor)
       _, candidates = searcher.search(queries, count)
-      recall = sample_recall(queries, select(candidates), exact_rows, source,
-                             searcher.metric)
-      margin = RECALL_MARGIN_SE * math.sqrt(max(recall * (1.0 - recall), 0.0) / slots)
+      per_query = sample_recall(queries, select(candidates), exact_rows, source,
+                                searcher.metric, per_query=True)
+      recall = float(per_query.mean())
+      margin = RECALL_MARGIN_SE * float(per_query.std()) / math.sqrt(len(per_query))
       entry = {"nprobe": nprobe, "k_factor": k_factor, "recall": recall,
                "reached": recall - margin >= target_recall,
                "cost": search_cost(searcher.index, nprobe, k_factor, count)}
