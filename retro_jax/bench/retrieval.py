@@ -11,7 +11,7 @@ Sections (``--sections``, comma-separated):
   default index (``retro_jax.retrieval.index.default_factory``, or ``--factory``), add
   (vectors/s), then ``build_neighbor_map`` for ``--num_queries`` query chunks (queries/s,
   the stage's own code path: choose nprobe / k_factor for ``--target_recall`` on a
-  sample of 1,000 queries unless ``--nprobe`` / ``--k_factor`` are given, search k +
+  sample of 2,000 queries unless ``--nprobe`` / ``--k_factor`` are given, search k +
   extra candidates, select, write the NeMo KNN file) and recall@k of its rows against
   exact search (``IndexFlatIP``) on a seeded subset of ``--recall_queries`` queries.
   The total (train + add + neighbors) is the
@@ -147,7 +147,7 @@ def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int =
                   recall_queries: int = 2000, workdir: Optional[str] = None,
                   progress: bool = True, seed: int = 0,
                   target_recall: Optional[float] = search_lib.DEFAULT_TARGET_RECALL,
-                  tune_queries: int = 1000) -> dict:
+                  tune_queries: int = 2000) -> dict:
   """Train + add + ``build_neighbor_map`` over ``query_vectors``; recall on a subset.
 
   The map chooses nprobe / k_factor for ``target_recall`` on a sample of

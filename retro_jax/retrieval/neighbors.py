@@ -131,7 +131,7 @@ def tune_neighbor_search(query_db: formats.ChunkDB, retrieval_db: formats.ChunkD
                          embed_chunks: Optional[EmbedFn], searcher: search_lib.IndexSearcher,
                          *, k: int, extra: int, exclude_same_document: bool,
                          target_recall: float, db_embeddings=None, query_embeddings=None,
-                         sample_size: int = 1000, seed: int = 0
+                         sample_size: int = 2000, seed: int = 0
                          ) -> Optional[search_lib.SearchTuning]:
   """Chooses ``searcher``'s nprobe / k_factor for ``target_recall`` of the map's rows.
 
@@ -172,7 +172,7 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
                        settings: Optional[dict] = None, merge: bool = True,
                        progress: bool = True, query_embeddings=None,
                        target_recall: Optional[float] = search_lib.DEFAULT_TARGET_RECALL,
-                       db_embeddings=None, tune_queries: int = 1000,
+                       db_embeddings=None, tune_queries: int = 2000,
                        seed: int = 0) -> Optional[str]:
   """Builds this shard's neighbor map (skipped when done); merges when all are done.
 
