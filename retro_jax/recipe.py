@@ -28,8 +28,9 @@ step killed midway resumes from its last checkpoint):
  5. ``sft_data``   instruction data: short-answer QA about the retro-fitting corpus with
                    the top retrieved passages in the prompt, plus the project's chat set;
     ``instructretro`` / ``gpt_instruct``  instruction-tune both (decoder only);
- 6. ``eval``       held-out perplexity (Retro with retrieval, encoder ablated, GPT-fit),
-                   zero-shot QA (exact match / F1) of GPT-Instruct and InstructRetro
+ 6. ``eval``       held-out perplexity and bits per byte (Retro with retrieval, encoder
+                   ablated, GPT-fit), RETRO's analyses (neighbors at evaluation, leakage,
+                   retrieval DB size), zero-shot QA (exact match / F1) of GPT-Instruct and InstructRetro
                    with and without retrieval, and the knowledge update: the facts of
                    some entities are changed in the retrieval DB (re-embedding only the
                    changed chunks, no training) and the answers are checked against the
@@ -39,7 +40,7 @@ step killed midway resumes from its last checkpoint):
 This module is the driver (the steps, their gin files, the run directory, the
 manifest); what a step computes lives in the library: the training run in
 ``retro_jax.training.loop``, perplexity and token classes in
-``retro_jax.evaluation.perplexity``, QA and its paired statistics in
+``retro_jax.evaluation.perplexity``, the analyses in ``retro_jax.evaluation.analyses``, QA and its paired statistics in
 ``retro_jax.evaluation.qa``, the knowledge-update scores and updated DB in
 ``retro_jax.evaluation.knowledge_update``, plots and the report in
 ``retro_jax.evaluation.report``.
@@ -78,6 +79,7 @@ from retro_jax.data import encyclopedia
 from retro_jax.evaluation import knowledge_update as update_lib
 from retro_jax.evaluation import qa as qa_lib
 from retro_jax.evaluation import report as report_lib
+from retro_jax.evaluation.analyses import eval_analyses
 from retro_jax.evaluation.perplexity import db_only_token_classes, eval_perplexity
 from retro_jax.inference.loading import load_generator
 from retro_jax.models import RetroConfig
@@ -113,7 +115,8 @@ EVAL_GIN = "miniature/evaluation.gin"
 CORPUS_GIN = "miniature/corpus.gin"
 RETRIEVAL_GIN = "miniature/retrieval.gin"
 STEPS = ("corpus", "retrieval", "gpt", "retro", "gptfit", "sft_data", "instructretro",
-         "gpt_instruct", "eval_perplexity", "eval_qa", "knowledge_update", "report")
+         "gpt_instruct", "eval_perplexity", "eval_analyses", "eval_qa", "knowledge_update",
+         "report")
 ALL_STEPS = STEPS[:5] + ARMS + STEPS[5:]     # the order, arms included
 # The steps whose outputs each step reads (the run's dependency graph).
 STEP_INPUTS = {
@@ -128,10 +131,11 @@ STEP_INPUTS = {
     "gpt_instruct": ("retrieval", "gptfit", "sft_data"),
     "eval_perplexity": ("corpus", "retrieval", "retro", "gptfit",   # kb.json, heldout
                         "retro_scratch"),
+    "eval_analyses": ("corpus", "retrieval", "retro", "gptfit", "retro_scratch"),
     "eval_qa": ("corpus", "retrieval", "gpt_instruct", "instructretro"),
     "knowledge_update": ("corpus", "retrieval", "retro", "instructretro"),
     "report": ("gpt", "retro", "gptfit", "retro_scratch", "instructretro", "gpt_instruct",
-               "eval_perplexity", "eval_qa", "knowledge_update"),
+               "eval_perplexity", "eval_analyses", "eval_qa", "knowledge_update"),
 }
 
 
@@ -513,6 +517,14 @@ class Recipe:
   def step_gpt_instruct(self):
     return self._sft("gpt_instruct", "gptfit")
 
+  def _eval_checkpoints(self) -> dict[str, str]:
+    """The language models the held-out evaluations score: display name -> MODEL_DIR."""
+    checkpoints = {"Retro": self.layout.model_dir("retro"),
+                   "GPT-fit": self.layout.model_dir("gptfit")}
+    if "retro_scratch" in self.arms:
+      checkpoints[report_lib.SCRATCH_MODEL] = self.layout.model_dir("retro_scratch")
+    return checkpoints
+
   def step_eval_perplexity(self):
     if not self.files.get("heldout"):
       return None, {"reason": "no held-out text"}
@@ -520,11 +532,8 @@ class Recipe:
     classes = db_only_token_classes(os.path.join(self.layout.corpus_dir, "kb.json"),
                                     RetrievalLayout(self.layout.retrieval_dir).vocab_path,
                                     RetroConfig().chunk_length)
-    checkpoints = {"Retro": self.layout.model_dir("retro"),
-                   "GPT-fit": self.layout.model_dir("gptfit")}
-    if "retro_scratch" in self.arms:
-      checkpoints[report_lib.SCRATCH_MODEL] = self.layout.model_dir("retro_scratch")
-    rows = eval_perplexity(output_dir=self.layout.eval_dir, checkpoints=checkpoints,
+    rows = eval_perplexity(output_dir=self.layout.eval_dir,
+                           checkpoints=self._eval_checkpoints(),
                            retrieval_dir=self.layout.retrieval_dir, token_classes=classes)
     outputs = [os.path.join(self.layout.eval_dir, "perplexity.json")]
     info = {"rows": rows}
@@ -533,6 +542,19 @@ class Recipe:
       with open(outputs[-1], encoding="utf-8") as f:
         info["by_class"] = json.load(f)
     return outputs, info
+
+  def step_eval_analyses(self):
+    if not self.files.get("heldout"):
+      return None, {"reason": "no held-out text"}
+    self._eval_gin()
+    output_dir = os.path.join(self.layout.eval_dir, "analyses")
+    results = eval_analyses(output_dir=output_dir, checkpoints=self._eval_checkpoints(),
+                            retrieval_dir=self.layout.retrieval_dir)
+    markdown = os.path.join(output_dir, "analyses.md")
+    return [os.path.join(output_dir, "analyses.json"), markdown], {
+        "markdown": os.path.relpath(markdown, self.layout.root),
+        "notes": results["notes"], "neighbors": results["neighbors"],
+        "db_size": results["db_size"]}
 
   def step_eval_qa(self):
     if not self.files.get("qa_test") or not os.path.isdir(

@@ -47,9 +47,15 @@ def test_every_step_runs_and_is_recorded(miniature_run):
   for model in ("gpt", "retro", "gptfit", "instructretro", "gpt_instruct"):
     assert os.listdir(run_dir / "models" / model / "checkpoints"), model
   report = (run_dir / "report.md").read_text(encoding="utf-8")
-  for heading in ("## Held-out perplexity", "## Zero-shot QA", "## Knowledge update",
-                  "## Time per step"):
+  for heading in ("## Held-out perplexity", "## RETRO's analyses",
+                  "### Neighbors at evaluation", "### Leakage", "### Retrieval DB size",
+                  "## Zero-shot QA", "## Knowledge update", "## Time per step"):
     assert heading in report
+  assert "bits/byte" in report
+  for plot in ("neighbors.png", "leakage.png", "db_size.png"):   # linked from the report
+    assert f"](eval/analyses/{plot})" in report
+    with open(run_dir / "eval" / "analyses" / plot, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n", plot
   for plot in ("loss_pretraining.png", "loss_sft.png", "perplexity.png"):
     with open(run_dir / "plots" / plot, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", plot
@@ -277,6 +283,8 @@ def fake_recipe(tmp_path, monkeypatch):
                       lambda qa_file, retriever, output_path: write(output_path))
   monkeypatch.setattr(recipe.Recipe, "retriever", lambda self: None)
   monkeypatch.setattr(recipe.Recipe, "step_eval_perplexity", fake_step("eval/perplexity.json"))
+  monkeypatch.setattr(recipe.Recipe, "step_eval_analyses",
+                      fake_step("eval/analyses/analyses.json"))
   monkeypatch.setattr(recipe.Recipe, "step_eval_qa", fake_step("eval/qa.json"))
   monkeypatch.setattr(recipe.Recipe, "step_knowledge_update",
                       fake_step("eval/knowledge_update/knowledge_update.json"))
@@ -296,7 +304,8 @@ def ran(log):
 
 
 ALL = ["corpus", "retrieval", "gpt", "retro", "gptfit", "sft_data", "instructretro",
-       "gpt_instruct", "eval_perplexity", "eval_qa", "knowledge_update", "report"]
+       "gpt_instruct", "eval_perplexity", "eval_analyses", "eval_qa", "knowledge_update",
+       "report"]
 
 
 def finished_run(fake_recipe, tmp_path):
@@ -311,7 +320,7 @@ def test_clean_rerun_runs_only_the_report(fake_recipe, tmp_path):
   again = fake_recipe()
   again.run()
   assert ran(again.log) == ["report"]          # the report is always rewritten
-  assert sum(line.endswith("done (skipped)") for line in again.log) == 11
+  assert sum(line.endswith("done (skipped)") for line in again.log) == 12
   manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
   recorded = manifest["done"]["retro"]["fingerprints"]
   assert set(recorded["inputs"]) == {"retrieval", "gpt"}
@@ -326,7 +335,7 @@ def test_arm_runs_after_gptfit_and_feeds_the_evaluation(fake_recipe, tmp_path):
   shutil.rmtree(tmp_path / "run" / "models" / "retro_scratch")
   again = fake_recipe(arms=["retro_scratch"])
   again.run()
-  assert ran(again.log) == ["retro_scratch", "eval_perplexity", "report"]
+  assert ran(again.log) == ["retro_scratch", "eval_perplexity", "eval_analyses", "report"]
   assert "[recipe] eval_perplexity: input retro_scratch changed" in again.log
   with pytest.raises(ValueError, match="unknown arms"):
     fake_recipe(arms=["nope"])
@@ -340,7 +349,8 @@ def test_deleted_output_reruns_its_step_and_exactly_the_steps_downstream(
   shutil.rmtree(run / "models" / "gptfit")
   again = fake_recipe()
   again.run()
-  assert ran(again.log) == ["gptfit", "gpt_instruct", "eval_perplexity", "eval_qa",
+  assert ran(again.log) == ["gptfit", "gpt_instruct", "eval_perplexity", "eval_analyses",
+                            "eval_qa",
                             "report"]
   assert "[recipe] gptfit: output models/gptfit/checkpoints missing" in again.log
   assert "[recipe] gpt_instruct: input gptfit changed" in again.log
@@ -366,7 +376,8 @@ def test_emptied_output_directory_is_missing(fake_recipe, tmp_path):
   again = fake_recipe()
   again.run()
   assert "[recipe] retro: output models/retro/checkpoints missing" in again.log
-  assert ran(again.log) == ["retro", "instructretro", "eval_perplexity", "eval_qa",
+  assert ran(again.log) == ["retro", "instructretro", "eval_perplexity", "eval_analyses",
+                            "eval_qa",
                             "knowledge_update", "report"]
 
 

@@ -59,7 +59,7 @@ from retro_jax.evaluation import db_subsets
 from retro_jax.evaluation import leakage
 from retro_jax.evaluation.bits_per_byte import token_byte_lengths, with_bits_per_byte
 from retro_jax.evaluation.perplexity import count_target_bytes
-from retro_jax.evaluation.report import markdown_table
+from retro_jax.evaluation.report import markdown_table, pyplot, save_png
 from retro_jax.models import RetroConfig
 from retro_jax.models import partitioning
 from retro_jax.retrieval import formats
@@ -70,7 +70,7 @@ from retro_jax.retrieval.layout import RetrievalLayout
 from retro_jax.retrieval.pipeline import documents_are_prefix
 from retro_jax.training import checkpoints as ckpt_lib
 from retro_jax.training.trainer import Evaluator
-from retro_jax.utils.io import atomic_path, atomic_write_json, atomic_write_text
+from retro_jax.utils.io import atomic_write_json, atomic_write_text
 
 ANALYSES = ("neighbors", "leakage", "db_size")
 ALL_TARGETS = "all targets"
@@ -266,24 +266,10 @@ def db_size_maps(layout: RetrievalLayout, split: str, output_dir: str,
 # Plots and tables -------------------------------------------------------------------------
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
-
-
-def _save(fig, path: str) -> str:
-  with atomic_path(path) as tmp:
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-  _pyplot().close(fig)
-  return path
-
-
 def _plot_lines(series: Mapping[str, tuple[list, list]], path: str, *, xlabel: str,
                 ylabel: str, title: str, logx: bool = False,
                 hlines: Optional[Mapping[str, float]] = None) -> str:
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   for label, (xs, ys) in series.items():
     ax.plot(xs, ys, marker="o", label=label)
@@ -296,12 +282,12 @@ def _plot_lines(series: Mapping[str, tuple[list, list]], path: str, *, xlabel: s
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def _plot_leakage(rows: Sequence[Mapping[str, Any]], buckets: Sequence[str], path: str
                   ) -> str:
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(8, 4))
   runs = list(dict.fromkeys((r["model"], r["mode"]) for r in rows))
   width = 0.8 / max(len(runs), 1)
@@ -316,7 +302,7 @@ def _plot_leakage(rows: Sequence[Mapping[str, Any]], buckets: Sequence[str], pat
   ax.set_title("Loss by the chunk's overlap with its neighbors (RETRO §4.4)")
   ax.grid(axis="y", alpha=0.3)
   ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def _table(rows: Sequence[Mapping[str, Any]], columns) -> str:

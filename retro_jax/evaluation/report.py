@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Mapping, Optional, Sequence
 
 from retro_jax.training.trainer import read_metrics
@@ -27,17 +28,19 @@ CLASS_COLUMNS = (("class", "target tokens"), ("model", "model"), ("mode", "mode"
                  ("loss", "loss"), ("accuracy", "token accuracy"), ("tokens", "tokens"))
 
 
-def _pyplot():
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (no display; imported on first use)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
 
 
-def _save(fig, path: str) -> str:
+def save_png(fig, path: str) -> str:
+  """Writes ``fig`` to ``path`` as PNG (atomically) and closes it; returns ``path``."""
   with atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-  _pyplot().close(fig)
+  pyplot().close(fig)
   return path
 
 
@@ -59,7 +62,7 @@ def plot_loss_curves(runs: Mapping[str, str], path: str, *,
     runs: display name -> MODEL_DIR (runs without metrics are skipped).
     offsets: display name -> step offset (e.g. a retro-fit run continues a GPT run).
   """
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   for name, model_dir in runs.items():
     offset = (offsets or {}).get(name, 0)
@@ -76,13 +79,13 @@ def plot_loss_curves(runs: Mapping[str, str], path: str, *,
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def plot_perplexity(rows: Sequence[Mapping[str, Any]], path: str, *,
                     title: str = "Held-out perplexity by mode") -> str:
   """Bar chart of ``rows`` from ``evaluation.perplexity.perplexity_table``."""
-  plt = _pyplot()
+  plt = pyplot()
   labels = [f"{r['model']}\n{r['mode']}" for r in rows]
   values = [float(r["perplexity"]) for r in rows]
   fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(rows)), 4))
@@ -94,7 +97,7 @@ def plot_perplexity(rows: Sequence[Mapping[str, Any]], path: str, *,
   ax.set_ylabel("perplexity")
   ax.set_title(title)
   ax.grid(axis="y", alpha=0.3)
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Sequence[str]]
@@ -123,6 +126,23 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Sequence
 
 
 # The recipe's report -------------------------------------------------------------
+
+
+def _embedded_markdown(path: str, report_dir: str) -> list[str]:
+  """The lines of a markdown file below its title, headings one level down and image
+  links made relative to ``report_dir``."""
+  where = os.path.relpath(os.path.dirname(path), report_dir)
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().splitlines()
+  if lines and lines[0].startswith("# "):
+    lines = lines[1:]
+  out = []
+  for line in lines:
+    if line.startswith("#"):
+      line = "#" + line
+    out.append(re.sub(r"!\[([^\]]*)\]\(([^)/]+)\)",
+                      lambda m: f"![{m.group(1)}]({where}/{m.group(2)})", line))
+  return out + [""]
 
 
 def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[str, str],
@@ -197,8 +217,9 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
     lines += ["## Held-out perplexity", "", heldout, ""] + _retrieval_gain(ppl) + [
               markdown_table(ppl, (
                   ("model", "model"), ("mode", "mode"), ("loss", "loss"),
-                  ("perplexity", "perplexity"), ("accuracy", "token accuracy"),
-                  ("tokens", "tokens"))), "", "![perplexity](plots/perplexity.png)", ""]
+                  ("perplexity", "perplexity"), ("bpb", "bits/byte"),
+                  ("accuracy", "token accuracy"), ("tokens", "tokens"))), "",
+              "![perplexity](plots/perplexity.png)", ""]
   by_class = info("eval_perplexity").get("by_class")
   if by_class:
     lines += ["Where the difference comes from: the loss on the held-out targets that are "
@@ -207,6 +228,10 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
               "repeated, where the document itself can), names of db-only entities (first "
               "and repeated mentions), and all other tokens.",
               "", markdown_table(by_class, CLASS_COLUMNS), ""]
+  analyses = info("eval_analyses").get("markdown")
+  if analyses and os.path.exists(os.path.join(run_dir, analyses)):
+    lines += ["## RETRO's analyses", ""] + _embedded_markdown(
+        os.path.join(run_dir, analyses), os.path.dirname(report_path))
   qa = info("eval_qa").get("rows")
   if qa:
     lines += ["## Zero-shot QA on facts that are only in the retrieval DB", "",
