@@ -4,6 +4,7 @@ and the session's one run of the smallest miniature recipe (``miniature_run``)."
 import os
 import sys
 
+import gin
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -14,6 +15,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import recipe_fixture  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture
+def clean_gin():
+  """No gin bindings before or after the test (``pytestmark = pytest.mark.usefixtures(
+  "clean_gin")`` in a module whose tests parse gin files)."""
+  gin.clear_config()
+  yield
+  gin.clear_config()
 
 
 @pytest.fixture(scope="session")

@@ -47,11 +47,7 @@ TURN = ("User: Answer the following question with a short span. which river flow
         "through zorbia\n\nAssistant: The answer is")
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 @pytest.fixture(scope="module")

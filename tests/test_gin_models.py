@@ -11,11 +11,7 @@ from retro_jax.models import RetroConfig, init_params, param_count
 from retro_jax.utils import gin_utils
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def _config_from(name: str) -> RetroConfig:

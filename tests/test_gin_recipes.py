@@ -35,11 +35,7 @@ SMALL = ["RetroConfig.hidden_size = 32", "RetroConfig.num_layers = 1",
          "BATCH_SIZE = 8", "LOG_EVERY = 1", "EVAL_EVERY = 0", "EVAL_BATCHES = 2"]
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 @pytest.fixture(scope="module")

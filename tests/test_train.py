@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import flax.linen as nn
-import gin
 import jax
 import numpy as np
 import pytest
@@ -26,11 +25,7 @@ pytestmark = pytest.mark.slow  # see pytest.ini
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def _losses(model_dir, split="train"):

@@ -6,7 +6,6 @@ import dataclasses
 import math
 import os
 
-import gin
 import jax
 import numpy as np
 import optax
@@ -22,11 +21,7 @@ from train_fixture import CONFIG, OPT, source as _source
 
 
 
-@pytest.fixture(autouse=True)
-def _clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def _run(model_dir, optimizer_config, train_steps, **kwargs):
