@@ -245,3 +245,40 @@ def test_neighbor_map_tunes_its_search_and_records_it(tmp_path, db_vectors):
                        str(tmp_path / "nn2"), exclude_same_document=False,
                        query_embeddings=queries, db_embeddings=db_vectors,
                        target_recall=0.99, tune_queries=200, progress=False)
+
+
+def test_a_begun_map_keeps_its_search_parameters_without_tuning_again(
+    tmp_path, db_vectors, monkeypatch):
+  query_db, db = _vector_dbs(tmp_path, len(db_vectors), 2000)
+  queries = _clustered(query_db.num_chunks, seed=5)
+  out = str(tmp_path / "nn")
+  build = lambda searcher, **kw: build_neighbor_map(
+      query_db, db, None, searcher, out, k=2, extra=8, exclude_same_document=False,
+      query_embeddings=queries, db_embeddings=db_vectors, tune_queries=400,
+      progress=False, **kw)
+  first = _searcher("IVF256,Flat", db_vectors)
+  path = build(first, target_recall=0.9)
+  rows = formats.NeighborMap(path)[0:query_db.num_chunks]
+  import retro_jax.retrieval.neighbors as neighbors_lib   # pylint: disable=g-import-not-at-top
+
+  def no_tuning(*args, **kwargs):
+    raise AssertionError("tuned again")
+  monkeypatch.setattr(neighbors_lib, "tune_neighbor_search", no_tuning)
+  again = _searcher("IVF256,Flat", db_vectors)
+  assert build(again, target_recall=0.9) == path                  # resumed: done, no tuning
+  assert again.parameters == first.parameters
+  np.testing.assert_array_equal(formats.NeighborMap(path)[0:query_db.num_chunks], rows)
+  # Another target is another map: refused here, as any other setting is.
+  monkeypatch.undo()
+  with pytest.raises(ValueError, match="made with settings"):
+    build(_searcher("IVF256,Flat", db_vectors), target_recall=0.6)
+  # A map recorded before target recalls existed (a fixed nprobe) is kept as it is.
+  with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
+    manifest = json.load(f)
+  del manifest["settings"]["target_recall"]
+  manifest["settings"]["nprobe"] = 5
+  with open(os.path.join(out, "manifest.json"), "w", encoding="utf-8") as f:
+    json.dump(manifest, f)
+  monkeypatch.setattr(neighbors_lib, "tune_neighbor_search", no_tuning)
+  old = _searcher("IVF256,Flat", db_vectors)
+  assert build(old) == path and old.nprobe == 5

@@ -32,9 +32,10 @@ a manifest; finished shards are skipped on a re-run, and a killed shard leaves n
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from absl import logging
 import numpy as np
@@ -165,6 +166,32 @@ def tune_neighbor_search(query_db: formats.ChunkDB, retrieval_db: formats.ChunkD
                                 target_recall=target_recall, select=select)
 
 
+def _recorded_search(output_dir: str, search: Any, target_recall: Optional[float],
+                     query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB
+                     ) -> Optional[dict]:
+  """The settings of a neighbor map begun in ``output_dir`` for the same DBs whose
+  search parameters a tunable ``search`` should take over: recorded for the same
+  ``target_recall``, or before target recalls existed (fixed nprobe / k_factor).
+  None when there is none, or when the target changed (the map is then refused as
+  built with other settings)."""
+  path = os.path.join(output_dir, Manifest.FILENAME)
+  if target_recall is None or not search_lib.is_tunable(search) or not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      settings = json.load(f).get("settings")
+  except (OSError, ValueError):
+    return None                      # Manifest reports a corrupt file
+  if not isinstance(settings, dict) or "nprobe" not in settings:
+    return None
+  if settings.get("target_recall", target_recall) != target_recall:
+    return None
+  if (settings.get("query_db") != formats.db_fingerprint(query_db)
+      or settings.get("retrieval_db") != formats.db_fingerprint(retrieval_db)):
+    return None                      # other inputs: the map is redone, tuned afresh
+  return settings
+
+
 def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
                        embed_chunks: EmbedFn, search: SearchFn, output_dir: str, *,
                        k: int = 2, extra: int = 8, exclude_same_document: bool = True,
@@ -207,16 +234,28 @@ def build_neighbor_map(query_db: formats.ChunkDB, retrieval_db: formats.ChunkDB,
       raise ValueError(f"query_embeddings: {rows} rows for the {query_db.num_chunks} "
                        f"chunks of {query_db.idx_path}")
   tuning = None
-  if target_recall is not None:
+  recorded = _recorded_search(output_dir, search, target_recall, query_db, retrieval_db)
+  if recorded is not None:
+    # This directory's map (or some of its shards) was searched with these parameters:
+    # every shard and every resume keeps them, without searching the tuning sample again.
+    search.set_parameters(**{key: recorded[key] for key in ("nprobe", "k_factor")
+                             if key in recorded and key not in search.explicit})
+    logging.info("neighbors: search parameters %s as recorded in %s", search.parameters,
+                 output_dir)
+    target_recall = recorded.get("target_recall")
+  elif target_recall is not None:
     tuning = tune_neighbor_search(
         query_db, retrieval_db, embed_chunks, search, k=k, extra=extra,
         exclude_same_document=exclude_same_document, target_recall=target_recall,
         db_embeddings=db_embeddings, query_embeddings=query_embeddings,
         sample_size=tune_queries, seed=seed)
   searched_with = {}
-  if tuning is not None:
+  if tuning is not None or recorded is not None:
     # The parameters searched with (deterministic), over any the caller recorded.
-    searched_with = dict(search.parameters, target_recall=target_recall)
+    searched_with = dict(search.parameters)
+    if target_recall is not None:
+      searched_with["target_recall"] = target_recall
+  if tuning is not None:
     logging.info("neighbors: search parameters %s chosen for recall %.3f: %.4f on %d "
                  "sample query chunks", search.parameters, target_recall, tuning.recall,
                  tuning.sample)
