@@ -62,6 +62,7 @@ def test_the_train_step_must_call_cudnn_flash_attention(tmp_path):
     gpu_check.check_train(gpu_check.DRY, False, str(tmp_path / "empty"))
 
 
+@pytest.mark.slow   # a subprocess that compiles two models (~14 s)
 def test_dry_run_train_prints_one_table_from_the_dumped_hlo(tmp_path):
   proc = _run("--dry_run", "--parts=devices,train", f"--dump_dir={tmp_path}")
   assert proc.returncode == 0, proc.stderr[-3000:]
