@@ -136,6 +136,8 @@ def _embedded_markdown(path: str, report_dir: str) -> list[str]:
     lines = f.read().splitlines()
   if lines and lines[0].startswith("# "):
     lines = lines[1:]
+  while lines and not lines[0].strip():
+    lines = lines[1:]
   out = []
   for line in lines:
     if line.startswith("#"):
