@@ -342,3 +342,13 @@ def test_errors_name_the_argument():
     generator.generate_tokens([[3] * 5], max_new_tokens=2, neighbors=LiveNeighbors(wrong_r))
   assert bucket_length(5, 4) == 8 and bucket_length(64, 64) == 64
   assert bucket_length(17 * 64, 64) == 32 * 64
+
+
+@pytest.mark.parametrize("name", ["rope_mha", "learned_gqa"])
+def test_one_query_attention_reducing_in_the_cache_layout_equals_full_forward(
+    name, monkeypatch):
+  # Large caches take the multiply + reduce path (layers.ONE_QUERY_REDUCE_MIN); force it
+  # here, with live retrieval so that the CCA caches take it too.
+  from retro_jax.models import layers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(layers, "ONE_QUERY_REDUCE_MIN", 0)
+  _check_against_full_forward(CONFIGS[name], [1, 8, 3, 7], 9, True)

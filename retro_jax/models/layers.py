@@ -140,6 +140,12 @@ def apply_rope(x: Array, positions: Array, rotary_dims: int, theta: float) -> Ar
 # Attention -------------------------------------------------------------------------
 
 
+# Cache elements ([batch, kv_length, kv_heads, head_dim]) from which one-query attention
+# reduces in the cache's own layout instead of copying it for a dot (docs/benchmarks.md,
+# "Batch 16 after the decoding-attention fix").
+ONE_QUERY_REDUCE_MIN = 1 << 20
+
+
 def dot_product_attention(query: Array, key: Array, value: Array, *,
                           mask: Optional[Array] = None, is_causal: bool = False,
                           sliding_window: Optional[int] = None,
@@ -155,10 +161,10 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
   [heads, q, kv] matrix: issue 18); None picks 'einsum' on CPU and
   ``jax.nn.dot_product_attention``'s best (cuDNN flash for bf16/fp16 on GPU)
   elsewhere. Attention-probability dropout (training only) always takes 'einsum'.
-  With one query per example (a decoding step) 'einsum' multiplies and reduces instead
-  of two dots: a dot would first copy each [batch, kv_length, heads, head_dim] cache
-  to a heads-major layout, every step and layer, and the step is bound by reading the
-  caches once (issue 18).
+  With one query per example (a decoding step) over a large cache, 'einsum' multiplies
+  and reduces instead of two dots: a dot would first copy each [batch, kv_length,
+  heads, head_dim] cache to a heads-major layout, every step and layer (issue 18;
+  below ``ONE_QUERY_REDUCE_MIN`` elements the copy is cheaper than the reduction).
 
   Args:
     query: [batch, q_length, heads, head_dim].
@@ -181,7 +187,8 @@ def dot_product_attention(query: Array, key: Array, value: Array, *,
     if heads != kv_heads:
       key = jnp.repeat(key, heads // kv_heads, axis=2)
       value = jnp.repeat(value, heads // kv_heads, axis=2)
-    one_query = query.shape[1] == 1 and not dropout
+    one_query = (query.shape[1] == 1 and not dropout
+                 and math.prod(key.shape) >= ONE_QUERY_REDUCE_MIN)
     if one_query:   # [b, 1, h, d] x [b, k, h, d] -> [b, h, 1, k], reading the cache once
       logits = jnp.sum(query.astype(jnp.float32) * key.astype(jnp.float32), axis=-1)
       logits = jnp.transpose(logits, (0, 2, 1))[:, :, None, :]
