@@ -20,12 +20,10 @@ from retro_jax.training.optimizers import OptimizerConfig
 from retro_jax.training.trainer import Trainer, read_metrics
 from train_fixture import CONFIG, OPT, source as _source
 
-pytestmark = pytest.mark.slow  # see pytest.ini
+pytestmark = [pytest.mark.slow,  # see pytest.ini
+              pytest.mark.usefixtures("clean_gin")]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-pytestmark = pytest.mark.usefixtures("clean_gin")
 
 
 def _losses(model_dir, split="train"):
