@@ -50,6 +50,26 @@ def test_manifest_rejects_other_settings_and_missing_outputs(tmp_path):
   assert not Manifest(str(tmp_path), {"k": 1}).is_done("a")
 
 
+def test_manifest_read_settings_names_the_file_and_the_stage(tmp_path):
+  d = tmp_path / "built"
+  with pytest.raises(FileNotFoundError, match=r"manifest\.json: no index build in .*built; run x"):
+    Manifest.read_settings(d, stage="index", what="index", hint="; run x")
+  m = Manifest(str(d), {"stage": "index", "n": 3})
+  m.mark_done("a", [])
+  assert Manifest.read_settings(d) == {"n": 3, "stage": "index"}
+  assert Manifest.load(d, stage="index").is_done("a")
+  with pytest.raises(ValueError, match=r"manifest\.json: not a chunk DB build \(stage 'index'\)"):
+    Manifest.read_settings(d, stage="chunk_db", what="chunk DB")
+  with pytest.raises(ValueError, match="not an embeddings build"):
+    Manifest.load(d, stage="embeddings", what="embeddings")
+  (d / "manifest.json").write_text('{"settings": ')
+  with pytest.raises(ValueError, match=r"manifest\.json: corrupt manifest"):
+    Manifest.read_settings(d)
+  (d / "manifest.json").write_text('[1]')
+  with pytest.raises(ValueError, match="no settings object"):
+    Manifest.read_settings(d)
+
+
 def test_read_jsonl_names_the_line_and_tolerates_only_a_torn_tail(tmp_path):
   from retro_jax.utils.io import read_jsonl
   path = tmp_path / "rows.jsonl"

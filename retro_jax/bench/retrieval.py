@@ -68,6 +68,7 @@ from retro_jax.retrieval import search as search_lib
 from retro_jax.retrieval.embedders import load_embedder
 from retro_jax.retrieval.neighbors import build_neighbor_map
 from retro_jax.utils import stages
+from retro_jax.utils.io import Manifest
 
 
 # ----------------------------------------------------------------------------------
@@ -174,11 +175,11 @@ def index_section(db_vectors: np.ndarray, query_vectors: np.ndarray, *, k: int =
                                 train_size=train_size, seed=seed, progress=progress,
                                 use_gpu="auto")
   build_seconds = time.perf_counter() - began
-  with open(os.path.join(workdir, "index", "manifest.json"), encoding="utf-8") as f:
-    manifest = json.load(f)
-  done, built_settings = manifest["done"], manifest["settings"]
-  train_seconds = done["trained"]["info"]["seconds"]
-  add_seconds = done[stages.shard_name(0, 1, index_lib.SHARD_SUFFIX)]["info"]["seconds"]
+  manifest = Manifest.load(os.path.join(workdir, "index"), stage=index_lib.STAGE,
+                           what="index", input_keys=index_lib.INPUT_KEYS)
+  built_settings = manifest.settings
+  train_seconds = manifest.info("trained")["seconds"]
+  add_seconds = manifest.info(stages.shard_name(0, 1, index_lib.SHARD_SUFFIX))["seconds"]
   index = search_lib.open_index(built.index_path)
   refine = db_vectors if search_lib.needs_refine(index) else None
   searcher = search_lib.IndexSearcher(index, nprobe=nprobe, ef_search=ef_search,

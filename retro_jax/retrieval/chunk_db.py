@@ -44,7 +44,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 import time
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -287,28 +286,17 @@ def _write_shard(corpus: corpus_lib.Corpus, tokenizer: Tokenizer, prefix: str, *
 
 
 def _load_manifest(output_dir: str) -> Manifest:
-  path = os.path.join(output_dir, Manifest.FILENAME)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no chunk DB build in {output_dir}")
-  with open(path, encoding="utf-8") as f:
-    settings = json.load(f).get("settings", {})
-  if settings.get("stage") != STAGE:
-    raise ValueError(f"{path}: not a chunk DB build (stage {settings.get('stage')!r})")
-  return Manifest(output_dir, settings)
+  return Manifest.load(output_dir, stage=STAGE, what="chunk DB")
 
 
 def built_ids(db_prefix: str | os.PathLike) -> tuple[Optional[int], Optional[int]]:
   """``(pad_id, eod_id)`` a DB built by this stage was written with (its manifest);
   ``(None, None)`` for a DB without a chunk-stage manifest beside it (``eod_id`` is
   None also for a build with ``append_eod=False``)."""
-  path = os.path.join(os.path.dirname(os.fspath(formats.chunk_db_paths(db_prefix)[0])),
-                      Manifest.FILENAME)
+  directory = os.path.dirname(os.fspath(formats.chunk_db_paths(db_prefix)[0]))
   try:
-    with open(path, encoding="utf-8") as f:
-      settings = json.load(f).get("settings", {})
+    settings = Manifest.read_settings(directory, stage=STAGE)
   except (OSError, ValueError):
-    return None, None
-  if settings.get("stage") != STAGE:
     return None, None
   pad, eod = settings.get("pad_id"), settings.get("eod_id")
   return (None if pad is None else int(pad)), (None if eod is None else int(eod))

@@ -80,7 +80,6 @@ import bisect
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
 import struct
@@ -1142,19 +1141,11 @@ class Embeddings:
 
   def __init__(self, output_dir: str):
     self.output_dir = os.fspath(output_dir)
-    path = os.path.join(self.output_dir, Manifest.FILENAME)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: no embeddings build in {self.output_dir} (run "
-                              "`python -m retro_jax.retrieval.embeddings`)")
-    with open(path, encoding="utf-8") as f:
-      try:
-        data = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: corrupt manifest ({e})") from e
-    self.settings = settings = data.get("settings", {})
-    if settings.get("stage") != EMBEDDINGS_STAGE:
-      raise ValueError(f"{path}: not an embeddings build (stage {settings.get('stage')!r})")
+    self.settings = settings = Manifest.read_settings(
+        self.output_dir, stage=EMBEDDINGS_STAGE, what="embeddings",
+        hint=" (run `python -m retro_jax.retrieval.embeddings`)")
     manifest = Manifest(self.output_dir, settings)
+    path = manifest.path
     num_shards = int(settings["num_shards"])
     names = [stages.shard_name(s, num_shards, EMBEDDINGS_SHARD_SUFFIX)
              for s in range(num_shards)]

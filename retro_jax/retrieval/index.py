@@ -65,7 +65,6 @@ Python::
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -416,14 +415,7 @@ def build_index(embeddings: Any, output_dir: str, *, factory: Optional[str] = No
 
 
 def _load_manifest(output_dir: str) -> Manifest:
-  path = os.path.join(output_dir, Manifest.FILENAME)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no index build in {output_dir}")
-  with open(path, encoding="utf-8") as f:
-    settings = json.load(f).get("settings", {})
-  if settings.get("stage") != STAGE:
-    raise ValueError(f"{path}: not an index build (stage {settings.get('stage')!r})")
-  return Manifest(output_dir, settings, INPUT_KEYS)
+  return Manifest.load(output_dir, stage=STAGE, what="index", input_keys=INPUT_KEYS)
 
 
 @gin.configurable

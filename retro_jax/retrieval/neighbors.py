@@ -32,7 +32,6 @@ a manifest; finished shards are skipped on a re-run, and a killed shard leaves n
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, Optional
@@ -174,15 +173,13 @@ def _recorded_search(output_dir: str, search: Any, target_recall: Optional[float
   ``target_recall``, or before target recalls existed (fixed nprobe / k_factor).
   None when there is none, or when the target changed (the map is then refused as
   built with other settings)."""
-  path = os.path.join(output_dir, Manifest.FILENAME)
-  if target_recall is None or not search_lib.is_tunable(search) or not os.path.exists(path):
+  if target_recall is None or not search_lib.is_tunable(search):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      settings = json.load(f).get("settings")
+    settings = Manifest.read_settings(output_dir)
   except (OSError, ValueError):
-    return None                      # Manifest reports a corrupt file
-  if not isinstance(settings, dict) or "nprobe" not in settings:
+    return None                      # none, or corrupt: Manifest reports it on opening
+  if "nprobe" not in settings:
     return None
   if settings.get("target_recall", target_recall) != target_recall:
     return None

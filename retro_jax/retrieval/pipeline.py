@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -418,7 +417,7 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
       "index_factory": built.factory, "metric": built.metric,
       "nprobe": searcher.nprobe, "ef_search": searcher.ef_search,
       "k_factor": searcher.k_factor,
-      "train_size": _manifest_settings(layout.index_dir).get("train_size"),
+      "train_size": Manifest.read_settings(layout.index_dir).get("train_size"),
       "seed": seed, "num_shards": num_shards,
       "retrieval_db": {"num_docs": retrieval_db.num_docs,
                        "num_chunks": retrieval_db.num_chunks},
@@ -433,11 +432,6 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
                  stages=[dataclasses.asdict(r) for r in reports])
   _print_summary(layout, reports, total)
   return summary
-
-
-def _manifest_settings(directory: str) -> dict:
-  with open(os.path.join(directory, Manifest.FILENAME), encoding="utf-8") as f:
-    return json.load(f)["settings"]
 
 
 def _load_embedder(embedder: Any) -> Any:

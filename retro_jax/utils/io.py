@@ -282,6 +282,42 @@ class Manifest:
       fcntl.flock(fd, fcntl.LOCK_UN)
       os.close(fd)
 
+  @classmethod
+  def read_settings(cls, directory: str | os.PathLike, *, stage: str | None = None,
+                    what: str = "", hint: str = "") -> dict[str, Any]:
+    """The settings recorded in ``<directory>/manifest.json``, without opening it.
+
+    Raises ``FileNotFoundError`` naming the file when there is none ("no <what> build
+    in <directory>", then ``hint``), ``ValueError`` naming it when it is corrupt, and,
+    with ``stage``, when its recorded ``settings["stage"]`` is another (a directory of
+    another stage).
+    """
+    directory = os.fspath(directory)
+    path = os.path.join(directory, cls.FILENAME)
+    what = what or stage or "stage"
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: no {what} build in {directory}{hint}")
+    with open(path, encoding="utf-8") as f:
+      try:
+        data = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt manifest ({e})") from e
+    settings = data.get("settings") if isinstance(data, dict) else None
+    if not isinstance(settings, dict):
+      raise ValueError(f"{path}: corrupt manifest (no settings object)")
+    if stage is not None and settings.get("stage") != stage:
+      article = "an" if what[:1].lower() in "aeiou" else "a"
+      raise ValueError(f"{path}: not {article} {what} build (stage {settings.get('stage')!r})")
+    return settings
+
+  @classmethod
+  def load(cls, directory: str | os.PathLike, *, stage: str, what: str = "", hint: str = "",
+           input_keys: Sequence[str] = ()) -> "Manifest":
+    """The manifest of a ``stage`` build in ``directory``, opened with the settings it
+    recorded (errors as ``read_settings``)."""
+    settings = cls.read_settings(directory, stage=stage, what=what, hint=hint)
+    return cls(directory, settings, input_keys)
+
   @property
   def done_units(self) -> list[str]:
     return sorted(u for u in self._done if self.is_done(u))
