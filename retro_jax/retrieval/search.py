@@ -594,11 +594,12 @@ def tune_search(searcher: IndexSearcher, queries: np.ndarray, vectors: Any, *, k
 
   The sample's exact answers come from brute force over ``vectors`` (the indexed
   embeddings, ``exact_search``). For every k_factor (1, 2, 4, 8 when re-ranking; the
-  given one otherwise) the smallest nprobe of 1, 2, 4, ..., nlist whose rows reach the
-  target (sample recall minus ``RECALL_MARGIN_SE`` standard errors of the per-query
-  recalls' mean: the rows of a query are not independent) is found; of
-  those, the one of least ``search_cost`` is set on the searcher
-  (ties: the smaller k_factor). Parameters given to the searcher (``explicit``) are
+  given one otherwise; largest first) the smallest nprobe of 1, 2, 4, ..., nlist whose
+  rows reach the target (sample recall minus ``RECALL_MARGIN_SE`` standard errors of
+  the per-query recalls' mean: the rows of a query are not independent) is found,
+  skipping what cannot win (fewer probes than a larger k_factor needed, or a cost above
+  a setting already reached); of those, the one of least ``search_cost`` is set on the
+  searcher (ties: the smaller k_factor). Parameters given to the searcher (``explicit``) are
   kept. Deterministic: the same sample and index choose the same parameters in every
   shard.
 
@@ -643,12 +644,21 @@ def tune_search(searcher: IndexSearcher, queries: np.ndarray, vectors: Any, *, k
     k_factors = [searcher.k_factor]
   else:
     k_factors = list(TUNE_K_FACTORS)
+  # Largest k_factor first: recall grows with nprobe and with k_factor (a larger one
+  # re-ranks a superset of the candidates), so a smaller k_factor cannot reach the target
+  # with fewer probes than a larger one needed, and a setting dearer than one already
+  # reached cannot be chosen: each ladder starts where the last one reached and stops at
+  # the cost of the cheapest setting reached so far.
+  k_factors.sort(key=lambda f: -(f or 0))
   tried: list[dict[str, Any]] = []
-  reached = []
+  reached: list[dict[str, Any]] = []
+  start = 0
   for k_factor in k_factors:
-    for nprobe in ladder:
-      if reached and nprobe >= min(r["nprobe"] for r in reached):
-        break                       # no cheaper than a setting with a smaller k_factor
+    for rung in range(start, len(ladder)):
+      nprobe = ladder[rung]
+      cost = search_cost(searcher.index, nprobe, k_factor, count)
+      if reached and cost > min(r["cost"] for r in reached):
+        break
       searcher.set_parameters(nprobe=nprobe, k_factor=k_factor)
       _, candidates = searcher.search(queries, count)
       per_query = sample_recall(queries, select(candidates), exact_rows, source,
@@ -656,12 +666,14 @@ def tune_search(searcher: IndexSearcher, queries: np.ndarray, vectors: Any, *, k
       recall = float(per_query.mean())
       margin = RECALL_MARGIN_SE * float(per_query.std()) / math.sqrt(len(per_query))
       entry = {"nprobe": nprobe, "k_factor": k_factor, "recall": recall,
-               "reached": recall - margin >= target_recall,
-               "cost": search_cost(searcher.index, nprobe, k_factor, count)}
+               "reached": recall - margin >= target_recall, "cost": cost}
       tried.append(entry)
       if entry["reached"]:
         reached.append(entry)
+        start = rung
         break
+    else:
+      break                         # the whole ladder missed: smaller k_factors miss too
   if not reached:
     best = max(tried, key=lambda e: e["recall"])
     searcher.set_parameters(nprobe=best["nprobe"], k_factor=best["k_factor"])
