@@ -1,6 +1,7 @@
 """The Flax sentence encoder against sentence-transformers on the real all-MiniLM-L6-v2."""
 
 import json
+import math
 import os
 
 import jax
@@ -104,6 +105,11 @@ def test_plan_batches_covers_every_text_once():
       embedders.default_buckets(256))
   with pytest.raises(ValueError, match="more than the largest bucket"):
     plan_batches([300], (16, 256), 1024, 8)
+  # Batches of any size take few shapes: full, or a power of two (a multiple of 8).
+  for rows, multiple in ((21, 1), (64, 8), (12, 1)):
+    shapes = {embedders._round_rows(n, rows, multiple) for n in range(1, rows + 1)}
+    assert len(shapes) <= math.log2(rows) + 2
+    assert all(embedders._round_rows(n, rows, multiple) >= n for n in range(1, rows + 1))
 
 
 @pytest.mark.parametrize("modes", [("cls",), ("max",), ("mean", "mean_sqrt_len_tokens"),

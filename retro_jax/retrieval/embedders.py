@@ -81,16 +81,13 @@ def default_buckets(max_seq_length: int) -> tuple[int, ...]:
 def _round_rows(n: int, rows: int, multiple: int) -> int:
   """Rows a batch of n texts is padded to (a multiple of the device count, <= rows).
 
-  Small batches round up to a power of two, larger ones to a multiple of rows/8: at
-  most ~log2(rows) + 8 batch shapes per length are compiled, and a batch's padding
-  rows stay under an eighth of it (or under a power of two for tiny batches).
+  A full batch keeps ``rows``; a smaller one (a length bucket's last batch, or a few
+  queries) rounds up to a power of two, so at most ~log2(rows) + 2 batch shapes per
+  length are compiled, at the cost of padding one batch per bucket by < 2x.
   """
-  granule = max(1, 1 << max(0, (rows // 8).bit_length() - 1))     # a power of two <= rows/8
-  if n <= granule:
-    padded = 1 << max(0, math.ceil(math.log2(max(n, 1))))
-  else:
-    padded = -(-n // granule) * granule
-  return min(-(-rows // multiple) * multiple, -(-padded // multiple) * multiple)
+  full = -(-rows // multiple) * multiple
+  padded = 1 << max(0, math.ceil(math.log2(max(n, 1))))
+  return min(full, -(-padded // multiple) * multiple)
 
 
 def plan_batches(lengths: Sequence[int], buckets: Sequence[int], tokens_per_batch: int,
@@ -198,12 +195,9 @@ class FlaxSentenceEmbedder:
     self.model = BertEncoder(spec.bert, dtype=compute, param_dtype=compute)
 
     self.mesh = partitioning.make_mesh(devices=self.devices)
-    replicated = NamedSharding(self.mesh, PartitionSpec())
-    rows = partitioning.batch_sharding(self.mesh)
-    self.params = jax.device_put(params, replicated)
-    self._encode = jax.jit(
-        functools.partial(_encode, self.model, spec.pooling, spec.normalize),
-        in_shardings=(replicated, rows, rows), out_shardings=rows)
+    self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
+    self._encode = _jitted_encode(self.model, tuple(spec.pooling), bool(spec.normalize),
+                                  self.mesh)
 
   @functools.cached_property
   def fingerprint(self) -> str:
@@ -250,6 +244,18 @@ class FlaxSentenceEmbedder:
     return (f"FlaxSentenceEmbedder({self.name!r}, dim={self.dim}, dtype={self.dtype}, "
             f"max_seq_length={self.spec.max_seq_length}, pooling={self.spec.pooling}, "
             f"normalize={self.spec.normalize}, devices={len(self.devices)})")
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_encode(model: BertEncoder, pooling: tuple[str, ...], normalize: bool,
+                   mesh: jax.sharding.Mesh) -> Any:
+  """The jitted ``_encode``, one per architecture and mesh: embedders loaded again (each
+  step of the recipe, the retriever and the knowledge update's rebuild) reuse its
+  compilations instead of compiling every batch shape anew."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  rows = partitioning.batch_sharding(mesh)
+  return jax.jit(functools.partial(_encode, model, pooling, normalize),
+                 in_shardings=(replicated, rows, rows), out_shardings=rows)
 
 
 def _encode(model: BertEncoder, pooling: tuple[str, ...], normalize: bool, params: Any,
