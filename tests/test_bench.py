@@ -2,6 +2,7 @@
 
 import pytest
 
+from retro_jax.bench import matvec
 from retro_jax.bench import model as model_bench
 from retro_jax.bench import peers
 from retro_jax.bench import train as train_bench
@@ -37,3 +38,10 @@ def test_peers_bench_runs(peer):
   assert lines[1].startswith("| framework |") and len(lines) == 3 + len(rows) + peer
   if peer:
     assert rows[1]["framework"].startswith("RETRO-pytorch") and lines[-1].startswith("| jax / peer")
+
+
+def test_matvec_bench_runs():
+  rows = matvec.run([1, 2], width=32, layers=2, repeats=1)
+  assert [r["batch"] for r in rows] == [1, 2]
+  assert all(r["f32_ms"] > 0 and r["bf16_speedup"] > 0 and r["upcast_speedup"] > 0
+             for r in rows)
