@@ -148,6 +148,31 @@ def test_frozen_groups_do_not_move(trainable, frozen_group):
              if (k in retro_keys) != (frozen_group == "retro"))
 
 
+@pytest.mark.parametrize("trainable", ["retro", "decoder"])
+def test_stopping_frozen_gradients_trains_as_differentiating_everything(trainable, monkeypatch):
+  """The trainer stops gradients at frozen parameters (to skip their weight-gradient
+  matmuls); the trained parameters equal those of a step that differentiates every
+  parameter and lets the optimizer zero the frozen ones."""
+  from retro_jax.training import trainer as trainer_lib
+  mesh = partitioning.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, trainable=trainable)
+
+  def run():
+    trainer = Trainer(CONFIG, opt, train_steps=2, mesh=mesh)
+    state = trainer.init_state()
+    for s in range(2):
+      state, metrics = trainer.train_step(state, _source().get_batch(s))
+    return jax.device_get(state.params), float(metrics["loss"])
+
+  stopped, stopped_loss = run()
+  monkeypatch.setattr(trainer_lib, "stop_frozen_gradients", lambda config, params: params)
+  reference, reference_loss = run()
+  assert stopped_loss == pytest.approx(reference_loss, rel=1e-6)
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(stopped)[0],
+                          jax.tree_util.tree_leaves(reference)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 def test_bad_batch_is_named():
   trainer = Trainer(CONFIG, OPT, train_steps=1, mesh=partitioning.make_mesh())
   batch = _source().get_batch(0)

@@ -92,6 +92,28 @@ def learning_rate_schedule(config: OptimizerConfig, train_steps: int) -> optax.S
   return optax.join_schedules([warmup, after], [config.warmup_steps])
 
 
+def frozen_groups(config: OptimizerConfig) -> dict[str, bool]:
+  """Which parameter groups (``param_groups`` labels) ``config.trainable`` freezes."""
+  return {"decoder": config.trainable == "retro", "retro": config.trainable == "decoder"}
+
+
+def stop_frozen_gradients(config: OptimizerConfig, params: Any) -> Any:
+  """``params`` with ``jax.lax.stop_gradient`` on the frozen groups' leaves.
+
+  Differentiating through this, the gradients of frozen weights are symbolic zeros:
+  their weight-gradient matmuls (the tied logits, every frozen layer's kernels, the
+  embedding scatter) are never computed, while activation gradients still flow through
+  frozen layers to the trainable ones below them. The optimizer zeroes frozen groups'
+  gradients anyway; this only saves their cost.
+  """
+  frozen = frozen_groups(config)
+  if not any(frozen.values()):
+    return params
+  return jax.tree_util.tree_map(
+      lambda x, group: jax.lax.stop_gradient(x) if frozen[group] else x,
+      params, param_groups(params))
+
+
 def make_optimizer(config: OptimizerConfig, train_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (optimizer, learning-rate schedule of the decoder group)."""
@@ -102,7 +124,7 @@ def make_optimizer(config: OptimizerConfig, train_steps: int
     return optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps,
                        weight_decay=config.weight_decay, mask=decay_mask)
 
-  frozen = {"decoder": config.trainable == "retro", "retro": config.trainable == "decoder"}
+  frozen = frozen_groups(config)
   # Frozen gradients are zeroed before clipping, so they do not shrink the others.
   chain = [optax.multi_transform(
       {g: optax.set_to_zero() if frozen[g] else optax.identity() for g in frozen},

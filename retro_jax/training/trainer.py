@@ -33,7 +33,7 @@ from retro_jax.models import RetroConfig, RetroLM
 from retro_jax.models import partitioning
 from retro_jax.models.flops import count_flops, peak_tflops
 from retro_jax.models.lm import NEIGHBOR_FEATURES, TOKEN_FEATURES
-from retro_jax.training.optimizers import OptimizerConfig, make_optimizer
+from retro_jax.training.optimizers import OptimizerConfig, make_optimizer, stop_frozen_gradients
 
 
 class BatchSource(Protocol):
@@ -139,6 +139,7 @@ class Trainer:
     self.z_loss = z_loss
     self.grad_accum_steps = grad_accum_steps
     self.seed = seed
+    self.optimizer_config = optimizer_config
     self.optimizer, self.schedule = make_optimizer(optimizer_config, train_steps)
     self.abstract_state, self.state_shardings = partitioning.sharded_abstract(
         self._init_boxed, mesh, rules)
@@ -175,6 +176,7 @@ class Trainer:
 
     def micro_grads(params, micro, rng):
       def objective(p):
+        p = stop_frozen_gradients(self.optimizer_config, p)
         sums = self.lm.loss_sums(p, micro, z_loss=self.z_loss, rng=rng)
         return (sums["loss"] + sums["z_loss"]) / total_weight, sums
       return jax.grad(objective, has_aux=True)(params)
