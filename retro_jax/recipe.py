@@ -1,6 +1,6 @@
 r"""The InstructRetro recipe end to end, in miniature: the main job of retro_jax.
 
-    python -m retro_jax.recipe                        # embedded corpus, ~15 min on 2 cores
+    python -m retro_jax.recipe                        # embedded corpus, ~13 min on 2 cores
     python -m retro_jax.recipe --run_dir=runs/big --scale=3 --gin.TRAIN_STEPS=2000
     python -m retro_jax.recipe --documents=my_docs.jsonl --run_dir=runs/mine
     python -m retro_jax.recipe --documents=my_docs.jsonl --arms=retro_scratch
