@@ -10,28 +10,20 @@ parameters and every float input (what a train step computes). Median of ``--rep
 
 from __future__ import annotations
 
-import statistics
-import time
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 
-from retro_jax.bench.peers import DEFAULT_ARCH, retro_jax_config
+from retro_jax.bench.peers import DEFAULT_ARCH, median_seconds, retro_jax_config
 from retro_jax.models import Retro, blocks, cca as cca_lib, layers
 
 BATCH, N, K = 2, 512, 2
 
 
 def _time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def measure(module, inputs: tuple, kwargs: dict, repeats: int):

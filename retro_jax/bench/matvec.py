@@ -7,13 +7,12 @@ A decoding step at small batch reads every weight once: its time is the weights'
 over the memory bandwidth the matmul reaches. This times ``layers`` weight matrices
 ``[width, 4 * width]`` times ``[batch, width]`` activations, jitted, three ways: float32
 weights, bfloat16 weights with float32 accumulation (``preferred_element_type``), and
-bfloat16 weights upcast to float32 before the dot. One process, interleaved: compare the
-ratios, not the milliseconds (the machine is noisy).
+bfloat16 weights upcast to float32 before the dot; the median of ``repeats`` calls each.
+One process: compare the ratios, not the milliseconds (the machine is noisy).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Sequence
 
 from absl import app
@@ -21,6 +20,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from retro_jax.bench.peers import median_seconds
 
 
 def _dot_f32(x, ws):
@@ -37,12 +38,7 @@ def _dot_upcast(x, ws):
 
 
 def _seconds(fn: Callable, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  began = time.perf_counter()
-  for _ in range(repeats):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - began) / repeats
+  return median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 def run(batch_sizes: Sequence[int] = (1, 16), *, width: int = 768, layers: int = 12,

@@ -68,7 +68,9 @@ def retro_jax_config(arch: dict, num_neighbors: int) -> RetroConfig:
                      encoder_mlp_dim=MLP_MULT * arch["enc_dim"], encoder_dropout_rate=0.0)
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  """Median wall seconds of ``fn()`` over ``repeats`` calls after one untimed call;
+  ``fn`` must wait for its result (``block_until_ready`` for jax)."""
   fn()
   times = []
   for _ in range(repeats):
@@ -81,7 +83,7 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
 def jax_matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
   a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
   f = jax.jit(lambda x, y: x @ y)
-  return 2 * size ** 3 / _median_time(lambda: f(a, a).block_until_ready(), repeats) / 1e9
+  return 2 * size ** 3 / median_seconds(lambda: f(a, a).block_until_ready(), repeats) / 1e9
 
 
 def _jax_generate(config: RetroConfig, *, prompt_tokens: int, new_tokens: int,
@@ -143,7 +145,7 @@ def run_peer(torch: Any, training: Any, arch: dict, *, batch: int, seq_len: int,
   torch.manual_seed(0)
   size = 2048
   a = torch.randn(size, size)
-  matmul = 2 * size ** 3 / _median_time(lambda: torch.mm(a, a), 5) / 1e9
+  matmul = 2 * size ** 3 / median_seconds(lambda: torch.mm(a, a), 5) / 1e9
 
   model = training.RETRO(num_tokens=arch["vocab"], max_seq_len=2048,
                          enc_dim=arch["enc_dim"], enc_depth=arch["enc_depth"],
@@ -164,7 +166,7 @@ def run_peer(torch: Any, training: Any, arch: dict, *, batch: int, seq_len: int,
 
   model.train()
   step()
-  step_s = _median_time(step, steps)
+  step_s = median_seconds(step, steps)
 
   class Wrapper(torch.nn.Module):
     """What ``TrainingWrapper.generate`` reads, with random chunks as neighbors."""
