@@ -1141,10 +1141,9 @@ class Embeddings:
 
   def __init__(self, output_dir: str):
     self.output_dir = os.fspath(output_dir)
-    self.settings = settings = Manifest.read_settings(
-        self.output_dir, stage=EMBEDDINGS_STAGE, what="embeddings",
-        hint=" (run `python -m retro_jax.retrieval.embeddings`)")
-    manifest = Manifest(self.output_dir, settings)
+    manifest = Manifest.load(self.output_dir, stage=EMBEDDINGS_STAGE, what="embeddings",
+                             hint=" (run `python -m retro_jax.retrieval.embeddings`)")
+    self.settings = settings = manifest.settings
     path = manifest.path
     num_shards = int(settings["num_shards"])
     names = [stages.shard_name(s, num_shards, EMBEDDINGS_SHARD_SUFFIX)

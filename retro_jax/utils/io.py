@@ -211,11 +211,7 @@ class Manifest:
     self.inputs_changed: list[str] = []
     self._done: dict[str, dict[str, Any]] = {}
     if os.path.exists(self.path):
-      with open(self.path, encoding="utf-8") as f:
-        try:
-          data = json.load(f)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{self.path}: corrupt manifest ({e})") from e
+      data = self._read(self.path)
       old = data.get("settings")
       changed = [k for k in self.input_keys
                  if not isinstance(old, dict) or old.get(k) != self.settings.get(k)]
@@ -268,8 +264,7 @@ class Manifest:
       fcntl.flock(fd, fcntl.LOCK_EX)
       stages.remove_stale_temporaries(self.directory, self.FILENAME)
       if os.path.exists(self.path):
-        with open(self.path, encoding="utf-8") as f:
-          data = json.load(f)
+        data = self._read(self.path)
         # Units another process finished meanwhile, if for these settings (entries
         # made for older inputs are dropped).
         if data.get("settings") == self.settings:
@@ -281,6 +276,15 @@ class Manifest:
     finally:
       fcntl.flock(fd, fcntl.LOCK_UN)
       os.close(fd)
+
+  @staticmethod
+  def _read(path: str) -> Any:
+    """The JSON in ``path``; ``ValueError`` naming the file if it is not JSON."""
+    with open(path, encoding="utf-8") as f:
+      try:
+        return json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt manifest ({e})") from e
 
   @classmethod
   def read_settings(cls, directory: str | os.PathLike, *, stage: str | None = None,
@@ -297,11 +301,7 @@ class Manifest:
     what = what or stage or "stage"
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path}: no {what} build in {directory}{hint}")
-    with open(path, encoding="utf-8") as f:
-      try:
-        data = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: corrupt manifest ({e})") from e
+    data = cls._read(path)
     settings = data.get("settings") if isinstance(data, dict) else None
     if not isinstance(settings, dict):
       raise ValueError(f"{path}: corrupt manifest (no settings object)")
