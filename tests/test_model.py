@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from retro_jax.models import Retro, RetroConfig, default_cca_layers, init_params, param_count
 from retro_jax.models import cca
+from retro_jax.models import layers
 from retro_jax.models import lm
 from retro_jax.models import partitioning
 
@@ -304,6 +305,22 @@ def test_bfloat16_compute_keeps_float32_params():
   ref = _apply(small_config(), tokens, neighbors)
   assert out.dtype == np.float32 and np.isfinite(out).all()
   assert np.abs(out - ref).max() < 0.1
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_matmul_in_bfloat16_is_the_rounded_float32_product(rows, transpose_w):
+  # On CPU bf16 takes its own path (float32 accumulation, one row padded to two): the
+  # result is the float32 product of the bf16 operands, rounded once to bf16.
+  rng = np.random.RandomState(rows)
+  x = rng.normal(size=(rows, 48)).astype(np.float32)
+  w = rng.normal(size=(48, 40)).astype(np.float32)
+  y = jax.jit(lambda x, w: layers.matmul(x, w.T if transpose_w else w, jnp.bfloat16,
+                                         transpose_w=transpose_w))(x, w)
+  assert y.shape == (rows, 40) and y.dtype == jnp.bfloat16
+  bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+  want = bf(bf(x) @ bf(w))
+  np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=2 ** -7, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -98,9 +98,10 @@ def build_retrieval(workdir: str, db_scale: float, embedder: Any, chunk_length: 
 
 def bench_size(size: str, batch_sizes: Sequence[int], *, vocab: Any, retriever: Retriever,
                prompt_texts: Sequence[str], prompt_tokens: int, new_tokens: int,
-               repeats: int, dtype: str, print_fn: Callable[[str], None]) -> list[dict]:
+               repeats: int, dtype: str, param_dtype: str,
+               print_fn: Callable[[str], None]) -> list[dict]:
   config = RetroConfig(**SIZES[size], chunk_length=64, num_neighbors=2,
-                       encoder_dropout_rate=0.0, dtype=dtype,
+                       encoder_dropout_rate=0.0, dtype=dtype, param_dtype=param_dtype,
                        max_length=max(2048, prompt_tokens + new_tokens))
   params = jax.jit(lambda key: init_params(config, key))(jax.random.PRNGKey(0))
   generator = Generator(config, params, vocab, eos_id=None)
@@ -148,7 +149,7 @@ def bench_size(size: str, batch_sizes: Sequence[int], *, vocab: Any, retriever: 
 
 def run(sizes: Sequence[str], batch_sizes: Sequence[int], *, embedder: str = "all-MiniLM-L6-v2",
         db_scale: float = 0.1, prompt_tokens: int = 64, new_tokens: int = 192,
-        repeats: int = 3, dtype: str = "float32",
+        repeats: int = 3, dtype: str = "float32", param_dtype: str = "float32",
         print_fn: Callable[[str], None] = print, workdir: Optional[str] = None) -> list[dict]:
   """Runs the benchmark and prints a markdown table; returns its rows."""
   for size in sizes:
@@ -160,7 +161,7 @@ def run(sizes: Sequence[str], batch_sizes: Sequence[int], *, embedder: str = "al
     print_fn(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; embedder: "
              f"{emb_name}; DB: {retriever.store.num_docs} documents, "
              f"{retriever.store.num_chunks} chunks (exact Faiss); prompt {prompt_tokens} + "
-             f"{new_tokens} new tokens, m = 64, k = 2")
+             f"{new_tokens} new tokens, m = 64, k = 2; compute {dtype}, params {param_dtype}")
     print_fn("| size | params | batch | mode | tokens/s | s/call best (median) | "
              "retrieval | chunks retrieved | vs decoder |")
     print_fn("|---|---|---|---|---|---|---|---|---|")
@@ -169,6 +170,7 @@ def run(sizes: Sequence[str], batch_sizes: Sequence[int], *, embedder: str = "al
       rows += bench_size(size, batch_sizes, vocab=vocab, retriever=retriever,
                          prompt_texts=prompt_texts, prompt_tokens=prompt_tokens,
                          new_tokens=new_tokens, repeats=repeats, dtype=dtype,
+                         param_dtype=param_dtype,
                          print_fn=print_fn)
   return rows
 
@@ -182,6 +184,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("prompt_tokens", 64, "Prompt length (tokens).")
   flags.DEFINE_integer("new_tokens", 192, "New tokens per example.")
   flags.DEFINE_integer("repeats", 3, "Timed calls per row (best and median).")
+  flags.DEFINE_string("param_dtype", "float32", "Parameter dtype: float32 or bfloat16 "
+                      "(with --dtype=bfloat16: weights held in bf16, as Megatron's --bf16 "
+                      "inference and eval_qa.param_dtype).")
 
 
 def main(argv):
@@ -189,7 +194,7 @@ def main(argv):
   f = flags.FLAGS
   run(f.sizes, [int(b) for b in f.batch_sizes], embedder=f.embedder, db_scale=f.db_scale,
       prompt_tokens=f.prompt_tokens, new_tokens=f.new_tokens, repeats=f.repeats,
-      dtype=f.dtype)
+      dtype=f.dtype, param_dtype=f.param_dtype)
 
 
 if __name__ == "__main__":

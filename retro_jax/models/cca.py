@@ -134,9 +134,10 @@ class ChunkedCrossAttention(nn.Module):
       last = decode.lengths // m - 1
       cached_key, cached_value, cached_mask = self._cache((batch, k, attention.head_dim))
       cached_key.value = decoding.gather_chunk(
-          key.reshape(batch, num_chunks, *key.shape[1:]), last)
+          key.reshape(batch, num_chunks, *key.shape[1:]), last).astype(cached_key.value.dtype)
       cached_value.value = decoding.gather_chunk(
-          value.reshape(batch, num_chunks, *value.shape[1:]), last)
+          value.reshape(batch, num_chunks, *value.shape[1:]), last
+      ).astype(cached_value.value.dtype)
       cached_mask.value = decoding.gather_chunk(neighbor_mask, last) & (last >= 0)[:, None]
     return query_chunks_to_tokens(out, n)
 

@@ -87,9 +87,25 @@ class DecodeInputs:
     return self.mode == STEP and self.rows is not None
 
 
+def cache_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype a cache of ``dtype`` values is held in.
+
+  bfloat16 caches are held in float32 on XLA:CPU (the values are bf16-exact, so the
+  attention reads what a bf16 cache holds): XLA:CPU has no bf16 scatter, so writing one
+  position converts the whole cache to float32 and back, and its reads convert it
+  again, every step and layer. With float32 caches and bf16 weights a decoding step is
+  faster than all-float32 (docs/benchmarks.md, "bfloat16 decoding on CPU").
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+    return jnp.dtype(jnp.float32)
+  return dtype
+
+
 def cache_variable(module: Any, name: str, shape: tuple[int, ...], dtype: Any):
-  """A zero-initialised variable of the 'cache' collection (created by prefill)."""
-  return module.variable("cache", name, jnp.zeros, shape, dtype)
+  """A zero-initialised variable of the 'cache' collection (created by prefill), for
+  values of ``dtype`` (held in ``cache_dtype(dtype)``)."""
+  return module.variable("cache", name, jnp.zeros, shape, cache_dtype(dtype))
 
 
 def existing_cache_variable(module: Any, name: str):

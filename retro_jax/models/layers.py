@@ -78,6 +78,30 @@ class Norm(nn.Module):
     return (y * scale + bias.astype(jnp.float32)).astype(self.dtype)
 
 
+# Matmul ----------------------------------------------------------------------------
+
+
+def matmul(x: Array, w: Array, dtype: DType, *, transpose_w: bool = False) -> Array:
+  """x [rows, in] times w [in, out] (w [out, in] with ``transpose_w``) -> [rows, out],
+  operands and result in ``dtype``; the one weight matmul of the models.
+
+  bfloat16 on XLA:CPU takes its fast path (oneDNN's AMX / AVX512-BF16 kernels where the
+  CPU has them): the dot accumulates into a float32 result that is then rounded, as the
+  bf16-output dot does internally, but without its ~2x slower kernel, and a single row
+  is padded to two, because XLA:CPU's bf16 matrix-vector product is ~10x slower than
+  its two-row matmul (``python -m retro_jax.bench.matvec``; decoding at batch 1).
+  """
+  x, w = x.astype(dtype), w.astype(dtype)
+  dims = (((1,), (1 if transpose_w else 0,)), ((), ()))
+  if jnp.dtype(dtype) != jnp.bfloat16 or jax.default_backend() != "cpu":
+    return jax.lax.dot_general(x, w, dims)
+  rows = x.shape[0]
+  if rows == 1:
+    x = jnp.concatenate([x, jnp.zeros_like(x)])
+  y = jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+  return y[:rows].astype(dtype)
+
+
 # Embedding -------------------------------------------------------------------------
 
 
@@ -108,8 +132,7 @@ class Embed(nn.Module):
     """Tied output layer: x [..., features] -> logits [..., num_embeddings]."""
     # One 2-D matmul (see DenseGeneral): the "...d,vd->...v" einsum made XLA:CPU
     # transpose the [batch, length, vocab] cotangent for the table's gradient.
-    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), self.embedding.astype(self.dtype),
-                            (((1,), (1,)), ((), ())))
+    y = matmul(x.reshape(-1, x.shape[-1]), self.embedding, self.dtype, transpose_w=True)
     return y.reshape(*x.shape[:-1], self.num_embeddings)
 
 
@@ -250,8 +273,8 @@ class DenseGeneral(nn.Module):
     # MLP's fwd+bwd).
     lead = x.shape[:x.ndim - n]
     fan_in = math.prod(shape[:n])
-    y = jnp.dot(x.astype(self.dtype).reshape(math.prod(lead), fan_in),
-                kernel.astype(self.dtype).reshape(fan_in, math.prod(self.features)))
+    y = matmul(x.reshape(math.prod(lead), fan_in),
+               kernel.reshape(fan_in, math.prod(self.features)), self.dtype)
     y = y.reshape(*lead, *self.features)
     if self.use_bias:
       bias_axes = self.kernel_axes[n:]
