@@ -367,3 +367,22 @@ def test_bfloat16_decoding_equals_the_bfloat16_full_forward():
   cache_dtype = decoding.cache_dtype(jax.numpy.bfloat16)
   assert cache_dtype == (np.float32 if jax.default_backend() == "cpu"
                          else jax.numpy.bfloat16)
+
+
+def test_matrices_held_in_the_compute_dtype_give_bit_identical_logits():
+  # The generator holds kernels and embedding tables in bf16 for bf16 compute
+  # (decoding.params_for_decoding): every use casts them anyway, so the full pass (every
+  # module: learned positions, encoder, CCA, untied output) is unchanged to the bit,
+  # while norm scales and biases stay float32 (norms compute in float32).
+  config = small_config(dtype="bfloat16", position_embedding="learned", use_bias=True,
+                        tie_embeddings=False, encoder_position_embedding="learned")
+  params = _params(config)
+  held = decoding.params_for_decoding(params, config.compute_dtype)
+  leaves = jax.tree_util.tree_leaves_with_path(held)
+  assert {str(leaf.dtype) for _, leaf in leaves if leaf.ndim >= 2} == {"bfloat16"}
+  assert {str(leaf.dtype) for _, leaf in leaves if leaf.ndim < 2} == {"float32"}
+  prompts = _prompts([4, 8])
+  tokens = np.asarray([p[:4] * 2 for p in prompts], np.int32)
+  neighbors = np.random.RandomState(0).randint(2, VOCAB, (2, 2, 2, 2 * M)).astype(np.int32)
+  apply = jax.jit(lambda p: Retro(config).apply({"params": p}, tokens, neighbors))
+  np.testing.assert_array_equal(np.asarray(apply(held)), np.asarray(apply(params)))

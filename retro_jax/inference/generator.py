@@ -55,6 +55,7 @@ from retro_jax.data import vocab as vocab_lib
 from retro_jax.inference.sampling import SamplingConfig, sample
 from retro_jax.models import Retro, RetroConfig
 from retro_jax.models import cca
+from retro_jax.models import decoding
 from retro_jax.models import lm
 
 Array = jax.Array
@@ -233,7 +234,9 @@ class Generator:
 
   Args:
     config: the model's ``RetroConfig``.
-    params: its parameters (a Retro tree; a GPT tree works with retrieval off).
+    params: its parameters (a Retro tree; a GPT tree works with retrieval off); its
+      matrices are held in the compute dtype (``decoding.params_for_decoding``: the
+      same logits, half the bytes per step with bf16 compute).
     vocab: ``encode(text) -> ids`` and ``decode(ids) -> text`` (SentencePiece, seqio).
     retriever: default live retriever of ``generate`` (None: no live retrieval).
     eos_id: end-of-sequence id (an example stops after it); default the vocabulary's
@@ -253,7 +256,8 @@ class Generator:
                eos_id: Union[int, str, None] = vocab_lib.FROM_VOCAB,
                pad_id: Union[int, str] = vocab_lib.FROM_VOCAB,
                sync_every: int = 16):
-    self.config, self.params, self.vocab = config, params, vocab
+    self.config, self.vocab = config, vocab
+    self.params = decoding.params_for_decoding(params, config.compute_dtype)
     self.retriever = retriever
     ids = _vocab_ids(vocab)
     if vocab_lib.is_from_vocab(eos_id):
