@@ -2,6 +2,7 @@
 
 import pytest
 
+from retro_jax.bench import generate as generate_bench
 from retro_jax.bench import matvec
 from retro_jax.bench import model as model_bench
 from retro_jax.bench import peers
@@ -45,3 +46,14 @@ def test_matvec_bench_runs():
   assert [r["batch"] for r in rows] == [1, 2]
   assert all(r["f32_ms"] > 0 and r["bf16_speedup"] > 0 and r["upcast_speedup"] > 0
              for r in rows)
+
+
+def test_generate_bench_runs_in_bfloat16_weights():
+  lines = []
+  rows = generate_bench.run(["tiny"], [1, 2], embedder="hash", db_scale=0.02,
+                            new_tokens=4, repeats=1, dtype="bfloat16",
+                            param_dtype="bfloat16", print_fn=lines.append)
+  assert [(r["batch"], r["mode"]) for r in rows] == [
+      (b, mode) for b in (1, 2) for mode in generate_bench.MODES]
+  assert all(r["tokens_per_s"] > 0 for r in rows)
+  assert "compute bfloat16, params bfloat16" in lines[0] and len(lines) == 3 + len(rows)
