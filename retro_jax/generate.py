@@ -52,7 +52,8 @@ def generate_texts(prompts: Sequence[str], *, checkpoint: str,
                    passages: Optional[Sequence[Sequence[str]]] = None,
                    retrieval: bool = True, max_new_tokens: int = 64,
                    sampling: Optional[SamplingConfig] = None, batch_size: int = 16,
-                   mesh_shape: Optional[dict] = None) -> list[dict]:
+                   mesh_shape: Optional[dict] = None,
+                   dtype: Optional[str] = None) -> list[dict]:
   """Generates continuations of ``prompts`` in batches; returns one record per prompt.
 
   Args: as ``load_generator`` and ``Generator.generate``; ``passages`` holds per prompt
@@ -62,7 +63,7 @@ def generate_texts(prompts: Sequence[str], *, checkpoint: str,
   """
   generator = load_generator(checkpoint, model_config=model_config, vocab_path=vocab_path,
                              retrieval_dir=None if passages else retrieval_dir,
-                             mesh_shape=mesh_shape)
+                             mesh_shape=mesh_shape, dtype=dtype)
   retrieval = retrieval and generator.has_retro
   records = []
   for start in range(0, len(prompts), batch_size):
@@ -114,6 +115,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", None, "Sampling seed.")
   flags.DEFINE_integer("batch_size", 16, "Prompts per batch.")
   flags.DEFINE_string("output", None, "Write the records to this .jsonl file.")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype "
+                    "(default: the checkpoint's), e.g. float32 for a bf16 checkpoint on a "
+                    "CPU without bf16 units.")
 
 
 def main(argv) -> None:
@@ -139,7 +143,8 @@ def main(argv) -> None:
   records = generate_texts(prompts, checkpoint=f.checkpoint, vocab_path=f.vocab,
                            retrieval_dir=f.retrieval_dir, passages=passages,
                            retrieval=not f.no_retrieval, max_new_tokens=f.max_new_tokens,
-                           sampling=SamplingConfig(**overrides), batch_size=f.batch_size)
+                           sampling=SamplingConfig(**overrides), batch_size=f.batch_size,
+                           dtype=f.dtype)
   for record in records:
     print(format_record(record), flush=True)
   if f.output:

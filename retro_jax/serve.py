@@ -82,8 +82,8 @@ def build_service(checkpoint: str, vocab_path: str, *,
                   embedder: Union[str, Any] = "all-MiniLM-L6-v2",
                   model_config: Optional[RetroConfig] = None,
                   sampling: Optional[SamplingConfig] = None,
-                  mesh_shape: Optional[dict] = None, max_chunks: int = 1_000_000
-                  ) -> RetroService:
+                  mesh_shape: Optional[dict] = None, max_chunks: int = 1_000_000,
+                  dtype: Optional[str] = None) -> RetroService:
   """Loads the checkpoint, vocabulary and embedder; returns the service state.
 
   Args:
@@ -94,9 +94,10 @@ def build_service(checkpoint: str, vocab_path: str, *,
     model_config: the architecture (default: ``RetroConfig()`` as bound by gin).
     sampling: generation rule (greedy by default).
     max_chunks: capacity of the document store.
+    dtype: compute dtype (default: the architecture's); see ``load_generator``.
   """
   generator = load_generator(checkpoint, model_config=model_config, vocab_path=vocab_path,
-                             mesh_shape=mesh_shape)
+                             mesh_shape=mesh_shape, dtype=dtype)
   if isinstance(embedder, str):
     embedder = load_embedder(embedder)
   name = f"{'retro' if generator.has_retro else 'gpt (no retrieval)'}: {checkpoint}"
@@ -121,6 +122,9 @@ def _define_flags() -> None:
                        "may ask.")
   flags.DEFINE_integer("max_pending_generates", 4, "Generate requests running or waiting "
                        "at once; more get 503 with Retry-After.")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype "
+                    "(default: the checkpoint's), e.g. float32 for a bf16 checkpoint on a "
+                    "CPU without bf16 units.")
 
 
 def main(argv) -> None:
@@ -131,7 +135,7 @@ def main(argv) -> None:
     if not f[name].value:
       raise app.UsageError(f"--{name} is required")
   check_bind(f.host, f.token)
-  service = build_service(f.checkpoint, f.vocab, embedder=f.embedder)
+  service = build_service(f.checkpoint, f.vocab, embedder=f.embedder, dtype=f.dtype)
   app_ = create_app(service, token=f.token, max_request_bytes=f.max_request_bytes,
                     max_new_tokens_limit=f.max_new_tokens_limit,
                     max_pending_generates=f.max_pending_generates, host=f.host, port=f.port)

@@ -91,6 +91,19 @@ def test_generate_entry_point_with_passages(model_files, tmp_path):
   assert "PROMPT: mount arrak" in generate_lib.format_record(with_passages[1])
 
 
+def test_load_generator_compute_dtype_override(model_files):
+  checkpoint, vocab_path = model_files
+  generator = loading.load_generator(checkpoint, model_config=CONFIG, vocab_path=vocab_path,
+                                     dtype="bfloat16")
+  assert generator.config.dtype == "bfloat16" and generator.config.param_dtype == "float32"
+  kernel = generator.params["layers_0"]["mlp"]["wi"]["kernel"]
+  assert kernel.dtype == jax.numpy.bfloat16
+  assert len(generator.generate(["a river"], max_new_tokens=3, retrieval=False).tokens[0]) == 3
+  with pytest.raises(ValueError, match="dtype"):
+    loading.load_generator(checkpoint, model_config=CONFIG, vocab_path=vocab_path,
+                           dtype="int8")
+
+
 def test_gin_cannot_bind_what_a_flag_sets():
   # generate/serve main() pass these from flags; a gin binding would be ignored silently.
   for binding in ("generate_texts.batch_size = 4", "generate_texts.checkpoint = 'x'",

@@ -14,6 +14,8 @@ and passages files of ``python -m retro_jax.generate``.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Optional
 
 from absl import logging
@@ -62,7 +64,8 @@ def read_passages(path: str) -> list[str]:
 
 def load_generator(checkpoint: str, *, model_config: Optional[RetroConfig] = None,
                    vocab_path: Optional[str] = None, retrieval_dir: Optional[str] = None,
-                   mesh_shape: Optional[dict] = None, retriever: Any = None) -> Generator:
+                   mesh_shape: Optional[dict] = None, retriever: Any = None,
+                   dtype: Optional[str] = None) -> Generator:
   """A ``Generator`` for a checkpoint (GPT or Retro), its vocabulary and a retriever.
 
   Args:
@@ -74,8 +77,13 @@ def load_generator(checkpoint: str, *, model_config: Optional[RetroConfig] = Non
     retrieval_dir: a prepared retrieval directory for live retrieval, or None.
     mesh_shape: devices to hold the parameters (default: one device).
     retriever: an already built retriever (instead of ``retrieval_dir``).
+    dtype: compute dtype ('float32', 'bfloat16', 'float16'; default the architecture's),
+      e.g. 'float32' for a bf16 checkpoint on a CPU without bf16 units; the generator
+      holds the weight matrices in it.
   """
   config = model_config or ckpt_lib.stored_model_config(checkpoint) or RetroConfig()
+  if dtype is not None:
+    config = dataclasses.replace(config, dtype=dtype)
   if vocab_path is None:
     vocab_path = ckpt_lib.model_dir_vocab(checkpoint)
   if vocab_path is None:
