@@ -7,7 +7,6 @@ the same greedy tokens, across chunk boundaries, for prompts shorter than m, mul
 of m and neither, batched together.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -387,14 +386,7 @@ def test_matrices_held_in_the_compute_dtype_give_bit_identical_logits():
   neighbors = np.random.RandomState(0).randint(2, VOCAB, (2, 2, 2, 2 * M)).astype(np.int32)
   apply = jax.jit(lambda p: Retro(config).apply({"params": p}, tokens, neighbors))
   np.testing.assert_array_equal(np.asarray(apply(held)), np.asarray(apply(params)))
-  # And the other way: a bf16 checkpoint decoded in float32 holds float32 matrices.
-  config32 = dataclasses.replace(config, dtype="float32")
+  # Narrower weights than the compute dtype (param_dtype chosen for memory) stay.
   bf16 = jax.tree_util.tree_map(lambda leaf: leaf.astype(jax.numpy.bfloat16), params)
-  held = decoding.params_for_decoding(bf16, config32.compute_dtype)
-  assert {str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(held) if leaf.ndim >= 2
-          } == {"float32"}
-  apply = jax.jit(lambda p: Retro(config32).apply({"params": p}, tokens, neighbors))
-  # The same weights enter every product; XLA may pick another float32 dot kernel for
-  # a dot whose operand it converts itself, so summation order can differ.
-  np.testing.assert_allclose(np.asarray(apply(held)), np.asarray(apply(bf16)), rtol=1e-5,
-                             atol=1e-5)
+  held = decoding.params_for_decoding(bf16, jax.numpy.float32)
+  assert {str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(held)} == {"bfloat16"}

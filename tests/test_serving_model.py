@@ -1,6 +1,7 @@
 """The retrieval service with a real (tiny, random) Retro model from an orbax checkpoint
 and a SentencePiece vocabulary, on a real loopback server; and the generate entry point."""
 
+import dataclasses
 import json
 
 import gin
@@ -99,6 +100,12 @@ def test_load_generator_compute_dtype_override(model_files):
   kernel = generator.params["layers_0"]["mlp"]["wi"]["kernel"]
   assert kernel.dtype == jax.numpy.bfloat16
   assert len(generator.generate(["a river"], max_new_tokens=3, retrieval=False).tokens[0]) == 3
+  # A bf16 checkpoint decoded in float32 is loaded in float32 (no per-step conversion).
+  bf16 = dataclasses.replace(CONFIG, dtype="bfloat16", param_dtype="bfloat16")
+  generator = loading.load_generator(checkpoint, model_config=bf16, vocab_path=vocab_path,
+                                     dtype="float32")
+  assert (generator.config.dtype, generator.config.param_dtype) == ("float32", "float32")
+  assert {str(x.dtype) for x in jax.tree_util.tree_leaves(generator.params)} == {"float32"}
   with pytest.raises(ValueError, match="dtype"):
     loading.load_generator(checkpoint, model_config=CONFIG, vocab_path=vocab_path,
                            dtype="int8")

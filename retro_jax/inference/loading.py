@@ -78,12 +78,15 @@ def load_generator(checkpoint: str, *, model_config: Optional[RetroConfig] = Non
     mesh_shape: devices to hold the parameters (default: one device).
     retriever: an already built retriever (instead of ``retrieval_dir``).
     dtype: compute dtype ('float32', 'bfloat16', 'float16'; default the architecture's),
-      e.g. 'float32' for a bf16 checkpoint on a CPU without bf16 units; the generator
-      holds the weight matrices in it.
+      e.g. 'float32' for a bf16 checkpoint on a CPU without bf16 units. Parameters
+      narrower than it are loaded in it (else every step would convert them); the
+      generator holds wider weight matrices in it.
   """
   config = model_config or ckpt_lib.stored_model_config(checkpoint) or RetroConfig()
   if dtype is not None:
     config = dataclasses.replace(config, dtype=dtype)
+    if config.params_dtype.itemsize < config.compute_dtype.itemsize:
+      config = dataclasses.replace(config, param_dtype=dtype)
   if vocab_path is None:
     vocab_path = ckpt_lib.model_dir_vocab(checkpoint)
   if vocab_path is None:

@@ -104,19 +104,20 @@ def cache_dtype(dtype: Any) -> jnp.dtype:
 
 def params_for_decoding(params: Any, dtype: Any) -> Any:
   """``params`` with every matrix (kernels, embedding tables: 2 or more dims) held in
-  the compute ``dtype``; vectors (norm scales and biases) keep theirs.
+  the compute ``dtype`` when that is narrower; vectors (norm scales and biases) keep
+  theirs.
 
-  Every use of a matrix casts it to the compute dtype (``layers.matmul``,
-  ``Embed``), so the same weights enter every product (bf16 logits are bit-identical;
-  float32 ones up to summation order), while a decoding step no longer converts
-  every weight, every step (with float32 weights and bf16 compute, a 100m step at batch
-  1 on CPU was ~4x slower than all-float32), and reads half the bytes with bf16.
+  Every use of a matrix casts it to the compute dtype (``layers.matmul``, ``Embed``), so
+  the logits are bit-identical, while a decoding step reads half the weight bytes and no
+  longer converts every weight, every step (with float32 weights and bf16 compute, a
+  100m step at batch 1 on CPU was ~4x slower than all-float32). Weights narrower than
+  the compute dtype are the caller's choice (``param_dtype``: memory) and stay.
   """
   dtype = jnp.dtype(dtype)
 
   def hold(leaf):
     if (getattr(leaf, "ndim", 0) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
-        and leaf.dtype != dtype):
+        and leaf.dtype.itemsize > dtype.itemsize):
       return leaf.astype(dtype)
     return leaf
 
