@@ -235,8 +235,9 @@ class Generator:
   Args:
     config: the model's ``RetroConfig``.
     params: its parameters (a Retro tree; a GPT tree works with retrieval off); its
-      matrices are held in the compute dtype (``decoding.params_for_decoding``: the
-      same logits, half the bytes per step with bf16 compute).
+      matrices are held in the compute dtype when that is narrower
+      (``decoding.params_for_decoding``: the same logits, half the bytes per step with
+      bf16 compute).
     vocab: ``encode(text) -> ids`` and ``decode(ids) -> text`` (SentencePiece, seqio).
     retriever: default live retriever of ``generate`` (None: no live retrieval).
     eos_id: end-of-sequence id (an example stops after it); default the vocabulary's

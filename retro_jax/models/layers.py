@@ -85,8 +85,8 @@ def matmul(x: Array, w: Array, dtype: DType, *, transpose_w: bool = False) -> Ar
   """x [rows, in] times w [in, out] (w [out, in] with ``transpose_w``) -> [rows, out],
   operands and result in ``dtype``; the one weight matmul of the models.
 
-  bfloat16 on XLA:CPU takes its fast path (oneDNN's AMX / AVX512-BF16 kernels where the
-  CPU has them): the dot accumulates into a float32 result that is then rounded, as the
+  bfloat16 on XLA:CPU takes its fast path (AMX / AVX512-BF16 units where the CPU has
+  them): the dot accumulates into a float32 result that is then rounded, as the
   bf16-output dot does internally, but without its ~2x slower kernel, and a single row
   is padded to two, because XLA:CPU's bf16 matrix-vector product is ~10x slower than
   its two-row matmul (``python -m retro_jax.bench.matvec``; decoding at batch 1).
