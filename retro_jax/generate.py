@@ -37,8 +37,10 @@ import gin
 
 from retro_jax.inference.generator import GenerationResult
 from retro_jax.inference.loading import load_generator, read_passages, read_prompts
+from retro_jax.inference import loading
 from retro_jax.inference.sampling import SamplingConfig
 from retro_jax.models import RetroConfig
+from retro_jax.models.config import DTYPES
 from retro_jax.utils import gin_utils
 from retro_jax.utils.io import atomic_write_text
 
@@ -115,9 +117,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", None, "Sampling seed.")
   flags.DEFINE_integer("batch_size", 16, "Prompts per batch.")
   flags.DEFINE_string("output", None, "Write the records to this .jsonl file.")
-  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype "
-                    "(default: the checkpoint's), e.g. float32 for a bf16 checkpoint on a "
-                    "CPU without bf16 units.")
+  flags.DEFINE_enum("dtype", None, DTYPES, loading.DTYPE_FLAG_HELP)
 
 
 def main(argv) -> None:

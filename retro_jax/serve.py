@@ -33,8 +33,10 @@ import uvicorn
 
 from retro_jax.inference.generator import Generator
 from retro_jax.inference.loading import load_generator
+from retro_jax.inference import loading
 from retro_jax.inference.sampling import SamplingConfig
 from retro_jax.models import RetroConfig
+from retro_jax.models.config import DTYPES
 from retro_jax.retrieval.embedders import load_embedder
 from retro_jax.retrieval.retriever import DocumentStore, Retriever
 from retro_jax.serving.app import RetroService, check_bind, create_app
@@ -122,9 +124,7 @@ def _define_flags() -> None:
                        "may ask.")
   flags.DEFINE_integer("max_pending_generates", 4, "Generate requests running or waiting "
                        "at once; more get 503 with Retry-After.")
-  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype "
-                    "(default: the checkpoint's), e.g. float32 for a bf16 checkpoint on a "
-                    "CPU without bf16 units.")
+  flags.DEFINE_enum("dtype", None, DTYPES, loading.DTYPE_FLAG_HELP)
 
 
 def main(argv) -> None:

@@ -62,6 +62,11 @@ def read_passages(path: str) -> list[str]:
     return [line.rstrip("\n") for line in f if line.strip()]
 
 
+# The --dtype flag of the entry points that decode (generate, serve): load_generator's.
+DTYPE_FLAG_HELP = ("Compute dtype (default: the checkpoint's), e.g. float32 for a bf16 "
+                   "checkpoint on a CPU without bf16 units.")
+
+
 def load_generator(checkpoint: str, *, model_config: Optional[RetroConfig] = None,
                    vocab_path: Optional[str] = None, retrieval_dir: Optional[str] = None,
                    mesh_shape: Optional[dict] = None, retriever: Any = None,
@@ -77,7 +82,7 @@ def load_generator(checkpoint: str, *, model_config: Optional[RetroConfig] = Non
     retrieval_dir: a prepared retrieval directory for live retrieval, or None.
     mesh_shape: devices to hold the parameters (default: one device).
     retriever: an already built retriever (instead of ``retrieval_dir``).
-    dtype: compute dtype ('float32', 'bfloat16', 'float16'; default the architecture's),
+    dtype: compute dtype (``RetroConfig.dtype``; default the architecture's),
       e.g. 'float32' for a bf16 checkpoint on a CPU without bf16 units. Parameters
       narrower than it are loaded in it (else every step would convert them); the
       generator holds wider weight matrices in it.

@@ -26,7 +26,7 @@ _ENCODER_RESIDUALS = ("stream", "normed")
 _ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 _REMAT = ("none", "full", "dots", "dots_with_no_batch_dims")
 _ATTENTION_IMPLS = (None, "xla", "cudnn", "einsum")
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")   # dtype / param_dtype
 
 
 def default_cca_layers(num_layers: int) -> tuple[int, ...]:
@@ -281,8 +281,8 @@ class RetroConfig:
     if self.attention_impl not in _ATTENTION_IMPLS:
       fail("attention_impl", f"must be one of {_ATTENTION_IMPLS}")
     for field in ("dtype", "param_dtype"):
-      if getattr(self, field) not in _DTYPES:
-        fail(field, f"must be one of {_DTYPES}")
+      if getattr(self, field) not in DTYPES:
+        fail(field, f"must be one of {DTYPES}")
     if not 0.0 < self.rotary_fraction <= 1.0:
       fail("rotary_fraction", "must be in (0, 1]")
     rot = int(self.dim_per_head * self.rotary_fraction)
