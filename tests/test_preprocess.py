@@ -110,6 +110,12 @@ def test_every_output_opens_with_its_reader(uninterrupted):
   assert formats.ChunkDB(layout.split_db_prefix("train")).num_chunks == db.num_chunks
   embeddings = Embeddings(layout.embeddings_dir)
   assert (embeddings.num_vectors, embeddings.dim) == (db.num_chunks, 384)
+  # A split that is not the DB's prefix keeps its query embeddings; train reads the DB's.
+  queries = Embeddings(layout.query_embeddings_dir("valid"))
+  assert (queries.num_vectors, queries.dim) == (
+      formats.ChunkDB(layout.split_db_prefix("valid")).num_chunks, 384)
+  assert queries.dtype == embeddings.dtype
+  assert not os.path.exists(layout.query_embeddings_dir("train"))
   searcher = search_lib.load_index(layout.index_path, expected_dim=384,
                                   expected_ntotal=db.num_chunks)
   assert searcher.ntotal == db.num_chunks
@@ -138,15 +144,19 @@ def test_same_document_exclusion_and_exact_neighbors(uninterrupted, embedder):
     np.testing.assert_allclose(scores[q, present], scores[q, survivors], atol=1e-5)
   own_best = [db_docs[np.argsort(-scores[q])[1]] == db_docs[q] for q in range(len(keys))]
   assert np.mean(own_best) > 0.3         # exclusion mattered: own-document chunks are close
-  # valid (held-out documents): no exclusion, plain exact top-2 of its embedded chunks.
+  # valid (held-out documents): no exclusion, plain exact top-2 of its embedded chunks,
+  # searched with the query embeddings the pipeline stored (the embedder's, rounded to
+  # the DB embeddings' dtype).
   valid_db = formats.ChunkDB(layout.split_db_prefix("valid"))
-  queries = ChunkEmbedder(embedder, layout.vocab_path)(
+  embedded = ChunkEmbedder(embedder, layout.vocab_path)(
       valid_db.get_chunks(np.arange(valid_db.num_chunks), with_continuation=False))
+  queries = Embeddings(layout.query_embeddings_dir("valid"))[:].astype(np.float32)
+  np.testing.assert_allclose(queries, embedded, atol=1e-3)
   valid = formats.NeighborMap(layout.neighbor_map_path("valid"))
   valid_scores = queries @ keys.T
   for q in range(valid.num_chunks):
     best = np.sort(valid_scores[q])[::-1][:2]
-    np.testing.assert_allclose(valid_scores[q, valid[q]], best, atol=2e-3)
+    np.testing.assert_allclose(valid_scores[q, valid[q]], best, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -180,6 +190,8 @@ def test_killed_midway_and_rerun_equals_uninterrupted(corpus, uninterrupted, tmp
   from retro_jax.retrieval.formats import Embeddings
   keys = Embeddings(uninterrupted.embeddings_dir)[:]
   np.testing.assert_array_equal(Embeddings(layout.embeddings_dir)[:], keys)
+  np.testing.assert_array_equal(Embeddings(layout.query_embeddings_dir("valid"))[:],
+                                Embeddings(uninterrupted.query_embeddings_dir("valid"))[:])
   a = search_lib.load_index(uninterrupted.index_path)(keys, 4)
   b = search_lib.load_index(layout.index_path)(keys, 4)
   np.testing.assert_array_equal(a[1], b[1])
@@ -210,6 +222,10 @@ def test_sharded_run_equals_one_process(corpus, uninterrupted, embedder, tmp_pat
   want, got = _files(RetrievalLayout(tmp_path / "one")), _files(RetrievalLayout(out))
   for name in want:
     assert got[name] == want[name], f"{name}: 2 shards differ from 1"
+  from retro_jax.retrieval.formats import Embeddings
+  np.testing.assert_array_equal(
+      Embeddings(RetrievalLayout(out).query_embeddings_dir("valid"))[:],
+      Embeddings(RetrievalLayout(tmp_path / "one").query_embeddings_dir("valid"))[:])
   for name in ("retrieval_db/chunks.bin", "retrieval_db/chunks.idx"):
     assert got[name] == _files(uninterrupted)[name]
 

@@ -73,6 +73,12 @@ class RetrievalLayout:
   def embeddings_dir(self) -> str:
     return os.path.join(self.root, "embeddings")
 
+  def query_embeddings_dir(self, split: str) -> str:
+    """Embeddings of a split's query chunks, for a split that is not a prefix of the
+    retrieval DB (a prefix split's query embeddings are the DB's own rows)."""
+    _check_split(split)
+    return os.path.join(self.root, "query_embeddings", split)
+
   @property
   def index_dir(self) -> str:
     return os.path.join(self.root, "index")

@@ -15,6 +15,9 @@ with documents (``preprocess``; its command line is ``retro_jax.preprocess``).
     6. neighbors/<split>/     the k nearest DB chunks of every query chunk (NeMo KNN map);
                               not for --lm_split splits (text for a decoder alone, e.g.
                               GPT pretraining text that nothing retrieves for)
+       query_embeddings/<split>/  the query chunks' embeddings of a split that is not a
+                              prefix of the retrieval DB (kept for later searches, e.g.
+                              ``eval_analyses``' DB-size subsets)
     7. retrieval.json         the settings, read by the seqio tasks, the Retriever,
                               generation and the service
 
@@ -22,7 +25,8 @@ Same-document exclusion (RETRO trains on the data it retrieves from, NeMo's
 ``remove_duplicate``): with ``--exclude_same_document=auto`` (default) it is on for a
 split whose documents are the first documents of the retrieval DB (the same corpus, or
 a prefix of it; checked token by token), and off otherwise. Such a split's query
-embeddings are the DB's own, so they are not computed twice.
+embeddings are the DB's own, so they are not computed twice; another split's are
+stored (same embedder and dtype as the DB's) before its neighbors are searched.
 
 Sharding (a Slurm array): ``--shard_id/--num_shards`` run one shard of every stage;
 between stages a shard waits for the others (``--wait``; ``--nowait`` returns instead,
@@ -210,18 +214,18 @@ def documents_are_prefix(query_db: formats.ChunkDB, retrieval_db: formats.ChunkD
   return True
 
 
-def _embeddings_stage(layout: RetrievalLayout, embedder: Any, *, dtype: str, shard_id: int,
-                      num_shards: int, progress: bool, wait_for: Callable) -> StageReport:
+def _embeddings_stage(stage: str, db_prefix: str, output_dir: str, vocab_path: str,
+                      embedder: Any, *, dtype: str, shard_id: int, num_shards: int,
+                      progress: bool, wait_for: Callable) -> StageReport:
+  """Embeds the chunks of the DB at ``db_prefix`` into ``output_dir`` (all shards)."""
   began = time.time()
   result = embeddings_lib.build_embeddings(
-      layout.retrieval_db_prefix, layout.vocab_path, layout.embeddings_dir,
-      embedder=embedder, shard_id=shard_id, num_shards=num_shards, dtype=dtype,
-      progress=progress)
-  wait_for(lambda: _embeddings_complete(layout.embeddings_dir),
-           f"the embeddings in {layout.embeddings_dir}")
-  emb = formats.Embeddings(layout.embeddings_dir)
+      db_prefix, vocab_path, output_dir, embedder=embedder, shard_id=shard_id,
+      num_shards=num_shards, dtype=dtype, progress=progress)
+  wait_for(lambda: _embeddings_complete(output_dir), f"the embeddings in {output_dir}")
+  emb = formats.Embeddings(output_dir)
   skipped = bool(getattr(result, "skipped", False))
-  return StageReport("embeddings", time.time() - began, skipped,
+  return StageReport(stage, time.time() - began, skipped,
                      f"{len(emb)} x {emb.dim} {np.dtype(emb.dtype).name}")
 
 
@@ -339,8 +343,10 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
 
     logging.info("preprocess: stage embeddings")
     embedder_obj = _load_embedder(embedder)
-    log(_embeddings_stage(layout, embedder_obj, dtype=embedding_dtype, shard_id=shard_id,
-                          num_shards=num_shards, progress=progress, wait_for=wait_for))
+    log(_embeddings_stage("embeddings", layout.retrieval_db_prefix, layout.embeddings_dir,
+                          layout.vocab_path, embedder_obj, dtype=embedding_dtype,
+                          shard_id=shard_id, num_shards=num_shards, progress=progress,
+                          wait_for=wait_for))
 
     logging.info("preprocess: stage index")
     embeddings = formats.Embeddings(layout.embeddings_dir)
@@ -368,6 +374,14 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
       query_db = formats.ChunkDB(layout.split_db_prefix(split))
       prefix = documents_are_prefix(query_db, retrieval_db)
       exclude = prefix if exclude_same_document == "auto" else bool(exclude_same_document)
+      query_embeddings = embeddings
+      if not prefix:
+        log(_embeddings_stage(f"{split} query embeddings", layout.split_db_prefix(split),
+                              layout.query_embeddings_dir(split), layout.vocab_path,
+                              embedder_obj, dtype=embedding_dtype, shard_id=shard_id,
+                              num_shards=num_shards, progress=progress,
+                              wait_for=wait_for))
+        query_embeddings = formats.Embeddings(layout.query_embeddings_dir(split))
       settings = {"embedder": _embedder_name(embedder_obj, embedder),
                   "embedder_fingerprint": getattr(embedder_obj, "fingerprint", None),
                   "factory": built.factory, "metric": built.metric, **searcher.parameters}
@@ -375,7 +389,7 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
           query_db, retrieval_db, embed_chunks, searcher, layout.neighbors_dir(split),
           k=num_neighbors, extra=extra_neighbors, exclude_same_document=exclude,
           shard_id=shard_id, num_shards=num_shards, settings=settings, progress=progress,
-          query_embeddings=embeddings if prefix else None, target_recall=target_recall,
+          query_embeddings=query_embeddings, target_recall=target_recall,
           db_embeddings=embeddings, seed=seed)
       wait_for(lambda s=split: os.path.exists(layout.neighbor_map_path(s)),
                f"the {split} neighbor map")
