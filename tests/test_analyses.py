@@ -97,6 +97,10 @@ def retrieval_dir(tmp_path_factory):
   embedder = BagEmbedder(vocab_path)
   build_embeddings(layout.retrieval_db_prefix, vocab_path, layout.embeddings_dir,
                    embedder=embedder, dtype="float32", progress=False)
+  # As the pipeline does for a split that is not a prefix of the DB.
+  build_embeddings(layout.split_db_prefix("valid"), vocab_path,
+                   layout.query_embeddings_dir("valid"), embedder=embedder,
+                   dtype="float32", progress=False)
   vectors = formats.Embeddings(layout.embeddings_dir)[0:len(formats.Embeddings(
       layout.embeddings_dir))]
   index = faiss.IndexFlatIP(DIM)
@@ -252,6 +256,37 @@ def test_db_subsets_are_nested_and_searched_exactly_for_the_evaluated_chunks(
       np.testing.assert_allclose(vectors[ids[q]] @ queries[q], best, rtol=1e-5, atol=1e-5)
 
 
+def test_db_subsets_of_a_held_out_split_search_its_stored_query_embeddings(
+    retrieval_dir, tmp_path, monkeypatch):
+  layout, embedder = retrieval_dir
+  embedded = analyses.db_size_maps(layout, "valid", str(tmp_path / "embedded"), 12,
+                                   (0.25, 1.0), embedder=embedder)
+  monkeypatch.setattr(analyses, "load_embedder", lambda name: pytest.fail(
+      f"embedded the query chunks again with {name}"))
+  stored = analyses.db_size_maps(layout, "valid", str(tmp_path / "stored"), 12,
+                                 (0.25, 1.0))
+  for a, b in zip(embedded, stored):
+    np.testing.assert_array_equal(formats.NeighborMap(a["neighbor_map"]).neighbors,
+                                  formats.NeighborMap(b["neighbor_map"]).neighbors)
+  # Fraction 1 with exact search: the stored map's rows for the evaluated chunks.
+  np.testing.assert_array_equal(
+      formats.NeighborMap(stored[-1]["neighbor_map"]).neighbors[:12],
+      formats.NeighborMap(layout.neighbor_map_path("valid")).neighbors[:12])
+
+
+def test_batch_lists_compare_by_content():
+  rng = np.random.default_rng(0)
+  batches = [{"a": rng.integers(0, 9, (2, 4)), "b": np.where(rng.random((2, 3)) > 0.5,
+                                                              np.nan, 1.0)}
+             for _ in range(2)]
+  same = analyses.ListSource([{k: v.copy() for k, v in b.items()} for b in batches])
+  assert analyses.ListSource(batches).same_batches(same)
+  changed = [dict(b) for b in batches]
+  changed[1] = dict(changed[1], a=changed[1]["a"] + (np.arange(8).reshape(2, 4) == 5))
+  assert not analyses.ListSource(batches).same_batches(analyses.ListSource(changed))
+  assert not analyses.ListSource(batches).same_batches(analyses.ListSource(batches[:1]))
+
+
 # (c) overlap -----------------------------------------------------------------------------------
 
 
@@ -389,3 +424,10 @@ def test_eval_entry_point_runs_the_analyses_task(run):
   assert {r["model"] for r in db} == {"Retro"}
   assert db[0]["db_tokens"] < db[1]["db_tokens"] < db[2]["db_tokens"]
   assert all(math.isfinite(r["bpb"]) for r in db)
+  # Fraction 1 (exact search, the whole DB) finds the stored map's neighbors: its row is
+  # the retrieval row, not scored twice; the smaller DBs' rows are their own.
+  retrieval = next(r for r in written["perplexity"]
+                   if (r["model"], r["mode"]) == ("Retro", "retrieval"))
+  assert db[2]["loss"] == retrieval["loss"] and db[2]["tokens"] == retrieval["tokens"]
+  assert db[0]["loss"] != retrieval["loss"]
+  assert any(note.startswith("DB fraction 1:") for note in written["notes"])

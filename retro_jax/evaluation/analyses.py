@@ -31,10 +31,13 @@ per byte (``evaluation.bits_per_byte``: UTF-8 bytes of the scored targets).
   the index, the pipeline's same-document exclusion); no retraining, no other neighbor
   is computed. Each subset's map is written to ``db_size/<fraction>/neighbors.knn``
   (rows of chunks no example scores stay -1). Fraction 1 is searched the same way, so the
-  curve shares one search method; the ``neighbors`` table holds the stored map's score.
+  curve shares one search method; the ``neighbors`` table holds the stored map's score
+  (where fraction 1's rows equal the stored map's, as with an exact index, its score is
+  that one, not computed twice).
   Query embeddings: a split whose documents are the DB's first ones (the training split)
-  reuses the DB's stored embeddings; any other split's chunks are embedded with the
-  build's embedder (``retrieval.json``) unless ``embedder`` is given.
+  reuses the DB's stored embeddings, any other split the query embeddings the pipeline
+  stored for it; a directory built without them, or an ``embedder`` given, embeds the
+  split's chunks (with the build's embedder from ``retrieval.json`` by default).
 
 The recipe calls ``eval_analyses(output_dir=..., checkpoints={'Retro': ..., 'GPT-fit':
 ...}, retrieval_dir=..., split=..., seq_len=..., batch_size=...)``.
@@ -95,6 +98,13 @@ class ListSource:
 
   def get_batch(self, step: int) -> dict[str, np.ndarray]:
     return self.batches[step]
+
+  def same_batches(self, other: "ListSource") -> bool:
+    """Whether both hold equal batches (then every score of one is the other's)."""
+    return len(self) == len(other) and all(
+        a.keys() == b.keys() and all(np.array_equal(a[key], b[key], equal_nan=np.issubdtype(
+            np.asarray(a[key]).dtype, np.inexact)) for key in a)
+        for a, b in zip(self.batches, other.batches))
 
 
 def split_source(layout: RetrievalLayout, split: str, seq_len: int, *,
@@ -195,14 +205,23 @@ def _mode(has_retro: bool, retrieval: bool) -> str:
 # DB-size variants ---------------------------------------------------------------------
 
 
-def _query_embeddings(layout: RetrievalLayout, query_db: formats.ChunkDB,
+def _query_embeddings(layout: RetrievalLayout, split: str, query_db: formats.ChunkDB,
                       vectors: search_lib.VectorSource,
                       chunk_ids: np.ndarray, prefix: bool, embedder: Any,
                       block: int = 4096) -> np.ndarray:
   """Embeddings of query chunks ``chunk_ids``: the DB's stored rows when the split's
-  documents are the DB's first ones, else embedded with the build's embedder."""
+  documents are the DB's first ones, else the split's stored query embeddings
+  (``RetrievalLayout.query_embeddings_dir``), else (a directory built before they were
+  stored, or ``embedder`` given) embedded with the build's embedder."""
   if prefix:
     return vectors.take(chunk_ids)
+  stored = layout.query_embeddings_dir(split)
+  if embedder is None and os.path.isdir(stored):
+    embeddings = formats.Embeddings(stored)
+    if len(embeddings) != query_db.num_chunks:
+      raise ValueError(f"{stored}: {len(embeddings)} embeddings for the "
+                       f"{query_db.num_chunks} chunks of {query_db.idx_path}")
+    return search_lib.VectorSource(embeddings).take(chunk_ids)
   if embedder is None or isinstance(embedder, (str, os.PathLike)):
     name = embedder or layout.read_config().get("embedder")
     if not name:
@@ -241,7 +260,8 @@ def db_size_maps(layout: RetrievalLayout, split: str, output_dir: str,
   prefix = documents_are_prefix(query_db, retrieval_db)
   exclude = config.get("splits", {}).get(split, {}).get("exclude_same_document", prefix)
   chunk_ids = np.arange(min(evaluated_chunks, query_db.num_chunks), dtype=np.int64)
-  queries = _query_embeddings(layout, query_db, vectors, chunk_ids, prefix, embedder)
+  queries = _query_embeddings(layout, split, query_db, vectors, chunk_ids, prefix,
+                              embedder)
   query_docs = query_db.doc_of_chunk(chunk_ids) if exclude else None
   extra = int(config.get("extra_neighbors", 8))
   metric = config.get("metric", "ip")
@@ -449,6 +469,11 @@ def eval_analyses(*, output_dir: str, checkpoints: Mapping[str, str] = gin.REQUI
   db_sources = [ListSource(with_overlaps([truncate_neighbors(b, model_k) for b in (
       source_batches(split_source(layout, split, seq_len, neighbor_map=d["neighbor_map"]),
                      batch_size, max_batches))], m, base.pad_id)[0]) for d in db_maps]
+  db_same = [source.same_batches(main) for source in db_sources]
+  for d, same in zip(db_maps, db_same):
+    if same:
+      notes.append(f"DB fraction {d['fraction']:.6g}: the recomputed neighbors equal the "
+                   "stored map's; its scores are the retrieval rows'")
   for name, path in checkpoints.items():
     params, evaluators, has_retro = _load(model_config, path, mesh)
     score = _Scorer(evaluators, params, token_bytes)
@@ -477,10 +502,10 @@ def eval_analyses(*, output_dir: str, checkpoints: Mapping[str, str] = gin.REQUI
         note = (f"asked k={[k for k in capped if min(k, stored_k) == used]}, capped at "
                 f"the map's k={stored_k}" if used == stored_k and capped else "")
         results["neighbors"].append(dict(head, k=used, requested=asked, note=note, **row))
-    for d, source in zip(db_maps, db_sources):
+    for d, source, same in zip(db_maps, db_sources, db_same):
+      row = by_mode[True] if same else score(source, True, scored_classes)["all"]
       results["db_size"].append(dict(head, **{k: v for k, v in d.items()
-                                              if k != "neighbor_map"},
-                                     **score(source, True, scored_classes)["all"]))
+                                              if k != "neighbor_map"}, **row))
   order = [*classes, ALL_TARGETS]
   results["leakage"].sort(key=lambda r: order.index(r["class"]))
   paths = write_report(results, output_dir)
