@@ -170,6 +170,27 @@ def test_run_qa_writes_predictions_and_scores(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["nq_predictions.jsonl", "nq_scores.json"]
 
 
+@pytest.mark.parametrize("count,batch_size,size", [
+    (300, 32, 30), (301, 32, 31), (12, 32, 12), (64, 32, 32), (7, 4, 4), (5, 1, 1),
+    (1, 16, 1)])
+def test_equal_batch_size(count, batch_size, size):
+  assert qa.equal_batch_size(count, batch_size) == size
+  batches = -(-count // batch_size)
+  assert -(-count // size) == batches                    # as many calls as batch_size's
+  assert batches * size - count < batches                # the last batch pads few rows
+
+
+def test_run_qa_calls_with_batches_of_one_size(tmp_path):
+  examples = [dict(EXAMPLES[i % 3], id=str(i), question=f"Q{i}?") for i in range(7)]
+  generator = FakeGenerator()
+  qa.run_qa(generator, examples, output_dir=str(tmp_path), num_passages=1, batch_size=4)
+  assert [len(c["prompts"]) for c in generator.calls] == [4, 4]
+  assert generator.calls[1]["prompts"][3] == generator.calls[1]["prompts"][2]   # padding
+  rows = [json.loads(l) for l in open(tmp_path / "qa_predictions.jsonl")]
+  assert [r["question"] for r in rows] == [f"Q{i}?" for i in range(7)]
+  assert [r["prediction"] for r in rows] == ["Vell.", "Tessel.", "nothing."] * 2 + ["Vell."]
+
+
 def test_run_qa_resumes_after_a_kill(tmp_path):
   with pytest.raises(RuntimeError, match="killed"):
     qa.run_qa(FakeGenerator(fail_after=1), EXAMPLES, output_dir=str(tmp_path),

@@ -361,6 +361,16 @@ def predictions_path(output_dir: str, name: str) -> str:
   return os.path.join(output_dir, f"{name}_predictions.jsonl")
 
 
+def equal_batch_size(count: int, batch_size: int) -> int:
+  """The batch size that splits ``count`` examples into as many batches as
+  ``batch_size`` does, all of one size but the last (shorter by fewer rows than there are
+  batches): 300 questions at 32 are 10 batches of 30, not 9 of 32 and one of 12."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1")
+  batches = max(1, -(-count // batch_size))
+  return max(1, -(-count // batches))
+
+
 def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir: str,
            name: str = "qa", num_passages: int = 5, neighbors: str = "none",
            num_neighbor_passages: Optional[int] = None, max_new_tokens: int = 32,
@@ -378,7 +388,9 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
     neighbors: the encoder's neighbors: 'none', 'passages' or 'live'.
     num_neighbor_passages: contexts used as neighbors with 'passages' (default: the
       model's k).
-    max_new_tokens, batch_size, sampling: generation settings (greedy by default).
+    max_new_tokens, sampling: generation settings (greedy by default).
+    batch_size: Questions per ``generate`` call at most; the questions are split into
+      batches of one size (``equal_batch_size``), the last one padded to it.
     align_prompts: left-pad each prompt to a multiple of m, so that its last chunk
       (the question) is complete, and retrieved from, before the first answer token
       (``Generator.generate``); with 'live' neighbors this lets the answer read the
@@ -429,13 +441,17 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
   atomic_write_text(partial_path, "".join(json.dumps(r) + "\n" for r in rows))
   start_time, done_before = time.perf_counter(), len(rows)
   with open(partial_path, "a", encoding="utf-8") as partial:
-    for start in range(len(rows), len(examples), batch_size):
-      batch = examples[start:start + batch_size]
+    size = equal_batch_size(len(examples), batch_size)
+    for start in range(len(rows), len(examples), size):
+      batch = examples[start:start + size]
+      # A short last batch repeats its last question (answers dropped): every batch has
+      # one shape, so it runs the programs the others compiled.
+      padded = list(batch) + [batch[-1]] * (size - len(batch))
       prompts = [build_prompt(e, num_passages, tokenizer=tokenizer,
-                              max_prompt_tokens=max_prompt_tokens) for e in batch]
+                              max_prompt_tokens=max_prompt_tokens) for e in padded]
       passages = None
       if neighbors == "passages":
-        passages = [_neighbor_passages(e, k) for e in batch]
+        passages = [_neighbor_passages(e, k) for e in padded]
         if not any(passages):
           passages = None  # no contexts in the whole batch: the decoder alone
       result = generator.generate(prompts, max_new_tokens=max_new_tokens,
