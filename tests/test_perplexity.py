@@ -107,3 +107,41 @@ def test_phrase_matcher_splits_first_and_repeated_mentions_by_position():
     PhraseMatcher(encode, phrases, mentions="second")
   with pytest.raises(ValueError, match="mentions"):
     shared.select(mentions="second")
+
+
+class _PaddedEpoch:
+  """A held-out source of one epoch: batches past its end have no scored token."""
+
+  def __init__(self, source, real, total):
+    self.source, self.real, self.total, self.fetched = source, real, total, []
+
+  def get_batch(self, step):
+    self.fetched.append(step)
+    batch = dict(self.source.get_batch(step))
+    if step >= self.real:
+      batch["decoder_loss_weights"] = np.zeros_like(batch["decoder_loss_weights"])
+    return batch
+
+
+def test_evaluator_skips_batches_without_scored_tokens():
+  import jax
+  from retro_jax.models import partitioning
+  from retro_jax.models.lm import init_params
+  from retro_jax.training.trainer import Evaluator
+  params = init_params(CONFIG, jax.random.PRNGKey(0))
+  evaluator = Evaluator(CONFIG, partitioning.make_mesh(None), None, retrieval=True)
+  calls = []
+  step = evaluator._step
+  evaluator._step = lambda *a: (calls.append(1), step(*a))[1]
+  held_out = SyntheticRetroSource(64, 32, 8, chunk_length=8, seed=5)
+  want = evaluator.evaluate(params, held_out, 2)
+  assert len(calls) == 2
+  calls.clear()
+  padded = _PaddedEpoch(held_out, 2, 5)
+  assert evaluator.evaluate(params, padded, 5) == want      # the same sums, to the bit
+  assert padded.fetched == [0, 1, 2, 3, 4] and len(calls) == 2
+  classes = {"even": lambda b: np.asarray(b["decoder_target_tokens"]) % 2 == 0}
+  assert (evaluator.evaluate_classes(params, _PaddedEpoch(held_out, 2, 5), 5, classes)
+          == evaluator.evaluate_classes(params, held_out, 2, classes))
+  empty = evaluator.evaluate(params, _PaddedEpoch(held_out, 0, 2), 2)
+  assert empty["tokens"] == 0 and empty["loss"] == 0.0

@@ -59,9 +59,10 @@ def batch_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding,
 
 def summarize_eval_sums(totals: dict[str, float]) -> dict[str, float]:
   weight = max(totals.get("weight", 0.0), 1.0)
-  loss = totals["loss"] / weight
+  loss = totals.get("loss", 0.0) / weight
   return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-          "accuracy": totals["correct"] / weight, "tokens": totals["weight"]}
+          "accuracy": totals.get("correct", 0.0) / weight,
+          "tokens": totals.get("weight", 0.0)}
 
 
 class Evaluator:
@@ -78,12 +79,21 @@ class Evaluator:
     self._class_step = jax.jit(self.lm.class_loss_sums, in_shardings=(
         param_shardings, self.batch_sharding, self.class_weight_sharding))
 
-  def evaluate(self, params: Any, source: BatchSource, num_batches: int) -> dict[str, float]:
-    totals: dict[str, float] = {}
+  def _scored_batches(self, source: BatchSource, num_batches: int):
+    """The first ``num_batches`` batches, less those without a scored token (a source
+    of one epoch pads past its end with such batches: their sums are all zero). On
+    several processes every batch is scored, since each holds only its own rows."""
     for i in range(num_batches):
       batch = source.get_batch(i)
       if i == 0:
         self.lm.validate_batch(batch, "eval batch")
+      if jax.process_count() == 1 and not np.any(batch["decoder_loss_weights"]):
+        continue
+      yield batch
+
+  def evaluate(self, params: Any, source: BatchSource, num_batches: int) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for batch in self._scored_batches(source, num_batches):
       with partitioning.activation_sharding(self.mesh, self.rules):
         sums = self._step(params, batch_to_global(batch, self.batch_sharding, self.retrieval))
       for k, v in jax.device_get(sums).items():
@@ -103,10 +113,7 @@ class Evaluator:
     """
     names = ["all", *classes, "other"]
     totals = {name: {} for name in names}
-    for i in range(num_batches):
-      batch = source.get_batch(i)
-      if i == 0:
-        self.lm.validate_batch(batch, "eval batch")
+    for batch in self._scored_batches(source, num_batches):
       base = np.asarray(batch["decoder_loss_weights"], np.float32)
       masks = [np.asarray(fn(batch), bool) for fn in classes.values()]
       other = ~np.any(masks, axis=0) if masks else np.ones(base.shape, bool)
