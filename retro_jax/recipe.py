@@ -22,6 +22,11 @@ step killed midway resumes from its last checkpoint):
                    a ``--documents`` run reads ``documents_retro_fitting.gin`` (all
                    parameters trained, as InstructRetro) and ``documents_gpt_fitting.gin``
                    (GPT-fit at the same learning rate) instead (``DOCUMENTS_STEP_GIN``);
+                   with ``--gin.FROZEN_FIT_STEPS=N`` retro-fitting runs in two phases:
+                   N steps with the decoder frozen (``retro_frozen_phase.gin``, into
+                   ``models/retro_frozen``), then FIT_STEPS with every parameter trained
+                   (``retro_unfreezing.gin``): on real text the neighbors stay in use
+                   only this way (docs/benchmarks.md, "Real text");
     ``retro_scratch`` (only with ``--arms=retro_scratch``) a Retro trained from
                    scratch with retrieval at the compute of GPT pretraining + GPT-fitting
                    (``retro_from_scratch.gin``), evaluated beside the two;
@@ -106,6 +111,10 @@ DOCUMENTS_STEP_GIN = {
     "retro": "miniature/documents_retro_fitting.gin",
     "gptfit": "miniature/documents_gpt_fitting.gin",
 }
+# Two-phase retro-fitting (FROZEN_FIT_STEPS > 0): the frozen phase, then the unfrozen one.
+FROZEN_PHASE_GIN = "miniature/retro_frozen_phase.gin"
+UNFREEZING_GIN = "miniature/retro_unfreezing.gin"
+FROZEN_PHASE_DIR = "retro_frozen"            # models/<this>: the frozen phase's checkpoints
 # Optional steps (``--arms``), run after 'gptfit' and evaluated beside Retro and GPT-fit:
 # 'retro_scratch' trains a Retro from scratch with retrieval at the compute of GPT
 # pretraining + GPT-fitting (RETRO; Wang et al. 2023).
@@ -488,8 +497,30 @@ class Recipe:
   def step_gpt(self):
     return self._train("gpt")
 
+  def frozen_fit_steps(self) -> int:
+    """The frozen phase's steps (``FROZEN_FIT_STEPS`` as the retro step's gin and the
+    run's --gin bindings set it; 0: one phase)."""
+    _parse_step_gin(self.step_gin("retro"), (), self.overrides)
+    steps = gin.query_parameter("%FROZEN_FIT_STEPS")
+    gin.clear_config()
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+      raise ValueError(f"--gin.FROZEN_FIT_STEPS={steps!r}: must be an integer >= 0 (the "
+                       "frozen phase's steps; 0: no frozen phase)")
+    return steps
+
   def step_retro(self):
-    return self._train("retro", INIT_CHECKPOINT=self.layout.model_dir("gpt"))
+    gpt = self.layout.model_dir("gpt")
+    frozen_steps = self.frozen_fit_steps()
+    if not frozen_steps:
+      return self._train("retro", INIT_CHECKPOINT=gpt)
+    frozen = self.layout.model_dir(FROZEN_PHASE_DIR)
+    first = run_training("retro", self.layout, {"MODEL_DIR": frozen, "INIT_CHECKPOINT": gpt},
+                         self.overrides, gin_file=FROZEN_PHASE_GIN)
+    metrics = run_training("retro", self.layout, {"INIT_CHECKPOINT": frozen},
+                           self.overrides, gin_file=UNFREEZING_GIN)
+    return ([os.path.join(frozen, "checkpoints"),
+             os.path.join(self.layout.model_dir("retro"), "checkpoints")],
+            {"metrics": metrics, "frozen_phase": {"steps": frozen_steps, "metrics": first}})
 
   def step_gptfit(self):
     return self._train("gptfit", INIT_CHECKPOINT=self.layout.model_dir("gpt"))
@@ -628,7 +659,8 @@ class Recipe:
   def step_report(self):
     paths = report_lib.write_recipe_report(
         self.layout.report_path, run_dir=self.layout.root,
-        model_dirs={step: self.layout.model_dir(step) for step in STEP_GIN},
+        model_dirs={step: self.layout.model_dir(step)
+                    for step in (*STEP_GIN, FROZEN_PHASE_DIR)},
         infos={step: self.info(step) for step in self.steps},
         documents=os.path.abspath(self.documents) if self.documents else None)
     self.print(open(self.layout.report_path, encoding="utf-8").read())  # pylint: disable=consider-using-with

@@ -4,6 +4,7 @@ report describes the corpus it ran on; the documents run's own settings."""
 from __future__ import annotations
 
 import math
+import os
 
 import gin
 
@@ -82,3 +83,86 @@ def test_documents_run_reads_its_own_fitting_steps(tmp_path):
   assert gpt.learning_rate == retro.learning_rate == 3e-3
   assert (gpt_steps, gpt_model) == (retro_steps, retro_model)
   assert frozen.trainable == "retro"                # the embedded run is unchanged
+
+
+def _training_calls(monkeypatch, run):
+  """The training runs of ``run.step_retro()``: per run, what its gin file binds."""
+  calls = []
+
+  def fake(step, layout, bindings, overrides, gin_file=None):
+    values = {"MODEL_DIR": layout.model_dir(step), "RETRIEVAL_DIR": "/r", **bindings}
+    recipe._parse_step_gin(gin_file or recipe.STEP_GIN[step],
+                           [f"{k} = {v!r}" for k, v in values.items()], overrides)
+    query = lambda name: _macro(gin.query_parameter(name))
+    calls.append(dict(gin_file=gin_file, model_dir=query("train.model_dir"),
+                      init=query("train.init_checkpoint"), init_mode=query("train.init_mode"),
+                      steps=query("train.train_steps"), optimizer=OptimizerConfig()))
+    gin.clear_config()
+    return {"loss": 1.0}
+
+  monkeypatch.setattr(recipe, "run_training", fake)
+  outputs, info = run.step_retro()
+  return calls, outputs, info
+
+
+def _macro(value):
+  """A gin macro's value (through macro references)."""
+  while hasattr(value, "scoped_configurable_fn"):
+    value = value.scoped_configurable_fn()
+  return value
+
+
+def test_two_phase_retro_fitting_freezes_then_unfreezes(tmp_path, monkeypatch):
+  import pytest
+  run = recipe.Recipe(str(tmp_path / "two"), documents="d.jsonl", print_fn=lambda _: None,
+                      overrides=["FROZEN_FIT_STEPS = 40"])
+  assert run.frozen_fit_steps() == 40
+  calls, outputs, info = _training_calls(monkeypatch, run)
+  frozen, unfrozen = calls
+  frozen_dir = run.layout.model_dir(recipe.FROZEN_PHASE_DIR)
+  # Phase 1, from the GPT: RETRO's retro-fitting, the decoder frozen.
+  assert frozen["model_dir"] == frozen_dir
+  assert frozen["init"] == run.layout.model_dir("gpt")
+  assert frozen["init_mode"] == "retrofit" and frozen["steps"] == 40
+  assert frozen["optimizer"].trainable == "retro"
+  assert (frozen["optimizer"].learning_rate, frozen["optimizer"].retro_lr_multiplier) == (
+      1e-2, 1.0)
+  # Phase 2, the whole Retro of phase 1: every parameter at GPT-fit's rate, FIT_STEPS.
+  assert unfrozen["model_dir"] == run.layout.model_dir("retro")
+  assert unfrozen["init"] == frozen_dir and unfrozen["init_mode"] == "params"
+  assert unfrozen["steps"] == 150
+  assert unfrozen["optimizer"].trainable == "all"
+  assert (unfrozen["optimizer"].learning_rate, unfrozen["optimizer"].retro_lr_multiplier
+          ) == (3e-3, 1.0)
+  assert outputs == [os.path.join(frozen_dir, "checkpoints"),
+                     os.path.join(run.layout.model_dir("retro"), "checkpoints")]
+  assert info["frozen_phase"]["steps"] == 40
+  # Without FROZEN_FIT_STEPS: one run of the step's own gin file, from the GPT.
+  one = recipe.Recipe(str(tmp_path / "one"), documents="d.jsonl", print_fn=lambda _: None)
+  assert one.frozen_fit_steps() == 0
+  [call], outputs, _ = _training_calls(monkeypatch, one)
+  assert call["gin_file"] == "miniature/documents_retro_fitting.gin"
+  assert call["init"] == one.layout.model_dir("gpt")
+  bad = recipe.Recipe(str(tmp_path / "bad"), print_fn=lambda _: None,
+                      overrides=["FROZEN_FIT_STEPS = -5"])
+  with pytest.raises(ValueError, match=r"--gin\.FROZEN_FIT_STEPS=-5"):
+    bad.step_retro()
+
+
+def test_report_plots_the_frozen_phase_before_the_unfrozen_one(tmp_path, monkeypatch):
+  import json
+  dirs = {}
+  for step, steps in (("gpt", 250), ("retro_frozen", 40), ("retro", 150), ("gptfit", 150)):
+    dirs[step] = str(tmp_path / "models" / step)
+    os.makedirs(dirs[step])
+    with open(os.path.join(dirs[step], "metrics.jsonl"), "w", encoding="utf-8") as f:
+      for s in (steps // 2, steps):
+        f.write(json.dumps({"split": "train", "step": s, "loss": 2.0}) + "\n")
+  plotted = {}
+  monkeypatch.setattr(report_lib, "plot_loss_curves", lambda runs, path, **kw: (
+      plotted.setdefault(os.path.basename(path), (dict(runs), kw.get("offsets"))), path)[1])
+  report_lib.write_recipe_report(str(tmp_path / "report.md"), run_dir=str(tmp_path),
+                                 model_dirs=dirs, infos=INFOS, documents="d.jsonl")
+  runs, offsets = plotted["loss_pretraining.png"]
+  assert runs[report_lib.FROZEN_PHASE_RUN] == dirs["retro_frozen"]
+  assert offsets == {report_lib.FROZEN_PHASE_RUN: 250, "Retro-fit": 290, "GPT-fit": 250}

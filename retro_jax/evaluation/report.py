@@ -22,6 +22,9 @@ from retro_jax.utils.io import atomic_path, atomic_write_text
 
 # The recipe's Retro trained from scratch (its 'retro_scratch' arm), as tables name it.
 SCRATCH_MODEL = "Retro from scratch"
+# The frozen phase of two-phase retro-fitting (the recipe's models/retro_frozen), as the
+# loss plot names it; the Retro-fit curve continues after it.
+FROZEN_PHASE_RUN = "Retro-fit, decoder frozen"
 
 # The loss by class of target tokens (``perplexity.token_class_table``'s class rows).
 CLASS_COLUMNS = (("class", "target tokens"), ("model", "model"), ("mode", "mode"),
@@ -189,17 +192,19 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
   elif corpus:
     lines += ["Corpus: `" + json.dumps(corpus.get("entities", corpus)) + "`", ""]
   runs = {name: model_dirs[step] for name, step in (
-      ("GPT pretraining", "gpt"), ("Retro-fit", "retro"), ("GPT-fit", "gptfit"),
+      ("GPT pretraining", "gpt"), (FROZEN_PHASE_RUN, "retro_frozen"), ("Retro-fit", "retro"),
+      ("GPT-fit", "gptfit"),
       (SCRATCH_MODEL, "retro_scratch"), ("InstructRetro SFT", "instructretro"),
       ("GPT-Instruct SFT", "gpt_instruct"))
           if step in model_dirs and os.path.isdir(model_dirs[step])}
   if runs:
+    gpt_end = _last_step(runs.get("GPT pretraining"))
     outputs.append(plot_loss_curves(
         {k: v for k, v in runs.items() if "SFT" not in k},
         os.path.join(plots_dir, "loss_pretraining.png"),
         title="GPT pretraining, then retro-fitting vs GPT-fitting",
-        offsets={"Retro-fit": _last_step(runs.get("GPT pretraining")),
-                 "GPT-fit": _last_step(runs.get("GPT pretraining"))}))
+        offsets={FROZEN_PHASE_RUN: gpt_end, "GPT-fit": gpt_end,
+                 "Retro-fit": gpt_end + _last_step(runs.get(FROZEN_PHASE_RUN))}))
     sft_runs = {k: v for k, v in runs.items() if "SFT" in k}
     if sft_runs:
       outputs.append(plot_loss_curves(
