@@ -145,3 +145,30 @@ def test_evaluator_skips_batches_without_scored_tokens():
           == evaluator.evaluate_classes(params, held_out, 2, classes))
   empty = evaluator.evaluate(params, _PaddedEpoch(held_out, 0, 2), 2)
   assert empty["tokens"] == 0 and empty["loss"] == 0.0
+
+
+def test_forward_programs_compile_without_library_fusions_on_cpu():
+  """The evaluator's forward pass and generation's prefill are compiled with
+  ``forward_compiler_options`` (no YNNPACK fusions on CPU: utils/compilation.py); a
+  plain jit of the same forward still gets them (if it stops, the option is moot)."""
+  import jax
+  from retro_jax.inference import generator as generator_lib
+  from retro_jax.models import partitioning
+  from retro_jax.models.lm import init_params
+  from retro_jax.training.trainer import Evaluator, batch_to_global
+  from retro_jax.utils.compilation import forward_compiler_options
+  assert forward_compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  params = init_params(CONFIG, jax.random.PRNGKey(0))
+  evaluator = Evaluator(CONFIG, partitioning.make_mesh(None), None, retrieval=True)
+  batch = batch_to_global(SyntheticRetroSource(64, 32, 8, chunk_length=8).get_batch(0),
+                          evaluator.batch_sharding, True)
+  ours = evaluator._step.lower(params, batch).compile().as_text()
+  plain = jax.jit(evaluator.lm.loss_sums).lower(params, batch).compile().as_text()
+  assert "ynn_fusion" in plain and "ynn_fusion" not in ours
+  prefill = generator_lib._compiled(CONFIG, 0, "prefill", True,
+                                    generator_lib.SamplingConfig())
+  tokens = np.ones((2, 16), np.int32)
+  hlo = prefill.lower(params, tokens, np.ones((2, 2, 2, 16), np.int32),
+                      np.ones((2, 2, 2), bool), np.full((2,), 16, np.int32),
+                      jax.random.PRNGKey(0), np.int32(-1), cache_length=24).compile().as_text()
+  assert "ynn_fusion" not in hlo

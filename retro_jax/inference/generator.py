@@ -57,6 +57,7 @@ from retro_jax.models import Retro, RetroConfig
 from retro_jax.models import cca
 from retro_jax.models import decoding
 from retro_jax.models import lm
+from retro_jax.utils.compilation import forward_compiler_options
 
 Array = jax.Array
 
@@ -531,5 +532,6 @@ def _compiled(config: RetroConfig, pad_id: int, kind: str, retrieval: bool,
     return token, logits, done, variables["cache"]
 
   if kind == "prefill":
-    return jax.jit(prefill, static_argnames=("cache_length",))
+    return jax.jit(prefill, static_argnames=("cache_length",),
+                   compiler_options=forward_compiler_options())
   return jax.jit(step, donate_argnums=(1,))

@@ -34,6 +34,7 @@ from retro_jax.models import partitioning
 from retro_jax.models.flops import count_flops, peak_tflops
 from retro_jax.models.lm import NEIGHBOR_FEATURES, TOKEN_FEATURES
 from retro_jax.training.optimizers import OptimizerConfig, make_optimizer, stop_frozen_gradients
+from retro_jax.utils.compilation import forward_compiler_options
 
 
 class BatchSource(Protocol):
@@ -73,11 +74,14 @@ class Evaluator:
     self.config, self.mesh, self.rules, self.retrieval = config, mesh, rules, retrieval
     self.lm = RetroLM(config, retrieval=retrieval)
     self.batch_sharding = partitioning.batch_sharding(mesh)
+    options = forward_compiler_options()
     self._step = jax.jit(self.lm.loss_sums, in_shardings=(param_shardings,
-                                                          self.batch_sharding))
+                                                          self.batch_sharding),
+                         compiler_options=options)
     self.class_weight_sharding = partitioning.batch_sharding(mesh, batch_dim=1)
     self._class_step = jax.jit(self.lm.class_loss_sums, in_shardings=(
-        param_shardings, self.batch_sharding, self.class_weight_sharding))
+        param_shardings, self.batch_sharding, self.class_weight_sharding),
+                               compiler_options=options)
 
   def _scored_batches(self, source: BatchSource, num_batches: int):
     """The first ``num_batches`` batches, less those without a scored token (a source
