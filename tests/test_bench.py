@@ -57,3 +57,12 @@ def test_generate_bench_runs_in_bfloat16_weights():
       (b, mode) for b in (1, 2) for mode in generate_bench.MODES]
   assert all(r["tokens_per_s"] > 0 for r in rows)
   assert "compute bfloat16, params bfloat16" in lines[0] and len(lines) == 3 + len(rows)
+
+
+def test_forward_bench_times_both_programs_both_ways():
+  from retro_jax.bench import forward
+  rows = forward.run(["miniature"], batch=8, seq_len=128, repeats=1)
+  assert [(r["model"], r["program"]) for r in rows] == [
+      (m, p) for m in ("GPT", "Retro") for p in ("evaluation forward", "train step")]
+  assert all(r["default_s"] > 0 and r["options_s"] > 0 and r["speedup"] > 0 for r in rows)
+
