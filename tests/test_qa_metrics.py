@@ -228,3 +228,28 @@ def test_paired_exact_match_counts_the_discordant_questions():
     qa.paired_exact_match(a, [a[0], {"question": "other", "exact_match": 0.0}, *a[2:]])
   with pytest.raises(ValueError, match="6 vs 5"):
     qa.paired_exact_match(a, b[:5])
+
+
+def test_eval_qa_dtype_reaches_the_generator_and_bad_dtypes_are_named(tmp_path, monkeypatch):
+  from retro_jax.inference import loading
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def fake_load(checkpoint, **kwargs):
+    seen.update(kwargs)
+    raise Stop
+
+  monkeypatch.setattr(loading, "load_generator", fake_load)
+  modes = {"question only": {"num_passages": 0, "neighbors": "none"}}
+  common = dict(output_dir=str(tmp_path), checkpoint="/ckpt", qa_file="/q.jsonl",
+                modes=modes, vocab_path="/spm.model")
+  with pytest.raises(Stop):
+    qa.eval_qa(dtype="float32", **common)
+  assert seen["dtype"] == "float32"
+  with pytest.raises(ValueError, match=r"param_dtype='bfloat16' is narrower than "
+                                       r"dtype='float32'"):
+    qa.eval_qa(dtype="float32", param_dtype="bfloat16", **common)
+  with pytest.raises(ValueError, match=r"eval_qa\.dtype='fp8'"):
+    qa.eval_qa(dtype="fp8", **common)

@@ -69,12 +69,14 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from absl import logging
 import gin
+import jax.numpy as jnp
 
 from retro_jax.data import instructions
 from retro_jax.data.chat import format_passage, qa_prompt
 from retro_jax.evaluation.report import markdown_table
 from retro_jax.inference import loading
 from retro_jax.models import RetroConfig
+from retro_jax.models.config import DTYPES
 from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval.layout import RetrievalLayout
 from retro_jax.training import checkpoints as ckpt_lib
@@ -535,7 +537,8 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
             retriever: Any = None, scoring: str = "default",
             max_seq_len: Optional[int] = None, output_reserve: Optional[int] = None,
             dev_max_examples: Optional[int] = None,
-            param_dtype: Optional[str] = None) -> list[dict[str, Any]]:
+            param_dtype: Optional[str] = None,
+            dtype: Optional[str] = None) -> list[dict[str, Any]]:
   """Zero-shot QA of one checkpoint in several modes; returns one row per mode (scores,
   settings and the path of its ``predictions`` file, for paired comparisons:
   ``paired_exact_match``).
@@ -564,7 +567,19 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
       N questions (Megatron's evaluate.py: 3000).
     param_dtype: Hold the parameters in this dtype (e.g. 'bfloat16': 2 bytes each, as
       Megatron's --bf16 inference) whatever the stored architecture says.
+    dtype: Compute in this dtype whatever the stored architecture says
+      (``load_generator(dtype=)``), e.g. 'float32' for a bf16 checkpoint on a CPU without
+      bf16 units; its parameters are then loaded in it unless ``param_dtype`` is given,
+      which must not be narrower.
   """
+  for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+    if value is not None and value not in DTYPES:
+      raise ValueError(f"eval_qa.{name}={value!r}: must be one of {DTYPES}")
+  if dtype is not None and param_dtype is not None and (
+      jnp.dtype(param_dtype).itemsize < jnp.dtype(dtype).itemsize):
+    raise ValueError(f"eval_qa: param_dtype={param_dtype!r} is narrower than "
+                     f"dtype={dtype!r} (every step would convert the weights); unset "
+                     "param_dtype or choose it at least as wide")
   for mode, spec in modes.items():
     unknown = set(spec) - {"num_passages", "neighbors", "cca_gate"}
     if unknown or spec.get("neighbors", "none") not in NEIGHBOR_MODES:
@@ -582,7 +597,7 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
     model_config = dataclasses.replace(base, param_dtype=param_dtype)
   generator = loading.load_generator(checkpoint, model_config=model_config,
                                      vocab_path=vocab_path, retrieval_dir=None,
-                                     retriever=retriever)
+                                     retriever=retriever, dtype=dtype)
   if dev_max_examples is not None and "dev" in os.path.basename(qa_file):
     max_examples = min(dev_max_examples, max_examples or dev_max_examples)
   examples = read_qa_jsonl(qa_file, max_examples=max_examples)
