@@ -147,6 +147,7 @@ def test_evaluator_skips_batches_without_scored_tokens():
   assert empty["tokens"] == 0 and empty["loss"] == 0.0
 
 
+@pytest.mark.slow
 def test_forward_programs_compile_without_library_fusions_on_cpu():
   """The evaluator's forward pass and generation's prefill are compiled with
   ``forward_compiler_options`` (no YNNPACK fusions on CPU: utils/compilation.py); a
