@@ -448,12 +448,14 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
       batch = examples[start:start + size]
       # A short last batch repeats its last question (answers dropped): every batch has
       # one shape, so it runs the programs the others compiled.
-      padded = list(batch) + [batch[-1]] * (size - len(batch))
+      pad = size - len(batch)
       prompts = [build_prompt(e, num_passages, tokenizer=tokenizer,
-                              max_prompt_tokens=max_prompt_tokens) for e in padded]
+                              max_prompt_tokens=max_prompt_tokens) for e in batch]
+      prompts += prompts[-1:] * pad
       passages = None
       if neighbors == "passages":
-        passages = [_neighbor_passages(e, k) for e in padded]
+        passages = [_neighbor_passages(e, k) for e in batch]
+        passages += passages[-1:] * pad
         if not any(passages):
           passages = None  # no contexts in the whole batch: the decoder alone
       result = generator.generate(prompts, max_new_tokens=max_new_tokens,
