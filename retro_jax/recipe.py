@@ -1,6 +1,6 @@
 r"""The InstructRetro recipe end to end, in miniature: the main job of retro_jax.
 
-    python -m retro_jax.recipe                        # embedded corpus, ~13 min on 2 cores
+    python -m retro_jax.recipe                        # embedded corpus, ~12 min on 2 cores
     python -m retro_jax.recipe --run_dir=runs/big --scale=3 --gin.TRAIN_STEPS=2000
     python -m retro_jax.recipe --documents=my_docs.jsonl --run_dir=runs/mine
     python -m retro_jax.recipe --documents=my_docs.jsonl --arms=retro_scratch
@@ -501,8 +501,12 @@ class Recipe:
     """The frozen phase's steps (``FROZEN_FIT_STEPS`` as the retro step's gin and the
     run's --gin bindings set it; 0: one phase)."""
     _parse_step_gin(self.step_gin("retro"), (), self.overrides)
-    steps = gin.query_parameter("%FROZEN_FIT_STEPS")
-    gin.clear_config()
+    try:
+      steps = gin.query_parameter("%FROZEN_FIT_STEPS")
+    except ValueError:          # a step file (and bindings) without the macro: one phase
+      steps = 0
+    finally:
+      gin.clear_config()
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
       raise ValueError(f"--gin.FROZEN_FIT_STEPS={steps!r}: must be an integer >= 0 (the "
                        "frozen phase's steps; 0: no frozen phase)")

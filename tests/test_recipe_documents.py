@@ -143,6 +143,9 @@ def test_two_phase_retro_fitting_freezes_then_unfreezes(tmp_path, monkeypatch):
   [call], outputs, _ = _training_calls(monkeypatch, one)
   assert call["gin_file"] == "miniature/documents_retro_fitting.gin"
   assert call["init"] == one.layout.model_dir("gpt")
+  monkeypatch.setattr(recipe, "_parse_step_gin", lambda *args: gin.clear_config())
+  assert one.frozen_fit_steps() == 0          # a gin file without the macro: one phase
+  monkeypatch.undo()
   bad = recipe.Recipe(str(tmp_path / "bad"), print_fn=lambda _: None,
                       overrides=["FROZEN_FIT_STEPS = -5"])
   with pytest.raises(ValueError, match=r"--gin\.FROZEN_FIT_STEPS=-5"):
