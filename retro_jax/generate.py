@@ -36,8 +36,8 @@ from absl import logging
 import gin
 
 from retro_jax.inference.generator import GenerationResult
-from retro_jax.inference.loading import load_generator, read_passages, read_prompts
-from retro_jax.inference import loading
+from retro_jax.inference.loading import (DTYPE_FLAG_HELP, load_generator, read_passages,
+                                         read_prompts)
 from retro_jax.inference.sampling import SamplingConfig
 from retro_jax.models import RetroConfig
 from retro_jax.models.config import DTYPES
@@ -117,7 +117,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", None, "Sampling seed.")
   flags.DEFINE_integer("batch_size", 16, "Prompts per batch.")
   flags.DEFINE_string("output", None, "Write the records to this .jsonl file.")
-  flags.DEFINE_enum("dtype", None, DTYPES, loading.DTYPE_FLAG_HELP)
+  flags.DEFINE_enum("dtype", None, DTYPES, DTYPE_FLAG_HELP)
 
 
 def main(argv) -> None:

@@ -32,8 +32,7 @@ import gin
 import uvicorn
 
 from retro_jax.inference.generator import Generator
-from retro_jax.inference.loading import load_generator
-from retro_jax.inference import loading
+from retro_jax.inference.loading import DTYPE_FLAG_HELP, load_generator
 from retro_jax.inference.sampling import SamplingConfig
 from retro_jax.models import RetroConfig
 from retro_jax.models.config import DTYPES
@@ -124,7 +123,7 @@ def _define_flags() -> None:
                        "may ask.")
   flags.DEFINE_integer("max_pending_generates", 4, "Generate requests running or waiting "
                        "at once; more get 503 with Retry-After.")
-  flags.DEFINE_enum("dtype", None, DTYPES, loading.DTYPE_FLAG_HELP)
+  flags.DEFINE_enum("dtype", None, DTYPES, DTYPE_FLAG_HELP)
 
 
 def main(argv) -> None:
