@@ -19,14 +19,14 @@ step killed midway resumes from its last checkpoint):
  3. ``gpt``        pretrain a small GPT (``gpt_pretraining.gin``);
  4. ``retro``      retro-fit it, decoder frozen (``retro_fitting.gin`` says why), and
     ``gptfit``     GPT-fit it on the same tokens with equal steps (``gpt_fitting.gin``);
-                   a ``--documents`` run reads ``documents_retro_fitting.gin`` (all
-                   parameters trained, as InstructRetro) and ``documents_gpt_fitting.gin``
-                   (GPT-fit at the same learning rate) instead (``DOCUMENTS_STEP_GIN``);
                    with ``--gin.FROZEN_FIT_STEPS=N`` retro-fitting runs in two phases:
                    N steps with the decoder frozen (``retro_frozen_phase.gin``, into
                    ``models/retro_frozen``), then FIT_STEPS with every parameter trained
-                   (``retro_unfreezing.gin``): on real text the neighbors stay in use
-                   only this way (docs/benchmarks.md, "Real text");
+                   (``retro_unfreezing.gin``); a ``--documents`` run reads its own step
+                   files (``DOCUMENTS_STEP_GIN``, ``DOCUMENTS_PHASE_GIN``): two phases by
+                   default (1,500 frozen steps), batches of 8, and GPT-fit at the
+                   unfrozen phase's learning rate: on real text the neighbors stay in
+                   use only this way (docs/benchmarks.md, "Real text");
     ``retro_scratch`` (only with ``--arms=retro_scratch``) a Retro trained from
                    scratch with retrieval at the compute of GPT pretraining + GPT-fitting
                    (``retro_from_scratch.gin``), evaluated beside the two;
@@ -111,9 +111,14 @@ DOCUMENTS_STEP_GIN = {
     "retro": "miniature/documents_retro_fitting.gin",
     "gptfit": "miniature/documents_gpt_fitting.gin",
 }
-# Two-phase retro-fitting (FROZEN_FIT_STEPS > 0): the frozen phase, then the unfrozen one.
+# Two-phase retro-fitting (FROZEN_FIT_STEPS > 0): the frozen phase, then the unfrozen one;
+# a --documents run reads its own (batch 8, as its GPT-fitting).
 FROZEN_PHASE_GIN = "miniature/retro_frozen_phase.gin"
 UNFREEZING_GIN = "miniature/retro_unfreezing.gin"
+DOCUMENTS_PHASE_GIN = {
+    FROZEN_PHASE_GIN: "miniature/documents_retro_frozen_phase.gin",
+    UNFREEZING_GIN: "miniature/documents_retro_unfreezing.gin",
+}
 FROZEN_PHASE_DIR = "retro_frozen"            # models/<this>: the frozen phase's checkpoints
 # Optional steps (``--arms``), run after 'gptfit' and evaluated beside Retro and GPT-fit:
 # 'retro_scratch' trains a Retro from scratch with retrieval at the compute of GPT
@@ -489,6 +494,11 @@ class Recipe:
     """The gin file of a training step in this run (a --documents run's own, if any)."""
     return (DOCUMENTS_STEP_GIN if self.documents else {}).get(step, STEP_GIN[step])
 
+  def phase_gin(self, gin_file: str) -> str:
+    """The gin file of a retro-fitting phase in this run (``FROZEN_PHASE_GIN`` or
+    ``UNFREEZING_GIN``, or a --documents run's own)."""
+    return (DOCUMENTS_PHASE_GIN if self.documents else {}).get(gin_file, gin_file)
+
   def _train(self, step: str, **bindings) -> tuple[list[str], dict]:
     metrics = run_training(step, self.layout, bindings, self.overrides,
                            gin_file=self.step_gin(step))
@@ -518,10 +528,13 @@ class Recipe:
     if not frozen_steps:
       return self._train("retro", INIT_CHECKPOINT=gpt)
     frozen = self.layout.model_dir(FROZEN_PHASE_DIR)
-    first = run_training("retro", self.layout, {"MODEL_DIR": frozen, "INIT_CHECKPOINT": gpt},
-                         self.overrides, gin_file=FROZEN_PHASE_GIN)
+    # The retro step's gin file sets the phase's length (a --documents run's default),
+    # which the phase's own file does not include.
+    first = run_training("retro", self.layout, {"MODEL_DIR": frozen, "INIT_CHECKPOINT": gpt,
+                                                "FROZEN_FIT_STEPS": frozen_steps},
+                         self.overrides, gin_file=self.phase_gin(FROZEN_PHASE_GIN))
     metrics = run_training("retro", self.layout, {"INIT_CHECKPOINT": frozen},
-                           self.overrides, gin_file=UNFREEZING_GIN)
+                           self.overrides, gin_file=self.phase_gin(UNFREEZING_GIN))
     return ([os.path.join(frozen, "checkpoints"),
              os.path.join(self.layout.model_dir("retro"), "checkpoints")],
             {"metrics": metrics, "frozen_phase": {"steps": frozen_steps, "metrics": first}})

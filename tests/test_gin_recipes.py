@@ -81,7 +81,8 @@ def test_every_recipe_parses(path):
     assert gin.query_parameter("%OUTPUT_DIR") == "/o"
   elif name == "corpus.gin":
     assert 0 < gin.query_parameter("generate_corpus.retrofit_fraction") < 1
-  elif name in ("run.gin", "model.gin", "common.gin", "retrieval.gin", "evaluation.gin"):
+  elif name in ("run.gin", "model.gin", "common.gin", "common_documents.gin", "retrieval.gin",
+                "evaluation.gin"):
     assert RetroConfig().chunk_length == 64 or name == "retrieval.gin"
   else:   # a training recipe
     assert str(gin.query_parameter("train.model_dir")) == "%MODEL_DIR"

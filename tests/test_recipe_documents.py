@@ -7,6 +7,7 @@ import math
 import os
 
 import gin
+import pytest
 
 from retro_jax import recipe
 from retro_jax.evaluation import report as report_lib
@@ -74,15 +75,25 @@ def test_documents_run_reads_its_own_fitting_steps(tmp_path):
   try:
     retro, retro_steps, retro_model = _optimizer(documents.step_gin("retro"))
     gpt, gpt_steps, gpt_model = _optimizer(documents.step_gin("gptfit"))
+    gpt_batch = gin.query_parameter("%BATCH_SIZE")
     frozen, _, _ = _optimizer(embedded.step_gin("retro"))
+    embedded_gpt, embedded_steps, _ = _optimizer(embedded.step_gin("gptfit"))
+    embedded_batch = gin.query_parameter("%BATCH_SIZE")
   finally:
     gin.clear_config()
-  # InstructRetro's unfrozen retro-fitting, new parameters at 3x; GPT-fit at the
-  # decoder's learning rate, same steps and model: the two differ only by retrieval.
+  # One phase (FROZEN_FIT_STEPS=0): InstructRetro's unfrozen retro-fitting, new
+  # parameters at 3x; GPT-fit at the decoder's learning rate, same steps and model.
   assert (retro.trainable, retro.retro_lr_multiplier) == ("all", 3.0)
   assert gpt.learning_rate == retro.learning_rate == 3e-3
   assert (gpt_steps, gpt_model) == (retro_steps, retro_model)
+  # Batches of 8, twice the steps: the embedded run's tokens.
+  assert (gpt_batch, gpt_steps) == (8, 300)
+  assert (embedded_batch, embedded_steps) == (16, 150)
   assert frozen.trainable == "retro"                # the embedded run is unchanged
+  assert embedded_gpt.learning_rate == 1e-3
+  # Two phases by default on a user corpus; one on the embedded corpus.
+  assert documents.frozen_fit_steps() == 1500
+  assert embedded.frozen_fit_steps() == 0
 
 
 def _training_calls(monkeypatch, run):
@@ -96,7 +107,8 @@ def _training_calls(monkeypatch, run):
     query = lambda name: _macro(gin.query_parameter(name))
     calls.append(dict(gin_file=gin_file, model_dir=query("train.model_dir"),
                       init=query("train.init_checkpoint"), init_mode=query("train.init_mode"),
-                      steps=query("train.train_steps"), optimizer=OptimizerConfig()))
+                      steps=query("train.train_steps"), batch=query("%BATCH_SIZE"),
+                      optimizer=OptimizerConfig()))
     gin.clear_config()
     return {"loss": 1.0}
 
@@ -112,14 +124,16 @@ def _macro(value):
   return value
 
 
-def test_two_phase_retro_fitting_freezes_then_unfreezes(tmp_path, monkeypatch):
-  import pytest
-  run = recipe.Recipe(str(tmp_path / "two"), documents="d.jsonl", print_fn=lambda _: None,
+@pytest.mark.parametrize("documents", [None, "d.jsonl"])
+def test_two_phase_retro_fitting_freezes_then_unfreezes(tmp_path, monkeypatch, documents):
+  run = recipe.Recipe(str(tmp_path / "two"), documents=documents, print_fn=lambda _: None,
                       overrides=["FROZEN_FIT_STEPS = 40"])
   assert run.frozen_fit_steps() == 40
   calls, outputs, info = _training_calls(monkeypatch, run)
   frozen, unfrozen = calls
   frozen_dir = run.layout.model_dir(recipe.FROZEN_PHASE_DIR)
+  # A user corpus's phases run at its batch (8, twice the steps), the embedded one's at 16.
+  batch, fit_steps = (8, 300) if documents else (16, 150)
   # Phase 1, from the GPT: RETRO's retro-fitting, the decoder frozen.
   assert frozen["model_dir"] == frozen_dir
   assert frozen["init"] == run.layout.model_dir("gpt")
@@ -127,22 +141,35 @@ def test_two_phase_retro_fitting_freezes_then_unfreezes(tmp_path, monkeypatch):
   assert frozen["optimizer"].trainable == "retro"
   assert (frozen["optimizer"].learning_rate, frozen["optimizer"].retro_lr_multiplier) == (
       1e-2, 1.0)
+  assert frozen["batch"] == batch
   # Phase 2, the whole Retro of phase 1: every parameter at GPT-fit's rate, FIT_STEPS.
   assert unfrozen["model_dir"] == run.layout.model_dir("retro")
   assert unfrozen["init"] == frozen_dir and unfrozen["init_mode"] == "params"
-  assert unfrozen["steps"] == 150
+  assert (unfrozen["steps"], unfrozen["batch"]) == (fit_steps, batch)
   assert unfrozen["optimizer"].trainable == "all"
   assert (unfrozen["optimizer"].learning_rate, unfrozen["optimizer"].retro_lr_multiplier
           ) == (3e-3, 1.0)
   assert outputs == [os.path.join(frozen_dir, "checkpoints"),
                      os.path.join(run.layout.model_dir("retro"), "checkpoints")]
   assert info["frozen_phase"]["steps"] == 40
-  # Without FROZEN_FIT_STEPS: one run of the step's own gin file, from the GPT.
-  one = recipe.Recipe(str(tmp_path / "one"), documents="d.jsonl", print_fn=lambda _: None)
+
+
+def test_documents_run_retro_fits_in_two_phases_by_default(tmp_path, monkeypatch):
+  run = recipe.Recipe(str(tmp_path / "d"), documents="d.jsonl", print_fn=lambda _: None)
+  calls, _, info = _training_calls(monkeypatch, run)
+  assert [(c["gin_file"], c["steps"], c["batch"]) for c in calls] == [
+      ("miniature/documents_retro_frozen_phase.gin", 1500, 8),
+      ("miniature/documents_retro_unfreezing.gin", 300, 8)]
+  assert info["frozen_phase"]["steps"] == 1500
+  # FROZEN_FIT_STEPS=0: one run of the step's own gin file, from the GPT.
+  one = recipe.Recipe(str(tmp_path / "one"), documents="d.jsonl", print_fn=lambda _: None,
+                      overrides=["FROZEN_FIT_STEPS = 0"])
   assert one.frozen_fit_steps() == 0
   [call], outputs, _ = _training_calls(monkeypatch, one)
   assert call["gin_file"] == "miniature/documents_retro_fitting.gin"
   assert call["init"] == one.layout.model_dir("gpt")
+  assert (call["steps"], call["batch"]) == (300, 8)
+  assert call["optimizer"].trainable == "all"
   monkeypatch.setattr(recipe, "_parse_step_gin", lambda *args: gin.clear_config())
   assert one.frozen_fit_steps() == 0          # a gin file without the macro: one phase
   monkeypatch.undo()
