@@ -46,6 +46,14 @@ def test_user_corpus_report_is_neutral_and_states_the_retrieval_gain(tmp_path):
   # 3.05 - 3.00 nats; exp(3.00) / exp(3.20) = exp(-0.2).
   assert "Retro: retrieval is worth 0.0500 nats per token" in text
   assert f"perplexity {math.exp(-0.2):.3f} x GPT-fit's" in text
+  assert "same tokens for as many steps." in text
+  two_phase = {**INFOS, "retro": {"frozen_phase": {"steps": 1500}}}
+  path = tmp_path / "two.md"
+  report_lib.write_recipe_report(str(path), run_dir=str(tmp_path), model_dirs={},
+                                 infos=two_phase, documents="/data/pydoc.jsonl")
+  assert ("same tokens for as many steps as Retro's second phase (its first, 1500 steps, "
+          "trained the encoder and CCA with the decoder frozen).") in path.read_text(
+              encoding="utf-8")
 
 
 def test_embedded_corpus_report_keeps_its_story(tmp_path):

@@ -216,10 +216,13 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
   ppl = info("eval_perplexity").get("rows")
   if ppl:
     outputs.append(plot_perplexity(ppl, os.path.join(plots_dir, "perplexity.png")))
+    frozen_steps = (info("retro").get("frozen_phase") or {}).get("steps")
+    after_frozen = (f" as Retro's second phase (its first, {frozen_steps} steps, trained the "
+                    "encoder and CCA with the decoder frozen)" if frozen_steps else "")
     heldout = ("Held-out documents of the corpus, in no retrieval DB: Retro reads the "
                "neighbors its held-out chunks retrieve from the DB; encoder ablated is "
                "the same model without them; GPT-fit is the decoder trained on the same "
-               "tokens for as many steps." if documents else
+               f"tokens for as many steps{after_frozen}." if documents else
                "Held-out documents of entities whose facts exist only in the retrieval DB.")
     lines += ["## Held-out perplexity", "", heldout, ""] + _retrieval_gain(ppl) + [
               markdown_table(ppl, (
