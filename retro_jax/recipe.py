@@ -22,8 +22,8 @@ step killed midway resumes from its last checkpoint):
                    with ``--gin.FROZEN_FIT_STEPS=N`` retro-fitting runs in two phases:
                    N steps with the decoder frozen (``retro_frozen_phase.gin``, into
                    ``models/retro_frozen``), then FIT_STEPS with every parameter trained
-                   (``retro_unfreezing.gin``); a ``--documents`` run reads its own step
-                   files (``DOCUMENTS_STEP_GIN``, ``DOCUMENTS_PHASE_GIN``): two phases by
+                   (``retro_unfreezing.gin``); a ``--documents`` run reads its own
+                   versions of these files (``DOCUMENTS_GIN``): two phases by
                    default (1,500 frozen steps), batches of 8, and GPT-fit at the
                    unfrozen phase's learning rate: on real text the neighbors stay in
                    use only this way (docs/benchmarks.md, "Real text");
@@ -105,17 +105,15 @@ STEP_GIN = {
     "gpt_instruct": "miniature/instruction_tuning_gpt.gin",
     "retro_scratch": "miniature/retro_from_scratch.gin",
 }
-# A --documents run (a user's corpus) reads these step files instead: each includes the
-# step's file above and changes what real text needs (docs/benchmarks.md, "Real text").
-DOCUMENTS_STEP_GIN = {
-    "retro": "miniature/documents_retro_fitting.gin",
-    "gptfit": "miniature/documents_gpt_fitting.gin",
-}
-# Two-phase retro-fitting (FROZEN_FIT_STEPS > 0): the frozen phase, then the unfrozen one;
-# a --documents run reads its own (batch 8, as its GPT-fitting).
+# Two-phase retro-fitting (FROZEN_FIT_STEPS > 0): the frozen phase, then the unfrozen one.
 FROZEN_PHASE_GIN = "miniature/retro_frozen_phase.gin"
 UNFREEZING_GIN = "miniature/retro_unfreezing.gin"
-DOCUMENTS_PHASE_GIN = {
+# A --documents run (a user's corpus) reads these files instead of the training files
+# above: each includes its file and changes what real text needs (docs/benchmarks.md,
+# "Real text").
+DOCUMENTS_GIN = {
+    STEP_GIN["retro"]: "miniature/documents_retro_fitting.gin",
+    STEP_GIN["gptfit"]: "miniature/documents_gpt_fitting.gin",
     FROZEN_PHASE_GIN: "miniature/documents_retro_frozen_phase.gin",
     UNFREEZING_GIN: "miniature/documents_retro_unfreezing.gin",
 }
@@ -492,12 +490,12 @@ class Recipe:
 
   def step_gin(self, step: str) -> str:
     """The gin file of a training step in this run (a --documents run's own, if any)."""
-    return (DOCUMENTS_STEP_GIN if self.documents else {}).get(step, STEP_GIN[step])
+    return self.run_gin(STEP_GIN[step])
 
-  def phase_gin(self, gin_file: str) -> str:
-    """The gin file of a retro-fitting phase in this run (``FROZEN_PHASE_GIN`` or
-    ``UNFREEZING_GIN``, or a --documents run's own)."""
-    return (DOCUMENTS_PHASE_GIN if self.documents else {}).get(gin_file, gin_file)
+  def run_gin(self, gin_file: str) -> str:
+    """The training gin file this run reads for ``gin_file`` (a --documents run's own
+    version, ``DOCUMENTS_GIN``, if it has one)."""
+    return (DOCUMENTS_GIN if self.documents else {}).get(gin_file, gin_file)
 
   def _train(self, step: str, **bindings) -> tuple[list[str], dict]:
     metrics = run_training(step, self.layout, bindings, self.overrides,
@@ -532,9 +530,9 @@ class Recipe:
     # which the phase's own file does not include.
     first = run_training("retro", self.layout, {"MODEL_DIR": frozen, "INIT_CHECKPOINT": gpt,
                                                 "FROZEN_FIT_STEPS": frozen_steps},
-                         self.overrides, gin_file=self.phase_gin(FROZEN_PHASE_GIN))
+                         self.overrides, gin_file=self.run_gin(FROZEN_PHASE_GIN))
     metrics = run_training("retro", self.layout, {"INIT_CHECKPOINT": frozen},
-                           self.overrides, gin_file=self.phase_gin(UNFREEZING_GIN))
+                           self.overrides, gin_file=self.run_gin(UNFREEZING_GIN))
     return ([os.path.join(frozen, "checkpoints"),
              os.path.join(self.layout.model_dir("retro"), "checkpoints")],
             {"metrics": metrics, "frozen_phase": {"steps": frozen_steps, "metrics": first}})
