@@ -110,35 +110,39 @@ def main(argv):
   config = RetroConfig().replace(vocab_size=FLAGS.vocab_size, param_dtype="bfloat16",
                                  final_norm=True, encoder_cross_attention_residual="stream")
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="bench_convert_")
-  ckpt, out = os.path.join(workdir, "megatron"), os.path.join(workdir, "retro_jax")
-  shutil.rmtree(out, ignore_errors=True)
-  start = time.perf_counter()
-  if FLAGS.reuse and os.path.isfile(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
-    largest = config.vocab_size * config.hidden_size * 2  # the embedding, bf16
-  else:
-    shutil.rmtree(ckpt, ignore_errors=True)
-    largest = write_synthetic(config, ckpt, FLAGS.tensor_parallel)
-  written = time.perf_counter() - start
-  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ckpt) for f in fs)
-  _, base_anon, base_rss = _measure(["--baseline"])
-  seconds, anon, rss = _measure([f"--load={ckpt}", f"--model_dir={out}"])
-  out_size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out)
-                 for f in fs)
-  gib = 2 ** 30
-  print(f"\n{FLAGS.gin_file}, TP={FLAGS.tensor_parallel}, bf16: checkpoint "
-        f"{size / gib:.2f} GiB (written in {written:.0f} s), retro_jax output "
-        f"{out_size / gib:.2f} GiB\n")
-  print("| figure | value |\n|---|---|")
-  print(f"| conversion wall time (fresh process, imports included) | {seconds:.1f} s |")
-  print(f"| read + write throughput | {(size + out_size) / gib / seconds:.2f} GiB/s |")
-  print(f"| largest single tensor | {largest / gib:.3f} GiB |")
-  print(f"| peak anonymous memory: converter / runtime alone | {anon / gib:.2f} / "
-        f"{base_anon / gib:.2f} GiB |")
-  print(f"| peak resident (incl. mapped shard pages): converter / runtime alone | "
-        f"{rss / gib:.2f} / {base_rss / gib:.2f} GiB |")
-  print(f"| (peak anonymous - runtime) / largest tensor | {(anon - base_anon) / largest:.2f}x |")
-  if not FLAGS.keep and FLAGS.workdir is None:
-    shutil.rmtree(workdir, ignore_errors=True)
+  try:
+    ckpt, out = os.path.join(workdir, "megatron"), os.path.join(workdir, "retro_jax")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    if FLAGS.reuse and os.path.isfile(os.path.join(ckpt, "latest_checkpointed_iteration.txt")):
+      largest = config.vocab_size * config.hidden_size * 2  # the embedding, bf16
+    else:
+      shutil.rmtree(ckpt, ignore_errors=True)
+      largest = write_synthetic(config, ckpt, FLAGS.tensor_parallel)
+    written = time.perf_counter() - start
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ckpt) for f in fs)
+    _, base_anon, base_rss = _measure(["--baseline"])
+    seconds, anon, rss = _measure([f"--load={ckpt}", f"--model_dir={out}"])
+    out_size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out)
+                   for f in fs)
+    gib = 2 ** 30
+    print(f"\n{FLAGS.gin_file}, TP={FLAGS.tensor_parallel}, bf16: checkpoint "
+          f"{size / gib:.2f} GiB (written in {written:.0f} s), retro_jax output "
+          f"{out_size / gib:.2f} GiB\n")
+    print("| figure | value |\n|---|---|")
+    print(f"| conversion wall time (fresh process, imports included) | {seconds:.1f} s |")
+    print(f"| read + write throughput | {(size + out_size) / gib / seconds:.2f} GiB/s |")
+    print(f"| largest single tensor | {largest / gib:.3f} GiB |")
+    print(f"| peak anonymous memory: converter / runtime alone | {anon / gib:.2f} / "
+          f"{base_anon / gib:.2f} GiB |")
+    print(f"| peak resident (incl. mapped shard pages): converter / runtime alone | "
+          f"{rss / gib:.2f} / {base_rss / gib:.2f} GiB |")
+    print(f"| (peak anonymous - runtime) / largest tensor | {(anon - base_anon) / largest:.2f}x |")
+  finally:
+    # A temporary workdir (GiBs of checkpoint) goes even when the run fails or is
+    # interrupted; --keep or an explicit --workdir keeps it.
+    if not FLAGS.keep and FLAGS.workdir is None:
+      shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
