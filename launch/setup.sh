@@ -16,6 +16,16 @@ want=$(cat requirements.txt; [ "${1:-}" = "--test" ] && cat requirements-test.tx
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
+# A full install (--test) takes about 5 GiB in .venv, plus pip's unpacking space: say so
+# before pip fails halfway with "No space left on device".
+need_kib=$(( ${RETRO_JAX_SETUP_MIN_FREE_GIB:-7} * 1024 * 1024 ))
+free_kib=$(df -Pk .venv | awk 'NR == 2 {print $4}')
+if [ -n "$free_kib" ] && [ "$free_kib" -lt "$need_kib" ]; then
+  echo "setup: $(( free_kib / 1024 )) MiB free on the disk of $(pwd)/.venv; installing needs" \
+       "about ${RETRO_JAX_SETUP_MIN_FREE_GIB:-7} GiB (free some space, or set" \
+       "RETRO_JAX_SETUP_MIN_FREE_GIB to try with less)" >&2
+  exit 1
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q -r requirements.txt -r requirements-test.txt
