@@ -16,6 +16,9 @@ step killed midway resumes from its last checkpoint):
                    ``retro_jax.data.debian_text`` makes one from a Debian package);
  2. ``retrieval``  ``retro_jax.preprocess``: SentencePiece vocabulary, NeMo chunk DBs,
                    all-MiniLM-L6-v2 embeddings (Flax), Faiss index, NeMo neighbor maps;
+                   the chunk length it builds with (``build_retrieval.chunk_size``: 64,
+                   a ``--documents`` run's 16) is every later model's
+                   ``RetroConfig.chunk_length``;
  3. ``gpt``        pretrain a small GPT (``gpt_pretraining.gin``);
  4. ``retro``      retro-fit it, decoder frozen (``retro_fitting.gin`` says why), and
     ``gptfit``     GPT-fit it on the same tokens with equal steps (``gpt_fitting.gin``);
@@ -24,9 +27,10 @@ step killed midway resumes from its last checkpoint):
                    ``models/retro_frozen``), then FIT_STEPS with every parameter trained
                    (``retro_unfreezing.gin``); a ``--documents`` run reads its own
                    versions of these files (``DOCUMENTS_GIN``): two phases by
-                   default (1,500 frozen steps), batches of 8, and GPT-fit at the
+                   default (2,000 frozen steps), batches of 8, and GPT-fit at the
                    unfrozen phase's learning rate: on real text the neighbors stay in
-                   use only this way (docs/benchmarks.md, "Real text");
+                   use only this way (docs/benchmarks.md, "Real text"), and most with
+                   chunks of 16 tokens (``documents_retrieval.gin``);
     ``retro_scratch`` (only with ``--arms=retro_scratch``) a Retro trained from
                    scratch with retrieval at the compute of GPT pretraining + GPT-fitting
                    (``retro_from_scratch.gin``), evaluated beside the two;
@@ -105,17 +109,21 @@ STEP_GIN = {
     "gpt_instruct": "miniature/instruction_tuning_gpt.gin",
     "retro_scratch": "miniature/retro_from_scratch.gin",
 }
+EVAL_GIN = "miniature/evaluation.gin"
+CORPUS_GIN = "miniature/corpus.gin"
+RETRIEVAL_GIN = "miniature/retrieval.gin"
 # Two-phase retro-fitting (FROZEN_FIT_STEPS > 0): the frozen phase, then the unfrozen one.
 FROZEN_PHASE_GIN = "miniature/retro_frozen_phase.gin"
 UNFREEZING_GIN = "miniature/retro_unfreezing.gin"
-# A --documents run (a user's corpus) reads these files instead of the training files
-# above: each includes its file and changes what real text needs (docs/benchmarks.md,
-# "Real text").
+# A --documents run (a user's corpus) reads these files instead of the files above:
+# each includes its file and changes what real text needs (docs/benchmarks.md, "Real
+# text").
 DOCUMENTS_GIN = {
     STEP_GIN["retro"]: "miniature/documents_retro_fitting.gin",
     STEP_GIN["gptfit"]: "miniature/documents_gpt_fitting.gin",
     FROZEN_PHASE_GIN: "miniature/documents_retro_frozen_phase.gin",
     UNFREEZING_GIN: "miniature/documents_retro_unfreezing.gin",
+    RETRIEVAL_GIN: "miniature/documents_retrieval.gin",
 }
 FROZEN_PHASE_DIR = "retro_frozen"            # models/<this>: the frozen phase's checkpoints
 # Optional steps (``--arms``), run after 'gptfit' and evaluated beside Retro and GPT-fit:
@@ -123,9 +131,6 @@ FROZEN_PHASE_DIR = "retro_frozen"            # models/<this>: the frozen phase's
 # pretraining + GPT-fitting (RETRO; Wang et al. 2023).
 ARMS = ("retro_scratch",)
 DOCUMENTS_ARMS: tuple[str, ...] = ()      # the arms a --documents run adds by default
-EVAL_GIN = "miniature/evaluation.gin"
-CORPUS_GIN = "miniature/corpus.gin"
-RETRIEVAL_GIN = "miniature/retrieval.gin"
 STEPS = ("corpus", "retrieval", "gpt", "retro", "gptfit", "sft_data", "instructretro",
          "gpt_instruct", "eval_perplexity", "eval_analyses", "eval_qa", "knowledge_update",
          "report")
@@ -249,16 +254,18 @@ def split_documents(documents: str, output_dir: str, *, text_key: str = "text",
 @gin.configurable
 def build_retrieval(files: Mapping[str, Optional[str]], output_dir: str, *,
                     vocab_size: int = 4000, embedder: str = "all-MiniLM-L6-v2",
-                    num_neighbors: int = 2) -> dict:
+                    num_neighbors: int = 2, chunk_size: int = 64) -> dict:
   """``retro_jax.preprocess`` over the corpus: the retro-fitting text is the 'train'
   split (neighbors, same-document exclusion), the held-out text 'valid' (neighbors),
-  the GPT pretraining text 'pretrain' (a query DB only)."""
+  the GPT pretraining text 'pretrain' (a query DB only). ``chunk_size`` is m, which
+  the run's models then take as ``RetroConfig.chunk_length``."""
   splits = {"valid": files["heldout"]} if files.get("heldout") else {}
   lm_splits = {"pretrain": files["pretrain"]} if files.get("pretrain") else {}
   return pipeline.preprocess(files["retrieval"], output_dir,
                              train_input=files["retrofit"], splits=splits,
                              lm_splits=lm_splits, vocab_size=vocab_size,
-                             embedder=embedder, num_neighbors=num_neighbors)
+                             embedder=embedder, num_neighbors=num_neighbors,
+                             chunk_size=chunk_size)
 
 
 # ----------------------------------------------------------------------------------
@@ -458,8 +465,19 @@ class Recipe:
       self._retriever = load_retriever(self.layout.retrieval_dir)
     return self._retriever
 
+  @property
+  def gin_overrides(self) -> list[str]:
+    """What every step's gin parse ends with: the model's chunk length from the run's
+    retrieval directory (its models read that directory's chunks), then the run's
+    --gin bindings."""
+    layout = RetrievalLayout(self.layout.retrieval_dir)
+    if not os.path.exists(layout.config_path):
+      return list(self.overrides)
+    chunk_size = layout.read_config()["chunk_size"]
+    return [f"RetroConfig.chunk_length = {chunk_size}"] + list(self.overrides)
+
   def _eval_gin(self, bindings: Sequence[str] = ()) -> None:
-    _parse_step_gin(EVAL_GIN, bindings, self.overrides)
+    _parse_step_gin(EVAL_GIN, bindings, self.gin_overrides)
 
   # -- steps ---------------------------------------------------------------------------
 
@@ -468,7 +486,7 @@ class Recipe:
       files = split_documents(self.documents, self.layout.corpus_dir, seed=self.seed)
       counts = {k: len(_read_rows(p)) for k, p in files.items() if p}
     else:
-      _parse_step_gin(CORPUS_GIN, (), self.overrides)
+      _parse_step_gin(CORPUS_GIN, (), self.gin_overrides)
       result = encyclopedia.generate_corpus(self.layout.corpus_dir, scale=self.scale,
                                             seed=self.seed)
       counts = result["counts"]
@@ -476,7 +494,7 @@ class Recipe:
     return [p for p in files.values() if p], {"counts": counts}
 
   def step_retrieval(self):
-    _parse_step_gin(RETRIEVAL_GIN, (), self.overrides)
+    _parse_step_gin(self.run_gin(RETRIEVAL_GIN), (), self.gin_overrides)
     summary = build_retrieval(self.files, self.layout.retrieval_dir)
     # Each part (vocabulary, chunk DBs, index, neighbors, retrieval.json) is an output
     # of its own, so that a deleted part is named.
@@ -486,6 +504,7 @@ class Recipe:
     return outputs, {
         "retrieval_db": summary["retrieval_db"], "splits": summary["splits"],
         "index": summary["index_factory"], "vocab_size": summary["vocab_size"],
+        "chunk_size": summary["chunk_size"],
         "stages": {s["stage"]: s["seconds"] for s in summary["stages"]}}
 
   def step_gin(self, step: str) -> str:
@@ -493,12 +512,12 @@ class Recipe:
     return self.run_gin(STEP_GIN[step])
 
   def run_gin(self, gin_file: str) -> str:
-    """The training gin file this run reads for ``gin_file`` (a --documents run's own
-    version, ``DOCUMENTS_GIN``, if it has one)."""
+    """The gin file this run reads for ``gin_file`` (a --documents run's own version,
+    ``DOCUMENTS_GIN``, if it has one)."""
     return (DOCUMENTS_GIN if self.documents else {}).get(gin_file, gin_file)
 
   def _train(self, step: str, **bindings) -> tuple[list[str], dict]:
-    metrics = run_training(step, self.layout, bindings, self.overrides,
+    metrics = run_training(step, self.layout, bindings, self.gin_overrides,
                            gin_file=self.step_gin(step))
     return [os.path.join(self.layout.model_dir(step), "checkpoints")], {"metrics": metrics}
 
@@ -508,7 +527,7 @@ class Recipe:
   def frozen_fit_steps(self) -> int:
     """The frozen phase's steps (``FROZEN_FIT_STEPS`` as the retro step's gin and the
     run's --gin bindings set it; 0: one phase)."""
-    _parse_step_gin(self.step_gin("retro"), (), self.overrides)
+    _parse_step_gin(self.step_gin("retro"), (), self.gin_overrides)
     try:
       steps = gin.query_parameter("%FROZEN_FIT_STEPS")
     except ValueError:          # a step file (and bindings) without the macro: one phase
@@ -530,9 +549,9 @@ class Recipe:
     # which the phase's own file does not include.
     first = run_training("retro", self.layout, {"MODEL_DIR": frozen, "INIT_CHECKPOINT": gpt,
                                                 "FROZEN_FIT_STEPS": frozen_steps},
-                         self.overrides, gin_file=self.run_gin(FROZEN_PHASE_GIN))
+                         self.gin_overrides, gin_file=self.run_gin(FROZEN_PHASE_GIN))
     metrics = run_training("retro", self.layout, {"INIT_CHECKPOINT": frozen},
-                           self.overrides, gin_file=self.run_gin(UNFREEZING_GIN))
+                           self.gin_overrides, gin_file=self.run_gin(UNFREEZING_GIN))
     return ([os.path.join(frozen, "checkpoints"),
              os.path.join(self.layout.model_dir("retro"), "checkpoints")],
             {"metrics": metrics, "frozen_phase": {"steps": frozen_steps, "metrics": first}})

@@ -81,9 +81,11 @@ def test_every_recipe_parses(path):
     assert gin.query_parameter("%OUTPUT_DIR") == "/o"
   elif name == "corpus.gin":
     assert 0 < gin.query_parameter("generate_corpus.retrofit_fraction") < 1
-  elif name in ("run.gin", "model.gin", "common.gin", "common_documents.gin", "retrieval.gin",
+  elif name in ("retrieval.gin", "documents_retrieval.gin"):
+    assert gin.query_parameter("build_retrieval.embedder") == "all-MiniLM-L6-v2"
+  elif name in ("run.gin", "model.gin", "common.gin", "common_documents.gin",
                 "evaluation.gin"):
-    assert RetroConfig().chunk_length == 64 or name == "retrieval.gin"
+    assert RetroConfig().chunk_length == 64
   else:   # a training recipe
     assert str(gin.query_parameter("train.model_dir")) == "%MODEL_DIR"
 

@@ -259,11 +259,12 @@ def fake_recipe(tmp_path, monkeypatch):
   def build_retrieval(files, output_dir):
     del files
     for part in ("vocab/spm.model", "retrieval_db/chunks.bin", "train_db/chunks.bin",
-                 "index/index.faissindex", "neighbors/train/neighbors.bin",
-                 "retrieval.json", ".config.lock"):
+                 "index/index.faissindex", "neighbors/train/neighbors.bin", ".config.lock"):
       write(os.path.join(output_dir, part))
+    write(os.path.join(output_dir, "retrieval.json"),
+          json.dumps({"chunk_size": 64, "pad": "x" * next(sizes)}))
     return {"retrieval_db": "retrieval_db", "splits": {}, "index_factory": "Flat",
-            "vocab_size": 8, "stages": []}
+            "vocab_size": 8, "chunk_size": 64, "stages": []}
 
   def run_training(step, layout, bindings, overrides, gin_file=None):
     del bindings, overrides, gin_file

@@ -47,6 +47,14 @@ def test_user_corpus_report_is_neutral_and_states_the_retrieval_gain(tmp_path):
   assert "Retro: retrieval is worth 0.0500 nats per token" in text
   assert f"perplexity {math.exp(-0.2):.3f} x GPT-fit's" in text
   assert "same tokens for as many steps." in text
+  with_retrieval = {**INFOS, "retrieval": {
+      "retrieval_db": {"num_chunks": 107828, "num_docs": 1711}, "index": "IVF1024,SQ8",
+      "vocab_size": 2048, "chunk_size": 16}}
+  path = tmp_path / "retrieval.md"
+  report_lib.write_recipe_report(str(path), run_dir=str(tmp_path), model_dirs={},
+                                 infos=with_retrieval, documents="/data/pydoc.jsonl")
+  assert "Retrieval DB: 107828 chunks of 16 tokens (1711 documents)" in path.read_text(
+      encoding="utf-8")
   two_phase = {**INFOS, "retro": {"frozen_phase": {"steps": 1500}}}
   path = tmp_path / "two.md"
   report_lib.write_recipe_report(str(path), run_dir=str(tmp_path), model_dirs={},
@@ -100,7 +108,7 @@ def test_documents_run_reads_its_own_fitting_steps(tmp_path):
   assert frozen.trainable == "retro"                # the embedded run is unchanged
   assert embedded_gpt.learning_rate == 1e-3
   # Two phases by default on a user corpus; one on the embedded corpus.
-  assert documents.frozen_fit_steps() == 1500
+  assert documents.frozen_fit_steps() == 2000
   assert embedded.frozen_fit_steps() == 0
 
 
@@ -116,7 +124,7 @@ def _training_calls(monkeypatch, run):
     calls.append(dict(gin_file=gin_file, model_dir=query("train.model_dir"),
                       init=query("train.init_checkpoint"), init_mode=query("train.init_mode"),
                       steps=query("train.train_steps"), batch=query("%BATCH_SIZE"),
-                      optimizer=OptimizerConfig()))
+                      optimizer=OptimizerConfig(), model=RetroConfig()))
     gin.clear_config()
     return {"loss": 1.0}
 
@@ -166,9 +174,9 @@ def test_documents_run_retro_fits_in_two_phases_by_default(tmp_path, monkeypatch
   run = recipe.Recipe(str(tmp_path / "d"), documents="d.jsonl", print_fn=lambda _: None)
   calls, _, info = _training_calls(monkeypatch, run)
   assert [(c["gin_file"], c["steps"], c["batch"]) for c in calls] == [
-      ("miniature/documents_retro_frozen_phase.gin", 1500, 8),
+      ("miniature/documents_retro_frozen_phase.gin", 2000, 8),
       ("miniature/documents_retro_unfreezing.gin", 300, 8)]
-  assert info["frozen_phase"]["steps"] == 1500
+  assert info["frozen_phase"]["steps"] == 2000
   # FROZEN_FIT_STEPS=0: one run of the step's own gin file, from the GPT.
   one = recipe.Recipe(str(tmp_path / "one"), documents="d.jsonl", print_fn=lambda _: None,
                       overrides=["FROZEN_FIT_STEPS = 0"])
@@ -204,3 +212,39 @@ def test_report_plots_the_frozen_phase_before_the_unfrozen_one(tmp_path, monkeyp
   runs, offsets = plotted["loss_pretraining.png"]
   assert runs[report_lib.FROZEN_PHASE_RUN] == dirs["retro_frozen"]
   assert offsets == {report_lib.FROZEN_PHASE_RUN: 250, "Retro-fit": 290, "GPT-fit": 250}
+
+
+def test_documents_run_retrieves_chunks_of_16_and_its_models_read_them(tmp_path, monkeypatch):
+  """A user corpus is chunked by 16 tokens, the embedded one by 64; every model of a run
+  (each training phase, the evaluation) takes its chunk length from the run's retrieval
+  directory, and a --gin binding of the user's still comes last."""
+  from retro_jax.retrieval.layout import RetrievalLayout
+
+  def preprocess(retrieval_input, output_dir, **kwargs):
+    del retrieval_input
+    RetrievalLayout(output_dir).write_config({"chunk_size": kwargs["chunk_size"]})
+    return {"retrieval_db": {"num_chunks": 1, "num_docs": 1}, "splits": {},
+            "index_factory": "Flat", "vocab_size": 8, "chunk_size": kwargs["chunk_size"],
+            "stages": []}
+
+  monkeypatch.setattr(recipe.pipeline, "preprocess", preprocess)
+  files = {"retrieval": "r.jsonl", "retrofit": "f.jsonl", "heldout": "h.jsonl",
+           "pretrain": "p.jsonl"}
+  monkeypatch.setattr(recipe.Recipe, "files", property(lambda self: files))
+  for documents, m in ((None, 64), ("d.jsonl", 16)):
+    run = recipe.Recipe(str(tmp_path / str(m)), documents=documents, print_fn=lambda _: None,
+                        overrides=["FROZEN_FIT_STEPS = 40", "RetroConfig.num_neighbors = 3"])
+    assert run.gin_overrides == run.overrides         # no retrieval directory yet
+    try:
+      _, info = run.step_retrieval()
+    finally:
+      gin.clear_config()
+    assert info["chunk_size"] == m
+    assert run.gin_overrides == [f"RetroConfig.chunk_length = {m}", *run.overrides]
+    calls, _, _ = _training_calls(monkeypatch, run)
+    assert [(c["model"].chunk_length, c["model"].num_neighbors) for c in calls] == [(m, 3)] * 2
+    try:
+      run._eval_gin()       # pylint: disable=protected-access
+      assert (RetroConfig().chunk_length, RetroConfig().num_neighbors) == (m, 3)
+    finally:
+      gin.clear_config()

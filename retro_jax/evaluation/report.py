@@ -180,7 +180,8 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
   retrieval = info("retrieval")
   lines += ["Run directory: `" + run_dir + "`", ""]
   if retrieval:
-    lines += [f"Retrieval DB: {retrieval['retrieval_db']['num_chunks']} chunks of 64 tokens "
+    lines += [f"Retrieval DB: {retrieval['retrieval_db']['num_chunks']} chunks of "
+              f"{retrieval.get('chunk_size', 64)} tokens "
               f"({retrieval['retrieval_db']['num_docs']} documents), index "
               f"`{retrieval['index']}`, vocabulary {retrieval['vocab_size']} pieces.", ""]
   if documents and corpus:
