@@ -18,12 +18,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 # A full install (--test) takes about 5 GiB in .venv, plus pip's unpacking space: say so
 # before pip fails halfway with "No space left on device".
-need_kib=$(( ${RETRO_JAX_SETUP_MIN_FREE_GIB:-7} * 1024 * 1024 ))
+need_gib=${RETRO_JAX_SETUP_MIN_FREE_GIB:-7}
 free_kib=$(df -Pk .venv | awk 'NR == 2 {print $4}')
-if [ -n "$free_kib" ] && [ "$free_kib" -lt "$need_kib" ]; then
+if [ -n "$free_kib" ] && [ "$free_kib" -lt $(( need_gib * 1024 * 1024 )) ]; then
   echo "setup: $(( free_kib / 1024 )) MiB free on the disk of $(pwd)/.venv; installing needs" \
-       "about ${RETRO_JAX_SETUP_MIN_FREE_GIB:-7} GiB (free some space, or set" \
-       "RETRO_JAX_SETUP_MIN_FREE_GIB to try with less)" >&2
+       "about $need_gib GiB (free some space, or set RETRO_JAX_SETUP_MIN_FREE_GIB to try" \
+       "with less)" >&2
   exit 1
 fi
 .venv/bin/python -m pip install -q --upgrade pip
