@@ -95,9 +95,7 @@ def build_updated_retrieval(original_dir: str, updated_corpus: str, output_dir: 
   cache = dict(zip(texts, vectors.get(0, db.num_chunks)))
   embedder = embedders.MemoizedEmbedder(base, cache)
   pipeline.preprocess(updated_corpus, output_dir, vocab=original.vocab_path,
-                      embedder=embedder, num_neighbors=config["num_neighbors"],
-                      factory=config["index_factory"], metric=config["metric"],
-                      embedding_dtype=config["embedding_dtype"])
+                      embedder=embedder, **pipeline.rebuild_settings(config))
   logging.info("knowledge update: %d of %d chunk texts embedded anew",
                embedder.misses, embedder.calls)
   return {"retrieval_dir": output_dir, "embedded_anew": embedder.misses,

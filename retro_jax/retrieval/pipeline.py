@@ -242,6 +242,24 @@ def _embeddings_complete(directory: str) -> bool:
 # ----------------------------------------------------------------------------------
 
 
+# The keys of ``retrieval.json`` that are ``preprocess`` arguments of the same name.
+_REBUILD_SETTINGS = ("chunk_size", "num_neighbors", "extra_neighbors", "embedding_dtype",
+                     "metric", "nprobe", "ef_search", "seed")
+
+
+def rebuild_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+  """``preprocess`` keyword arguments that build another retrieval directory as the one
+  whose ``retrieval.json`` is ``config`` was built: the same corpus options, chunking,
+  neighbors, embedding storage, index factory, metric and search (for another corpus,
+  e.g. the knowledge update's edited one). The vocabulary and embedder are the
+  caller's to pass (a path and a loaded embedder)."""
+  settings = {key: config[key] for key in _REBUILD_SETTINGS if key in config}
+  if "index_factory" in config:
+    settings["factory"] = config["index_factory"]
+  settings.update(config.get("corpus_options", {}))
+  return settings
+
+
 @gin.configurable
 def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-builtin
                vocab: Optional[str] = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
