@@ -32,11 +32,11 @@ def test_updated_db_is_built_as_the_original_and_reembeds_only_changed_chunks(
     tmp_path, monkeypatch):
   paths = enc.generate_corpus(tmp_path / "corpus", scale=0.1, seed=0)["paths"]
   original_dir, updated_dir = str(tmp_path / "retrieval"), str(tmp_path / "updated")
-  # Every setting away from preprocess's default, so a rebuild with defaults shows.
+  # Settings away from preprocess's defaults, so a rebuild with defaults shows.
   pipeline.preprocess(paths["retrieval"], original_dir, vocab_size=600, chunk_size=16,
                       num_neighbors=3, extra_neighbors=5, embedding_dtype="float32",
-                      metric="l2", nprobe=None, seed=3, embedder=HashedWords(),
-                      text_key="text", use_gpu=False, progress=False)
+                      metric="l2", seed=3, embedder=HashedWords(), use_gpu=False,
+                      progress=False)
   embedder = HashedWords()
   loaded = []
 
