@@ -82,6 +82,30 @@ def test_retriever_finds_the_chunk_with_shared_words_and_masks_missing():
   np.testing.assert_array_equal(tokens[0, 0], store.get_chunks(info[0][0]["chunk_id"]))
 
 
+def test_passages_are_the_document_from_the_chunk_on():
+  store = _store()
+  store.add_documents(DOCS)
+  retriever = Retriever(store.embedder, store.vocab, store, num_neighbors=2)
+  vocab = store.vocab
+  for doc in store.documents:
+    words = [vocab.ids[w] for w in doc["text"].split()] + [1]   # + EOD
+    for i in range(doc["num_chunks"]):
+      cid = doc["first_chunk"] + i
+      for n in (3, 4, 8, 10, 40):   # the reference: the document's tokens, sliced
+        expected = (words[4 * i:] + [0] * n)[:n]
+        np.testing.assert_array_equal(retriever.passages(np.array([cid]), n)[0], expected)
+  ids = np.array([[0, -1], [store.num_chunks - 1, 2]])
+  out = retriever.passages(ids, 8)
+  assert out.shape == (2, 2, 8) and (out[0, 1] == 0).all()    # -1: no passage
+  # 2m tokens: the chunk with its continuation, the model's neighbor.
+  np.testing.assert_array_equal(out[1, 1], store.get_chunks(2))
+  _, _, plain = retriever.query_texts(["clock runs on rain"], k=1)
+  _, _, long = retriever.query_texts(["clock runs on rain"], k=1, passage_tokens=40)
+  assert plain[0][0]["chunk_id"] == long[0][0]["chunk_id"]
+  assert long[0][0]["text"] == store.documents[2]["text"].split(
+      " ", 4 * (plain[0][0]["chunk_id"] - store.documents[2]["first_chunk"]))[-1]
+
+
 def test_concurrent_adds_keep_the_store_consistent():
   store = _store()
 

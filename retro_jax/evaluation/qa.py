@@ -507,12 +507,21 @@ def with_cca_gate(generator: Any, gate: Optional[float]) -> Any:
   return other
 
 
-def retrieved_contexts(retriever: Any, questions: Sequence[str], count: int
-                       ) -> list[list[dict[str, str]]]:
-  """Top ``count`` DB passages (chunk + continuation text) of each question."""
+# Tokens of a retrieved passage in a prompt: the retrieved chunk and what follows it in
+# its document. RETRO's neighbor (chunk + continuation) at m = 64; passages keep this
+# length when the model reads shorter chunks (with chunks of 16 the neighbor's 32
+# tokens hold the answer of 66% of the miniature's questions, 128 tokens 85%:
+# docs/benchmarks.md).
+PASSAGE_TOKENS = 128
+
+
+def retrieved_contexts(retriever: Any, questions: Sequence[str], count: int, *,
+                       passage_tokens: int = PASSAGE_TOKENS) -> list[list[dict[str, str]]]:
+  """Top ``count`` DB passages of each question (``Retriever.passages`` text)."""
   if count <= 0:
     return [[] for _ in questions]
-  _, _, info = retriever.query_texts(list(questions), k=count)
+  _, _, info = retriever.query_texts(list(questions), k=count,
+                                     passage_tokens=passage_tokens)
   return [[{"title": hit.get("title", ""), "text": hit["text"]} for hit in hits]
           for hits in info]
 

@@ -193,15 +193,37 @@ class Retriever:
       return self.search_fn(self.index, queries, k)
     return self.index.search(np.asarray(queries, np.float32), k)
 
-  def query_texts(self, texts: Sequence[str], k: Optional[int] = None
+  def passages(self, chunk_ids: np.ndarray, num_tokens: int) -> np.ndarray:
+    """Passages for a prompt: ``chunk_ids [...]`` (-1: none) -> ``[..., num_tokens]``,
+    the tokens of each chunk's document from that chunk on (``pad_id`` past the
+    document's end). With ``num_tokens`` = 2m a passage is the chunk with its
+    continuation, the model's neighbor; a prompt may want longer passages than the
+    model's chunks give (chunks of 16, passages of 128 tokens)."""
+    m = self.store.chunk_size
+    ids = np.asarray(chunk_ids, np.int64)
+    flat = ids.reshape(-1, 1)
+    window = flat + np.arange(-(-num_tokens // m))                # [n, chunks]
+    present = (flat >= 0) & (window < self.store.num_chunks)
+    safe = np.where(present, window, 0)
+    if self.store.num_chunks:
+      doc = self.store.doc_of_chunk(safe)
+      present &= doc == doc[:, :1]
+    tokens = self.store.get_chunks(np.where(present, window, -1), with_continuation=False,
+                                   missing_value=self.pad_id)      # [n, chunks, m]
+    return tokens.reshape(len(flat), -1)[:, :num_tokens].reshape(*ids.shape, num_tokens)
+
+  def query_texts(self, texts: Sequence[str], k: Optional[int] = None, *,
+                  passage_tokens: Optional[int] = None
                   ) -> tuple[np.ndarray, np.ndarray, list[list[dict]]]:
-    """Neighbors of free texts: (tokens [n, k, 2m], mask [n, k], info)."""
+    """Neighbors of free texts: (tokens [n, k, 2m], mask [n, k], info); each hit's
+    ``text`` is its neighbor's, or with ``passage_tokens`` its ``passages``'."""
     k = k or self.num_neighbors
     embeddings = np.asarray(self.embedder.embed_texts(list(texts)), np.float32)
     scores, ids = self.search(embeddings, k)
     ids = np.asarray(ids, np.int64)
     mask = ids >= 0
     tokens = self.store.get_chunks(ids, with_continuation=True, missing_value=self.pad_id)
+    shown = tokens if passage_tokens is None else self.passages(ids, passage_tokens)
     info = []
     for row in range(len(texts)):
       hits = []
@@ -211,7 +233,7 @@ class Retriever:
         cid = int(ids[row, j])
         hits.append({"chunk_id": cid, "doc_id": int(self.store.doc_of_chunk(cid)),
                      "score": float(scores[row, j]),
-                     "text": vocab_lib.chunk_text(self.vocab, tokens[row, j], self.pad_id,
+                     "text": vocab_lib.chunk_text(self.vocab, shown[row, j], self.pad_id,
                                                   self.eod_id)})
       info.append(hits)
     return tokens, mask, info

@@ -86,9 +86,9 @@ class _ConsistentRetriever:
   def __getattr__(self, name):
     return getattr(self._inner, name)
 
-  def query_texts(self, texts, k=None):
+  def query_texts(self, texts, k=None, **options):
     with self._service.store_lock:
-      tokens, mask, info = self._inner.query_texts(texts, k=k)
+      tokens, mask, info = self._inner.query_texts(texts, k=k, **options)
       return tokens, mask, [self._service._titled(hits) for hits in info]
 
   def __call__(self, chunk_tokens, chunk_index: int = 0):
