@@ -10,22 +10,20 @@ from retro_jax.evaluation import knowledge_update
 from retro_jax.retrieval import formats, pipeline
 from retro_jax.retrieval.layout import RetrievalLayout
 
+from test_retriever import BagOfWordsEmbedder
 
-class HashedWords:
-  """A deterministic stand-in for MiniLM that counts its calls."""
 
-  dim, name, fingerprint = 16, "hashed-words", "hashed-words-16"
+class CountingEmbedder(BagOfWordsEmbedder):
+  """test_retriever's stand-in for MiniLM, named, counting the texts it embeds."""
+
+  name = "hashed-words"
 
   def __init__(self):
     self.texts = 0
 
   def embed_texts(self, texts):
     self.texts += len(texts)
-    out = np.zeros((len(texts), self.dim), np.float32)
-    for i, text in enumerate(texts):
-      for word in text.lower().split():
-        out[i, sum(map(ord, word)) % self.dim] += 1.0
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-6)
+    return super().embed_texts(texts)
 
 
 def test_updated_db_is_built_as_the_original_and_reembeds_only_changed_chunks(
@@ -35,9 +33,9 @@ def test_updated_db_is_built_as_the_original_and_reembeds_only_changed_chunks(
   # Settings away from preprocess's defaults, so a rebuild with defaults shows.
   pipeline.preprocess(paths["retrieval"], original_dir, vocab_size=600, chunk_size=16,
                       num_neighbors=3, extra_neighbors=5, embedding_dtype="float32",
-                      metric="l2", seed=3, embedder=HashedWords(), use_gpu=False,
+                      metric="l2", seed=3, embedder=CountingEmbedder(), use_gpu=False,
                       progress=False)
-  embedder = HashedWords()
+  embedder = CountingEmbedder()
   loaded = []
 
   def load_embedder(name):
