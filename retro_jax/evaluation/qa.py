@@ -509,9 +509,8 @@ def with_cca_gate(generator: Any, gate: Optional[float]) -> Any:
 
 # Tokens of a retrieved passage in a prompt: the retrieved chunk and what follows it in
 # its document. RETRO's neighbor (chunk + continuation) at m = 64; passages keep this
-# length when the model reads shorter chunks (with chunks of 16 the neighbor's 32
-# tokens hold the answer of 66% of the miniature's questions, 128 tokens 85%:
-# docs/benchmarks.md).
+# length when the model reads shorter chunks, whose neighbors hold an answer less often
+# (docs/benchmarks.md, "Chunks of 16 in the embedded run").
 PASSAGE_TOKENS = 128
 
 
