@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from retro_jax.data import man_pages
+from retro_jax.data import debian_text, man_pages
 
 needs_groff = pytest.mark.skipif(shutil.which("groff") is None,
                                  reason="groff is not installed")
@@ -143,13 +143,19 @@ def test_documents_from_the_package_layout(tmp_path, monkeypatch):
 
 
 @needs_groff
-def test_main_writes_recipe_jsonl(tmp_path, capsys):
+def test_debian_text_writes_the_man_pages_jsonl(tmp_path, capsys):
   _package_tree(str(tmp_path / "pkg"))
   out = tmp_path / "man.jsonl"
-  man_pages.main(["--root", str(tmp_path / "pkg"), "--output", str(out)])
+  debian_text.main(["--format", "man-pages", "--root", str(tmp_path / "pkg"),
+                    "--output", str(out)])
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["id"] for r in rows] == ["man2/frob.2", "man3/grind.3"]
-  assert "wrote" in capsys.readouterr().out
+  assert rows[0]["text"] == FROB_TEXT
+  assert "2 documents from 2 pages" in capsys.readouterr().out
+  debian_text.main(["--format", "man-pages", "--root", str(tmp_path / "pkg"),
+                    "--output", str(out), "--sections", "3"])
+  assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [
+      "man3/grind.3"]
 
 
 def test_errors_name_the_directory_and_the_binary(tmp_path):

@@ -9,6 +9,9 @@ module turns those sources into the jsonl that ``python -m retro_jax.recipe
     cd /tmp && apt-get download python3.11-doc && dpkg-deb -x python3.11-doc_*.deb pydoc
     python -m retro_jax.data.debian_text --root=/tmp/pydoc --output=/tmp/pydoc.jsonl
 
+The same command writes the Linux man pages with ``--format=man-pages``
+(``retro_jax.data.man_pages``).
+
 Rows: ``{"id": "library/json#basic-usage", "page": "library/json", "title":
 "Basic Usage", "text": "..."}``. The page's own title heads the text of its first
 section, each later section's text starts with its heading.
@@ -49,6 +52,7 @@ import os
 import re
 from typing import Iterator, Optional, Sequence
 
+from retro_jax.data import man_pages
 from retro_jax.utils.io import atomic_write_jsonl
 
 SOURCES_SUBDIR = os.path.join("usr", "share", "doc", "python3.11", "html", "_sources")
@@ -245,17 +249,34 @@ def python_doc_documents(root: str, *, sections: Sequence[str] = DEFAULT_SECTION
       yield from page_documents(page, f.read(), min_chars=min_chars)
 
 
+FORMATS = ("python-doc", "man-pages")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+      description="Real text from Debian packages as the jsonl of `recipe --documents`: "
+      "the Python documentation (python3.11-doc; this module) or the Linux man pages "
+      "(manpages, manpages-dev; retro_jax.data.man_pages).")
+  parser.add_argument("--format", choices=FORMATS, default="python-doc",
+                      help="python-doc: one document per section of a reST page; "
+                      "man-pages: one document per page, rendered by groff")
   parser.add_argument("--root", required=True,
-                      help="a `dpkg-deb -x` of python3.11-doc, or its html/_sources")
+                      help="a `dpkg-deb -x` of the package(s): python3.11-doc (or its "
+                      "html/_sources), or manpages / manpages-dev (or its usr/share/man)")
   parser.add_argument("--output", required=True, help="the jsonl to write")
-  parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
-                      help="comma-separated top-level directories; empty for all")
+  parser.add_argument("--sections", default=None,
+                      help="comma-separated top-level directories (python-doc, default "
+                      f"{','.join(DEFAULT_SECTIONS)}) or man sections (man-pages, default "
+                      f"{','.join(man_pages.DEFAULT_SECTIONS)}); empty for all")
   parser.add_argument("--min_chars", type=int, default=200)
   args = parser.parse_args(argv)
-  sections = [s for s in args.sections.split(",") if s]
-  rows = list(python_doc_documents(args.root, sections=sections, min_chars=args.min_chars))
+  if args.format == "python-doc":
+    read, default = python_doc_documents, DEFAULT_SECTIONS
+  else:
+    read, default = man_pages.man_page_documents, man_pages.DEFAULT_SECTIONS
+  sections = default if args.sections is None else [
+      s for s in args.sections.split(",") if s]
+  rows = list(read(args.root, sections=sections, min_chars=args.min_chars))
   atomic_write_jsonl(args.output, rows)
   chars = sum(len(r["text"]) for r in rows)
   pages = len({r["page"] for r in rows})

@@ -3,12 +3,14 @@ r"""Real text from Debian packages: Linux manual pages as recipe documents.
 The Debian packages ``manpages`` (file formats, conventions: sections 4, 5, 7) and
 ``manpages-dev`` (system calls and library functions: sections 2, 3) ship the Linux
 man-pages project's pages as gzipped roff under ``usr/share/man/man<N>/``. This module
-renders each page with groff to plain text and writes the jsonl that ``python -m
-retro_jax.recipe --documents=...`` reads, one document per page:
+renders each page with groff to plain text, one recipe document per page;
+``retro_jax.data.debian_text`` writes them as the jsonl that ``python -m
+retro_jax.recipe --documents=...`` reads:
 
     cd /tmp && apt-get download manpages manpages-dev
     for f in manpages*.deb; do dpkg-deb -x $f man; done
-    python -m retro_jax.data.man_pages --root=/tmp/man --output=/tmp/man.jsonl
+    python -m retro_jax.data.debian_text --format=man-pages --root=/tmp/man \
+        --output=/tmp/man.jsonl
 
 Rows: ``{"id": "man2/read.2", "page": "read(2)", "title": "read - read from a file
 descriptor", "text": "NAME\nread - read from a file descriptor\n\nLIBRARY\n..."}``.
@@ -32,15 +34,13 @@ Linux-man-pages-copyleft licence, GPL and BSD variants), all allowing redistribu
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import os
 import re
 import shutil
 import subprocess
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
-from retro_jax.utils.io import atomic_write_jsonl
 
 MAN_SUBDIR = os.path.join("usr", "share", "man")
 DEFAULT_SECTIONS = ("1", "2", "3", "4", "5", "6", "7", "8")
@@ -159,23 +159,3 @@ def man_page_documents(root: str, *, sections: Sequence[str] = DEFAULT_SECTIONS,
     stem, _, section = name.rpartition(".")
     yield {"id": f"{directory}/{name}", "page": f"{stem or name}({section})",
            "title": _title(text), "text": text}
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--root", required=True,
-                      help="a `dpkg-deb -x` of manpages / manpages-dev, or its usr/share/man")
-  parser.add_argument("--output", required=True, help="the jsonl to write")
-  parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
-                      help="comma-separated man sections; empty for all")
-  parser.add_argument("--min_chars", type=int, default=200)
-  args = parser.parse_args(argv)
-  sections = [s for s in args.sections.split(",") if s]
-  rows = list(man_page_documents(args.root, sections=sections, min_chars=args.min_chars))
-  atomic_write_jsonl(args.output, rows)
-  chars = sum(len(r["text"]) for r in rows)
-  print(f"wrote {args.output}: {len(rows)} pages, {chars} characters")
-
-
-if __name__ == "__main__":
-  main()
