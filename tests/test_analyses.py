@@ -227,8 +227,8 @@ def test_db_subsets_are_nested_and_searched_exactly_for_the_evaluated_chunks(
   monkeypatch.setattr(db_subsets, "subset_neighbors", lambda queries, *a, **kw: (
       searched.append(len(queries)), real_search(queries, *a, **kw))[1])
   evaluated = 12
-  maps = analyses.db_size_maps(layout, split, str(tmp_path), evaluated, fractions, seed=3,
-                               embedder=embedder)
+  maps = analyses.exact_neighbor_maps(layout, split, str(tmp_path), evaluated, fractions,
+                                      seed=3, embedder=embedder)
   assert searched == [evaluated] * len(fractions)
 
   vectors = np.load(formats.Embeddings(layout.embeddings_dir).shard_paths[0])
@@ -259,12 +259,12 @@ def test_db_subsets_are_nested_and_searched_exactly_for_the_evaluated_chunks(
 def test_db_subsets_of_a_held_out_split_search_its_stored_query_embeddings(
     retrieval_dir, tmp_path, monkeypatch):
   layout, embedder = retrieval_dir
-  embedded = analyses.db_size_maps(layout, "valid", str(tmp_path / "embedded"), 12,
-                                   (0.25, 1.0), embedder=embedder)
+  embedded = analyses.exact_neighbor_maps(layout, "valid", str(tmp_path / "embedded"),
+                                          12, (0.25, 1.0), embedder=embedder)
   monkeypatch.setattr(analyses, "load_embedder", lambda name: pytest.fail(
       f"embedded the query chunks again with {name}"))
-  stored = analyses.db_size_maps(layout, "valid", str(tmp_path / "stored"), 12,
-                                 (0.25, 1.0))
+  stored = analyses.exact_neighbor_maps(layout, "valid", str(tmp_path / "stored"), 12,
+                                        (0.25, 1.0))
   for a, b in zip(embedded, stored):
     np.testing.assert_array_equal(formats.NeighborMap(a["neighbor_map"]).neighbors,
                                   formats.NeighborMap(b["neighbor_map"]).neighbors)
@@ -376,9 +376,9 @@ def test_overlap_uses_the_previous_chunks_neighbors():
 def test_neighbor_sweep_scores_the_first_k_neighbors(run):
   results, checkpoints, config, _, layout = run
   rows = {r["k"]: r for r in results["analyses"]["neighbors"]}
-  assert sorted(rows) == [0, 1, 2]
-  assert "capped" in rows[2]["note"] and "4" in rows[2]["note"]
-  assert any("capped" in note for note in results["analyses"]["notes"])
+  assert sorted(rows) == [0, 1, 2, 4]
+  assert "exact search" in rows[4]["note"] and not rows[2]["note"]
+  assert not any("capped" in note for note in results["analyses"]["notes"])
   by_mode = {r["mode"]: r for r in results["analyses"]["perplexity"]}
   assert rows[0]["loss"] == by_mode["encoder ablated"]["loss"]
   assert rows[2]["loss"] == by_mode["retrieval"]["loss"]
@@ -392,6 +392,41 @@ def test_neighbor_sweep_scores_the_first_k_neighbors(run):
   ref = Evaluator(config, mesh, shardings, retrieval=True).evaluate(params, source, 2)
   assert rows[1]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
   assert abs(rows[1]["loss"] - rows[2]["loss"]) > 1e-4 < abs(rows[1]["loss"] - rows[0]["loss"])
+
+
+def test_neighbors_beyond_the_stored_map_are_searched_exactly(run, retrieval_dir):
+  """k = 4 from a map of k = 2: the evaluated chunks' 4 best DB chunks by brute force
+  (same-document exclusion: the training split), scored as the other rows."""
+  results, checkpoints, config, out, layout = run
+  _, embedder = retrieval_dir
+  path = out / "neighbors_k4" / "1" / "neighbors.knn"
+  knn = formats.NeighborMap(str(path))
+  query_db = formats.ChunkDB(layout.split_db_prefix("train"))
+  db = formats.ChunkDB(layout.retrieval_db_prefix)
+  evaluated = min(2 * BATCH, analyses.split_source(layout, "train", SEQ_LEN).num_examples
+                  ) * (SEQ_LEN // M)
+  assert knn.k == 4 and np.all(knn[np.arange(evaluated, query_db.num_chunks)] == -1)
+  vectors = np.load(formats.Embeddings(layout.embeddings_dir).shard_paths[0])
+  db_docs = db.doc_of_chunk(np.arange(db.num_chunks))
+  query_docs = query_db.doc_of_chunk(np.arange(evaluated))
+  ids = knn[np.arange(evaluated)]
+  stored = formats.NeighborMap(layout.neighbor_map_path("train"))[np.arange(evaluated)]
+  for q in range(evaluated):
+    query = vectors[q]                     # the training split is the DB's first documents
+    scores = np.where(db_docs != query_docs[q], vectors @ query, -np.inf)
+    np.testing.assert_allclose(vectors[ids[q]] @ query, np.sort(scores)[::-1][:4],
+                               rtol=1e-5, atol=1e-5)
+    assert set(db_docs[ids[q]]).isdisjoint({query_docs[q]})
+  np.testing.assert_array_equal(ids[:, :2], stored)          # both exact: the same first 2
+  mesh = partitioning.make_mesh(None)
+  params, shardings, _ = ckpt_lib.load_model_params(checkpoints["Retro"], config, mesh)
+  source = analyses.ListSource(analyses.source_batches(analyses.split_source(
+      layout, "train", SEQ_LEN, neighbor_map=str(path)), BATCH, 2))
+  assert source.get_batch(0)["neighbor_tokens"].shape[2] == 4
+  ref = Evaluator(config, mesh, shardings, retrieval=True).evaluate(params, source, 2)
+  rows = {r["k"]: r for r in results["analyses"]["neighbors"]}
+  assert rows[4]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+  assert abs(rows[4]["loss"] - rows[2]["loss"]) > 1e-4
 
 
 def test_eval_entry_point_runs_the_analyses_task(run):

@@ -14,8 +14,10 @@ per byte (``evaluation.bits_per_byte``: UTF-8 bytes of the scored targets).
   neighbors truncated to the model's k.
 * ``neighbors``: a Retro checkpoint with k = 0 (the encoder ablated), 1, 2, 4 neighbors
   at evaluation (``num_neighbors``): the same tokens, each chunk's neighbors truncated to
-  its first k (best first). A k above what the neighbor map holds is capped to it, and
-  the row says so.
+  its first k (best first). For a k above what the neighbor map holds, the evaluated
+  chunks' neighbors are searched again, exactly, over the whole DB (as the DB-size
+  curve's fraction 1, below; ``neighbors_k<k>/1/neighbors.knn``), and the row says so;
+  without stored embeddings to search, k is capped to the map's and the row says that.
 * ``leakage`` (RETRO §2.6, §4.4): every evaluated chunk's overlap with the neighbors
   that condition its prediction (``evaluation.leakage``: with the shifted CCA, chunk
   C_u is predicted from the neighbors retrieved for C_{u-1}, each chunk + continuation;
@@ -236,11 +238,14 @@ def _query_embeddings(layout: RetrievalLayout, split: str, query_db: formats.Chu
                          for i in range(0, len(chunk_ids), block)])
 
 
-def db_size_maps(layout: RetrievalLayout, split: str, output_dir: str,
-                 evaluated_chunks: int, fractions: Sequence[float], *, seed: int = 0,
-                 embedder: Any = None) -> list[dict[str, Any]]:
+def exact_neighbor_maps(layout: RetrievalLayout, split: str, output_dir: str,
+                        evaluated_chunks: int, fractions: Sequence[float], *,
+                        seed: int = 0, k: Optional[int] = None, subdir: str = "db_size",
+                        embedder: Any = None) -> list[dict[str, Any]]:
   """Writes, for each fraction, the neighbor map of the split's first
-  ``evaluated_chunks`` query chunks within that DB subset (other rows -1).
+  ``evaluated_chunks`` query chunks within that DB subset (other rows -1), found by
+  exact search: ``<output_dir>/<subdir>/<fraction>/neighbors.knn``, ``k`` neighbors
+  per chunk (default: as many as the stored map holds).
 
   Returns:
     One dict per fraction: ``fraction``, ``db_docs``, ``db_chunks``, ``db_tokens``
@@ -265,15 +270,16 @@ def db_size_maps(layout: RetrievalLayout, split: str, output_dir: str,
   query_docs = query_db.doc_of_chunk(chunk_ids) if exclude else None
   extra = int(config.get("extra_neighbors", 8))
   metric = config.get("metric", "ip")
+  k = stored.k if k is None else k
   out = []
   for fraction, docs in zip(fractions, db_subsets.nested_document_subsets(
       retrieval_db.num_docs, fractions, seed)):
     subset = db_subsets.subset_chunk_ids(retrieval_db, docs)
-    found = db_subsets.subset_neighbors(queries, vectors, subset, retrieval_db, k=stored.k,
+    found = db_subsets.subset_neighbors(queries, vectors, subset, retrieval_db, k=k,
                                         extra=extra, metric=metric, query_docs=query_docs)
-    rows = np.full((query_db.num_chunks, stored.k), -1, np.int64)
+    rows = np.full((query_db.num_chunks, k), -1, np.int64)
     rows[chunk_ids] = found
-    path = os.path.join(output_dir, "db_size", f"{fraction:.6g}", "neighbors.knn")
+    path = os.path.join(output_dir, subdir, f"{fraction:.6g}", "neighbors.knn")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     formats.write_neighbor_map(path, rows)
     out.append(dict(fraction=float(fraction), db_docs=int(len(docs)),
@@ -443,18 +449,33 @@ def eval_analyses(*, output_dir: str, checkpoints: Mapping[str, str] = gin.REQUI
   if model_config.num_neighbors > stored_k:
     notes.append(f"the model's k={model_config.num_neighbors} is capped at the map's "
                  f"k={stored_k}")
+  any_retro = any(map(ckpt_lib.has_retro_params, checkpoints.values()))
+  evaluated = min(len(full) * batch_size, base.num_examples) * (seq_len // m)
+  beyond = sorted({k for k in num_neighbors if k > stored_k})
+  exact: Optional[list[dict]] = None      # batches with k_max exactly searched neighbors
+  if "neighbors" in analyses and beyond and any_retro:
+    if os.path.isdir(layout.embeddings_dir):
+      k_max = beyond[-1]
+      exact_map = exact_neighbor_maps(layout, split, output_dir, evaluated, (1.0,), k=k_max,
+                                      subdir=f"neighbors_k{k_max}", embedder=embedder)
+      exact = source_batches(split_source(layout, split, seq_len,
+                                          neighbor_map=exact_map[0]["neighbor_map"]),
+                             batch_size, max_batches)
+      notes.append(f"k={beyond}: the neighbor map holds {stored_k} per chunk; the "
+                   f"{evaluated} evaluated chunks' {k_max} neighbors recomputed by exact "
+                   "search over the whole DB (as the DB-size curve's fraction 1)")
+    else:
+      notes.append(f"k={beyond} asked, capped at k={stored_k}: the retrieval directory's "
+                   f"neighbor map holds {stored_k} per chunk, and without its stored "
+                   "embeddings more cannot be searched")
   ks: dict[int, int] = {}                  # k used -> the first k asked for it
   for k in num_neighbors:
-    ks.setdefault(min(k, stored_k), k)
-  capped = sorted({k for k in num_neighbors if k > stored_k})
-  if "neighbors" in analyses and capped:
-    notes.append(f"k={capped} asked, capped at k={stored_k}: the retrieval directory's "
-                 f"neighbor map holds {stored_k} per chunk")
+    ks.setdefault(k if exact is not None else min(k, stored_k), k)
+  capped = [] if exact is not None else beyond
   db_maps = []
-  if "db_size" in analyses and any(map(ckpt_lib.has_retro_params, checkpoints.values())):
-    evaluated = min(len(full) * batch_size, base.num_examples) * (seq_len // m)
-    db_maps = db_size_maps(layout, split, output_dir, evaluated, db_fractions,
-                           seed=db_seed, embedder=embedder)
+  if "db_size" in analyses and any_retro:
+    db_maps = exact_neighbor_maps(layout, split, output_dir, evaluated, db_fractions,
+                                  seed=db_seed, embedder=embedder)
     notes.append(f"DB subsets: {len(db_fractions)} nested fractions of "
                  f"{formats.ChunkDB(layout.retrieval_db_prefix).num_docs} documents "
                  f"(seed {db_seed}); neighbors of the {db_maps[0]['queries']} evaluated "
@@ -497,10 +518,12 @@ def eval_analyses(*, output_dir: str, checkpoints: Mapping[str, str] = gin.REQUI
         elif used == model_k:
           row = by_mode[True]
         else:
-          row = score(ListSource(with_overlaps([truncate_neighbors(b, used) for b in full],
+          batches = exact if used > stored_k else full
+          row = score(ListSource(with_overlaps([truncate_neighbors(b, used) for b in batches],
                                                m, base.pad_id)[0]), True, scored_classes)["all"]
         note = (f"asked k={[k for k in capped if min(k, stored_k) == used]}, capped at "
-                f"the map's k={stored_k}" if used == stored_k and capped else "")
+                f"the map's k={stored_k}" if used == stored_k and capped else
+                "exact search over the whole DB" if used > stored_k else "")
         results["neighbors"].append(dict(head, k=used, requested=asked, note=note, **row))
     for d, source, same in zip(db_maps, db_sources, db_same):
       row = by_mode[True] if same else score(source, True, scored_classes)["all"]
