@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import faiss
 from flax import linen as nn
@@ -427,6 +428,22 @@ def test_neighbors_beyond_the_stored_map_are_searched_exactly(run, retrieval_dir
   rows = {r["k"]: r for r in results["analyses"]["neighbors"]}
   assert rows[4]["loss"] == pytest.approx(ref["loss"], rel=1e-6)
   assert abs(rows[4]["loss"] - rows[2]["loss"]) > 1e-4
+
+
+def test_without_stored_embeddings_k_is_capped_and_said(run, tmp_path):
+  results, checkpoints, config, _, layout = run
+  copy = tmp_path / "retrieval"
+  shutil.copytree(layout.root, copy, ignore=shutil.ignore_patterns(
+      os.path.basename(layout.embeddings_dir)))
+  capped = analyses.eval_analyses(
+      output_dir=str(tmp_path / "out"), checkpoints={"Retro": checkpoints["Retro"]},
+      retrieval_dir=str(copy), split="train", seq_len=SEQ_LEN, batch_size=BATCH,
+      model_config=config, analyses=["neighbors"], max_batches=2)
+  rows = {r["k"]: r for r in capped["neighbors"]}
+  assert sorted(rows) == [0, 1, 2] and "capped" in rows[2]["note"]
+  assert any("without its stored embeddings" in note for note in capped["notes"])
+  full = {r["k"]: r for r in results["analyses"]["neighbors"]}
+  assert rows[2]["loss"] == pytest.approx(full[2]["loss"], rel=1e-6)
 
 
 def test_eval_entry_point_runs_the_analyses_task(run):
