@@ -152,7 +152,8 @@ def resolve_paths(inputs: str | os.PathLike | Sequence[str | os.PathLike],
   return paths
 
 
-def _open_binary(path: str) -> BinaryIO:
+def open_binary(path: str) -> BinaryIO:
+  """``path`` opened for binary reading, gunzipped on the fly when it ends ``.gz``."""
   if path.endswith(".gz"):
     return gzip.open(path, "rb")  # type: ignore[return-value]
   return open(path, "rb")  # pylint: disable=consider-using-with
@@ -161,7 +162,7 @@ def _open_binary(path: str) -> BinaryIO:
 def count_lines(path: str) -> int:
   """Lines as binary iteration yields them (a last line without newline counts)."""
   count, last = 0, b"\n"
-  with _open_binary(path) as f:
+  with open_binary(path) as f:
     while block := f.read(_READ_BLOCK):
       count += block.count(b"\n")
       last = block[-1:]
@@ -205,7 +206,7 @@ class _LineCorpus(Corpus):
       if counts is not None and index + counts[file_number] <= start:
         index += counts[file_number]
         continue
-      with _open_binary(path) as f:
+      with open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
           if index >= start and keep(index):
             yield index, self._parse(raw, path, lineno)
@@ -272,7 +273,7 @@ class TextFilesCorpus(Corpus):
     stop = len(self.paths) if stop is None else stop
     for index in range(start, stop):
       if keep(index):
-        with _open_binary(self.paths[index]) as f:
+        with open_binary(self.paths[index]) as f:
           yield index, _decode(f.read(), self.paths[index], 1)
 
 

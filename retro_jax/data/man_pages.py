@@ -34,13 +34,13 @@ Linux-man-pages-copyleft licence, GPL and BSD variants), all allowing redistribu
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import shutil
 import subprocess
 from typing import Iterator, Sequence
 
+from retro_jax.data.corpus import open_binary
 
 MAN_SUBDIR = os.path.join("usr", "share", "man")
 DEFAULT_SECTIONS = ("1", "2", "3", "4", "5", "6", "7", "8")
@@ -126,8 +126,7 @@ def page_files(root: str, sections: Sequence[str] = DEFAULT_SECTIONS) -> list[st
 
 
 def _read_source(path: str) -> str:
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
+  with open_binary(path) as f:
     return f.read().decode("utf-8", "replace")
 
 
