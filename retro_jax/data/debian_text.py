@@ -249,7 +249,9 @@ def python_doc_documents(root: str, *, sections: Sequence[str] = DEFAULT_SECTION
       yield from page_documents(page, f.read(), min_chars=min_chars)
 
 
-FORMATS = ("python-doc", "man-pages")
+# --format -> (the reader of the package's documents, its default sections)
+READERS = {"python-doc": (python_doc_documents, DEFAULT_SECTIONS),
+           "man-pages": (man_pages.man_page_documents, man_pages.DEFAULT_SECTIONS)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -257,7 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       description="Real text from Debian packages as the jsonl of `recipe --documents`: "
       "the Python documentation (python3.11-doc; this module) or the Linux man pages "
       "(manpages, manpages-dev; retro_jax.data.man_pages).")
-  parser.add_argument("--format", choices=FORMATS, default="python-doc",
+  parser.add_argument("--format", choices=sorted(READERS), default="python-doc",
                       help="python-doc: one document per section of a reST page; "
                       "man-pages: one document per page, rendered by groff")
   parser.add_argument("--root", required=True,
@@ -270,10 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       f"{','.join(man_pages.DEFAULT_SECTIONS)}); empty for all")
   parser.add_argument("--min_chars", type=int, default=200)
   args = parser.parse_args(argv)
-  if args.format == "python-doc":
-    read, default = python_doc_documents, DEFAULT_SECTIONS
-  else:
-    read, default = man_pages.man_page_documents, man_pages.DEFAULT_SECTIONS
+  read, default = READERS[args.format]
   sections = default if args.sections is None else [
       s for s in args.sections.split(",") if s]
   rows = list(read(args.root, sections=sections, min_chars=args.min_chars))
