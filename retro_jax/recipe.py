@@ -96,7 +96,7 @@ from retro_jax.retrieval import pipeline
 from retro_jax.retrieval.layout import RetrievalLayout
 from retro_jax.retrieval.retriever import load_retriever
 from retro_jax.training.loop import train
-from retro_jax.utils import gin_utils
+from retro_jax.utils import gin_utils, provenance
 from retro_jax.utils.io import (Manifest, atomic_write_json, atomic_write_jsonl, read_jsonl,
                                 tree_fingerprint)
 
@@ -451,7 +451,8 @@ class Recipe:
       if outputs is None:
         self.print(f"[recipe] {step}: skipped ({info.get('reason')})")
         continue
-      info = dict(info, seconds=round(time.time() - began, 1), gin_overrides=self.overrides)
+      info = dict(info, seconds=round(time.time() - began, 1), gin_overrides=self.overrides,
+                  code=provenance.code_version())
       self._record(step, outputs, info)
       self.print(f"[recipe] {step}: finished in {info['seconds']:.0f}s")
     return {s: self.info(s) for s in self.steps}

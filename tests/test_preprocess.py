@@ -231,6 +231,38 @@ def test_sharded_run_equals_one_process(corpus, uninterrupted, embedder, tmp_pat
 
 
 @pytest.mark.slow
+def test_rerun_by_other_code_keeps_retrieval_json(corpus, uninterrupted, embedder, tmp_path,
+                                                  monkeypatch):
+  """retrieval.json records the code that wrote it; a re-run of a finished directory by
+  other code leaves the file as it was (later steps key on its bytes), and a
+  directory whose settings file is missing gets one naming the code that wrote it."""
+  import shutil
+  from retro_jax.retrieval.pipeline import preprocess
+  from retro_jax.utils import provenance
+  ours = provenance.code_version()
+  assert uninterrupted.read_config()["code"] == ours     # the subprocess ran this tree
+  out = tmp_path / "copy"
+  shutil.copytree(uninterrupted.root, out)
+  layout = RetrievalLayout(out)
+  before = open(layout.config_path, "rb").read()
+  other = dict(ours, git={"commit": "0" * 40, "dirty": False, "diff_sha256": None})
+  monkeypatch.setattr(provenance, "code_version", lambda: other)
+  kwargs = dict(splits={"valid": str(corpus / "heldout.jsonl")},
+                lm_splits={"lm": str(corpus / "lm.jsonl")}, text_key="body",
+                vocab_size=1000, embedder=embedder, extra_neighbors=6, progress=False,
+                use_gpu=False)
+  summary = preprocess(str(corpus / "docs.jsonl"), str(out), **kwargs)
+  assert summary["complete"] and summary["code"] == ours
+  assert open(layout.config_path, "rb").read() == before
+  os.remove(layout.config_path)
+  preprocess(str(corpus / "docs.jsonl"), str(out), **kwargs)
+  rewritten = layout.read_config()
+  assert rewritten["code"] == other
+  assert {k: v for k, v in rewritten.items() if k != "code"} == {
+      k: v for k, v in json.loads(before).items() if k != "code"}
+
+
+@pytest.mark.slow
 def test_retriever_from_layout_returns_the_db_rows(uninterrupted, embedder):
   from retro_jax.retrieval.embedders import ChunkEmbedder
   from retro_jax.retrieval.retriever import Retriever

@@ -52,6 +52,7 @@ def test_every_step_runs_and_is_recorded(miniature_run):
                   "## Zero-shot QA", "## Knowledge update", "## Time per step"):
     assert heading in report
   assert "bits/byte" in report
+  assert "\nCode: retro_jax " in report          # the code that ran the steps
   for plot in ("neighbors.png", "leakage.png", "db_size.png"):   # linked from the report
     assert f"](eval/analyses/{plot})" in report
     with open(run_dir / "eval" / "analyses" / plot, "rb") as f:
@@ -327,6 +328,15 @@ def test_clean_rerun_runs_only_the_report(fake_recipe, tmp_path):
   assert set(recorded["inputs"]) == {"retrieval", "gpt"}
   assert list(recorded["outputs"]) == ["models/retro/checkpoints"]
   assert "retrieval/retrieval_db" in manifest["done"]["retrieval"]["outputs"]
+
+
+def test_every_step_records_the_code_it_ran(fake_recipe, tmp_path):
+  from retro_jax.utils import provenance   # pylint: disable=g-import-not-at-top
+  finished_run(fake_recipe, tmp_path)
+  manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+  assert set(manifest["done"]) == set(ALL)
+  for step, entry in manifest["done"].items():
+    assert entry["info"]["code"] == provenance.code_version(), step
 
 
 def test_arm_runs_after_gptfit_and_feeds_the_evaluation(fake_recipe, tmp_path):

@@ -18,6 +18,7 @@ from retro_jax.training import checkpoints as ckpt_lib
 from retro_jax.models import partitioning
 from retro_jax.training.optimizers import OptimizerConfig
 from retro_jax.training.trainer import Trainer, read_metrics
+from retro_jax.utils import provenance
 from train_fixture import CONFIG, OPT, source as _source
 
 pytestmark = [pytest.mark.slow,  # see pytest.ini
@@ -124,6 +125,10 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
   pb = ckpt_lib.load_params(str(tmp_path / "b"), trainer.abstract_state.params)
   for a, b in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  # Each start records the code it ran and the step it started from.
+  starts = [json.loads(line) for line in open(tmp_path / "b" / "provenance.jsonl")]
+  assert [(r["start_step"], r["train_steps"]) for r in starts] == [(0, 8), (3, 8)]
+  assert all(r["code"] == provenance.code_version() for r in starts)
 
 
 @pytest.mark.parametrize("trainable,frozen_group", [("retro", "decoder"),

@@ -18,6 +18,7 @@ import re
 from typing import Any, Mapping, Optional, Sequence
 
 from retro_jax.training.trainer import read_metrics
+from retro_jax.utils import provenance
 from retro_jax.utils.io import atomic_path, atomic_write_text
 
 # The recipe's Retro trained from scratch (its 'retro_scratch' arm), as tables name it.
@@ -150,6 +151,21 @@ def _embedded_markdown(path: str, report_dir: str) -> list[str]:
   return out + [""]
 
 
+def _code_lines(infos: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """"Code: ..." naming the code each done step ran (``provenance.code_version``), one
+  entry per distinct version with its steps when the steps ran different code."""
+  steps_by_code: dict[str, list[str]] = {}
+  for step, step_info in infos.items():
+    if step_info:
+      steps_by_code.setdefault(provenance.describe(step_info.get("code")), []).append(step)
+  if not steps_by_code:
+    return []
+  if len(steps_by_code) == 1:
+    return [f"Code: {next(iter(steps_by_code))}.", ""]
+  return ["Code: the steps ran different code: " + "; ".join(
+      f"{code} ({', '.join(steps)})" for code, steps in steps_by_code.items()) + ".", ""]
+
+
 def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[str, str],
                         infos: Mapping[str, Mapping[str, Any]],
                         documents: Optional[str] = None) -> list[str]:
@@ -178,7 +194,7 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
 
   corpus = info("corpus").get("counts", {})
   retrieval = info("retrieval")
-  lines += ["Run directory: `" + run_dir + "`", ""]
+  lines += ["Run directory: `" + run_dir + "`", ""] + _code_lines(infos)
   if retrieval:
     lines += [f"Retrieval DB: {retrieval['retrieval_db']['num_chunks']} chunks of "
               f"{retrieval.get('chunk_size', 64)} tokens "

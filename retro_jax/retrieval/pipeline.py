@@ -19,7 +19,8 @@ with documents (``preprocess``; its command line is ``retro_jax.preprocess``).
                               prefix of the retrieval DB (kept for later searches, e.g.
                               ``eval_analyses``' DB-size subsets)
     7. retrieval.json         the settings, read by the seqio tasks, the Retriever,
-                              generation and the service
+                              generation and the service; ``code``: the code of the run
+                              that wrote it (``utils.provenance``)
 
 Same-document exclusion (RETRO trains on the data it retrieves from, NeMo's
 ``remove_duplicate``): with ``--exclude_same_document=auto`` (default) it is on for a
@@ -63,7 +64,7 @@ from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import search as search_lib
 from retro_jax.retrieval import neighbors as neighbors_lib
 from retro_jax.retrieval.layout import RetrievalLayout
-from retro_jax.utils import stages
+from retro_jax.utils import provenance, stages
 from retro_jax.utils.io import Manifest, atomic_path
 
 Inputs = Union[str, Sequence[str]]
@@ -457,8 +458,13 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
   }
   with stages.locked(layout.root, "config"):
     stages.remove_stale_temporaries(layout.root, os.path.basename(layout.config_path))
-    if not os.path.exists(layout.config_path) or layout.read_config() != config:
-      layout.write_config(config)
+    # The file is rewritten only when what it describes changed (later steps key on its
+    # bytes); its "code" is then the code of the run that wrote it.
+    old = layout.read_config() if os.path.exists(layout.config_path) else None
+    if old is None or {k: v for k, v in old.items() if k != "code"} != config:
+      layout.write_config(dict(config, code=provenance.code_version()))
+    else:
+      config = old
   total = time.time() - began
   summary = dict(config, complete=True, seconds=total,
                  stages=[dataclasses.asdict(r) for r in reports])

@@ -12,7 +12,8 @@ r"""The training run behind ``python -m retro_jax.train`` (t5x style): ``train``
    resumed run continues with the same data order and reproduces the uninterrupted
    run's losses; metrics every ``log_every`` steps to the log, ``metrics.jsonl`` and
    TensorBoard; eval every ``eval_every`` steps; checkpoints every ``checkpoint_every``
-   steps and at the end (async, keep the last ``keep_checkpoints``);
+   steps and at the end (async, keep the last ``keep_checkpoints``); each start or
+   resume appends the code it runs to ``provenance.jsonl`` (``record_start``);
 4. stops with a clear error on a non-finite loss, gradient or parameter norm, naming the
    last good checkpoint: a checkpoint is saved only when its params and opt_state are
    finite (every value and the global norm), so the one named always resumes.
@@ -20,7 +21,10 @@ r"""The training run behind ``python -m retro_jax.train`` (t5x style): ``train``
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import socket
 import time
 from typing import Any, Callable, Optional
 
@@ -33,6 +37,7 @@ from retro_jax.models import partitioning
 from retro_jax.training import checkpoints as ckpt_lib
 from retro_jax.training import trainer as trainer_lib
 from retro_jax.training.optimizers import OptimizerConfig
+from retro_jax.utils import provenance
 from retro_jax.utils.io import atomic_write_text
 
 _INIT_MODES = ("retrofit", "params")
@@ -52,6 +57,20 @@ def _init_state(trainer: trainer_lib.Trainer, init_checkpoint: Optional[str],
   return trainer.state_from_params(params)
 
 
+PROVENANCE_FILE = "provenance.jsonl"
+
+
+def record_start(model_dir: str, start: int, train_steps: int) -> None:
+  """Appends to ``MODEL_DIR/provenance.jsonl`` what this start of training runs: the
+  step it starts from (0, or the checkpoint it resumes), the run's length, the UTC
+  time, the host and ``provenance.code_version()``: which code trained which steps."""
+  row = {"start_step": int(start), "train_steps": int(train_steps),
+         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+         "host": socket.gethostname(), "code": provenance.code_version()}
+  with open(os.path.join(model_dir, PROVENANCE_FILE), "a", encoding="utf-8") as f:
+    f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
 @gin.configurable
 def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
           train_source: Any = gin.REQUIRED, model_config: Optional[RetroConfig] = None,
@@ -66,7 +85,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
   """Trains a Retro (or GPT, ``retrieval=False``) model; returns the last metrics.
 
   Args:
-    model_dir: Output directory (checkpoints, metrics.jsonl, tensorboard, config.gin).
+    model_dir: Output directory (checkpoints, metrics.jsonl, tensorboard, config.gin,
+      provenance.jsonl).
     train_steps: Total optimizer steps of the run (resumes count toward it).
     train_source: Batch source with ``get_batch(step)`` (see retro_jax.training.trainer).
     model_config: The architecture; default ``RetroConfig()`` as bound by gin.
@@ -121,6 +141,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     start = 0
     state = _init_state(trainer, init_checkpoint, init_mode)
   last_checkpoint = checkpointer.latest_step()
+  if jax.process_index() == 0:
+    record_start(model_dir, start, train_steps)
 
   first = train_source.get_batch(start)
   seq_len = first["decoder_input_tokens"].shape[1]
