@@ -38,6 +38,9 @@ are configurable; each writes its results under ``output_dir``:
   (``{name}_predictions.jsonl``, ``{name}_scores.json``) and one table ``qa.md``.
   ``eval_qa_instructretro.gin`` sets it up as Megatron-LM's released InstructRetro
   scripts evaluate (prompt truncation, 66 greedy tokens, ``scoring='megatron'``).
+
+Each run appends the tasks it ran and the code that ran them to
+``output_dir/provenance.jsonl`` (``retro_jax.utils.provenance``).
 """
 
 from __future__ import annotations
@@ -47,12 +50,13 @@ from typing import Any, Sequence
 
 from absl import flags
 import gin
+import jax
 
 from retro_jax.evaluation.analyses import eval_analyses
 from retro_jax.evaluation.perplexity import eval_perplexity
 from retro_jax.evaluation.qa import QA_COLUMNS, eval_qa
 from retro_jax.evaluation.report import markdown_table
-from retro_jax.utils import gin_utils
+from retro_jax.utils import gin_utils, provenance
 
 
 @gin.configurable
@@ -65,6 +69,8 @@ def evaluate(*, output_dir: str = gin.REQUIRED,
   if unknown:
     raise ValueError(f"evaluate.tasks: unknown {unknown}; choose from {sorted(runners)}")
   os.makedirs(output_dir, exist_ok=True)
+  if jax.process_index() == 0:
+    provenance.record(output_dir, tasks=list(tasks))
   return {task: runners[task](output_dir=output_dir) for task in tasks}
 
 

@@ -2,6 +2,7 @@
 checkout against git itself, the recorded version of this process, the report's line."""
 
 import importlib.metadata
+import json
 import os
 import subprocess
 
@@ -70,6 +71,16 @@ def test_this_process_records_this_checkout():
   if os.path.isdir(os.path.join(provenance.PACKAGE_ROOT, ".git")):
     assert version["git"]["commit"] == _git(provenance.PACKAGE_ROOT, "rev-parse", "HEAD")
   assert provenance.describe(version).startswith("retro_jax ")
+
+
+def test_record_appends_a_line_per_run(tmp_path):
+  provenance.record(str(tmp_path), tasks=["qa"])
+  provenance.record(str(tmp_path), start_step=3)
+  with open(tmp_path / provenance.FILENAME, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  assert [r.get("tasks") for r in rows] == [["qa"], None] and rows[1]["start_step"] == 3
+  assert all(r["code"] == provenance.code_version() and r["time"].endswith("+00:00")
+             for r in rows)
 
 
 def test_describe():

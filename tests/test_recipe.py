@@ -209,6 +209,11 @@ def test_eval_command_lines_on_the_run(miniature_run, tmp_path):
   assert "| ir | retrieval |" in qa.stdout.replace("  ", " ")
   rows = read_jsonl(tmp_path / "ir_retrieval_predictions.jsonl")
   assert len(rows) == 3 and all("prediction" in r for r in rows)
+  # Each run of the output directory recorded its tasks and the code that ran them.
+  from retro_jax.utils import provenance   # pylint: disable=g-import-not-at-top
+  runs = read_jsonl(tmp_path / "provenance.jsonl")
+  assert [r["tasks"] for r in runs] == [["perplexity"], ["qa"]]
+  assert all(r["code"] == provenance.code_version() for r in runs)
 
 
 @pytest.mark.slow   # see pytest.ini

@@ -13,7 +13,7 @@ r"""The training run behind ``python -m retro_jax.train`` (t5x style): ``train``
    run's losses; metrics every ``log_every`` steps to the log, ``metrics.jsonl`` and
    TensorBoard; eval every ``eval_every`` steps; checkpoints every ``checkpoint_every``
    steps and at the end (async, keep the last ``keep_checkpoints``); each start or
-   resume appends the code it runs to ``provenance.jsonl`` (``record_start``);
+   resume appends the code it runs to ``provenance.jsonl`` (``utils.provenance``);
 4. stops with a clear error on a non-finite loss, gradient or parameter norm, naming the
    last good checkpoint: a checkpoint is saved only when its params and opt_state are
    finite (every value and the global norm), so the one named always resumes.
@@ -21,10 +21,7 @@ r"""The training run behind ``python -m retro_jax.train`` (t5x style): ``train``
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import socket
 import time
 from typing import Any, Callable, Optional
 
@@ -55,20 +52,6 @@ def _init_state(trainer: trainer_lib.Trainer, init_checkpoint: Optional[str],
     params = ckpt_lib.load_params(init_checkpoint, abstract_params)
   logging.info("initialised from %s (%s)", init_checkpoint, init_mode)
   return trainer.state_from_params(params)
-
-
-PROVENANCE_FILE = "provenance.jsonl"
-
-
-def record_start(model_dir: str, start: int, train_steps: int) -> None:
-  """Appends to ``MODEL_DIR/provenance.jsonl`` what this start of training runs: the
-  step it starts from (0, or the checkpoint it resumes), the run's length, the UTC
-  time, the host and ``provenance.code_version()``: which code trained which steps."""
-  row = {"start_step": int(start), "train_steps": int(train_steps),
-         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "host": socket.gethostname(), "code": provenance.code_version()}
-  with open(os.path.join(model_dir, PROVENANCE_FILE), "a", encoding="utf-8") as f:
-    f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 @gin.configurable
@@ -142,7 +125,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     state = _init_state(trainer, init_checkpoint, init_mode)
   last_checkpoint = checkpointer.latest_step()
   if jax.process_index() == 0:
-    record_start(model_dir, start, train_steps)
+    # Which code trains which steps: one line per start or resume.
+    provenance.record(model_dir, start_step=int(start), train_steps=int(train_steps))
 
   first = train_source.get_batch(start)
   seq_len = first["decoder_input_tokens"].shape[1]

@@ -16,17 +16,22 @@ every output that a figure comes from records ``code_version()``:
 * ``python``, ``platform``: the interpreter and machine.
 
 Writers: the recipe (each step's manifest entry), ``retro_jax.train``
-(``MODEL_DIR/provenance.jsonl``, one line per start or resume), ``retro_jax.preprocess``
-(``retrieval.json``'s ``code``, the code of the run that wrote the file).
+(``MODEL_DIR/provenance.jsonl``, one line per start or resume) and ``retro_jax.eval``
+(``OUTPUT_DIR/provenance.jsonl``, one line per run) through ``record``,
+``retro_jax.preprocess`` (``retrieval.json``'s ``code``, the code of the run that wrote
+the file).
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 from typing import Any, Optional
@@ -84,6 +89,18 @@ def code_version() -> dict[str, Any]:
   return {"retro_jax": retro_jax.__version__, "git": git_state(PACKAGE_ROOT),
           "packages": package_versions(),
           "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+FILENAME = "provenance.jsonl"
+
+
+def record(directory: str, **fields: Any) -> None:
+  """Appends one line to ``directory/provenance.jsonl``: ``fields`` (what this run
+  does there), the UTC time, the host and ``code_version()``."""
+  row = dict(fields, time=datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec="seconds"), host=socket.gethostname(), code=code_version())
+  with open(os.path.join(directory, FILENAME), "a", encoding="utf-8") as f:
+    f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 def describe(version: Optional[dict[str, Any]]) -> str:
