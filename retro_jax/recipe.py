@@ -377,6 +377,9 @@ class Recipe:
         "documents": os.path.abspath(documents) if documents else None})
     self._retriever = None
     self._fingerprints: dict[str, Optional[str]] = {}   # relative path -> fingerprint
+    # Each step records the code as this process started (a tree edited during a long
+    # run does not change what this process runs; code_version caches the first call).
+    provenance.code_version()
 
   # -- bookkeeping -------------------------------------------------------------------
 

@@ -315,6 +315,7 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
     progress: Progress bars.
   """
   began = time.time()
+  code = provenance.code_version()     # the code as this run starts (cached)
   layout = RetrievalLayout(output_dir)
   os.makedirs(layout.root, exist_ok=True)
   corpus_options = dict(input_format=input_format, text_key=text_key, text_unit=text_unit,
@@ -462,7 +463,7 @@ def preprocess(input: Inputs, output_dir: str, *,  # pylint: disable=redefined-b
     # bytes); its "code" is then the code of the run that wrote it.
     old = layout.read_config() if os.path.exists(layout.config_path) else None
     if old is None or {k: v for k, v in old.items() if k != "code"} != config:
-      layout.write_config(dict(config, code=provenance.code_version()))
+      layout.write_config(dict(config, code=code))
     else:
       config = old
   total = time.time() - began
