@@ -118,6 +118,7 @@ def test_llama_attention_and_mlp_bias_parity(attention_bias, mlp_bias):
   assert ("bias" in params["layers_0"]["mlp"]["wo"]) == mlp_bias
 
 
+@pytest.mark.slow   # multi-second (see pytest.ini)
 def test_mistral_sliding_window_parity():
   tokens = _tokens(89)                           # 37 tokens, window 5
   model = _llama_family("Mistral", sliding_window=5)

@@ -525,6 +525,7 @@ def _kill_at_renames(tmp_path, mode: str) -> tuple[int, int, list[str]]:
   return report["renames"], len(report["cases"]), failures
 
 
+@pytest.mark.slow   # multi-second (see pytest.ini)
 @pytest.mark.parametrize("mode", ["after", "before"])
 def test_preprocess_killed_at_every_rename_resumes_identically(tmp_path, mode):
   renames, cases, failures = _kill_at_renames(tmp_path, mode)

@@ -55,6 +55,7 @@ def test_without_a_gpu_the_full_check_fails_loudly_naming_the_part():
   assert "| part |" not in proc.stdout                 # no table, nothing skipped
 
 
+@pytest.mark.slow   # multi-second (see pytest.ini)
 def test_the_train_step_must_call_cudnn_flash_attention(tmp_path):
   # In this process XLA dumps nothing (no XLA_FLAGS at start-up): no HLO to confirm.
   with pytest.raises(gpu_check.CheckFailed, match="part 'train' FAILED: GPT: XLA dumped "

@@ -75,6 +75,7 @@ def test_stop_names_a_checkpoint_that_resumes(tmp_path):
   _assert_finite(_saved_params(tmp_path, 3))
 
 
+@pytest.mark.slow   # multi-second (see pytest.ini)
 def test_non_finite_state_is_never_saved_or_resumed(tmp_path):
   trainer = Trainer(CONFIG, OPT, train_steps=1, mesh=partitioning.make_mesh())
   state = trainer.init_state()
