@@ -3,9 +3,9 @@
 ``SMALLEST`` is a tenth of the embedded corpus, 4 steps per training stage, no periodic
 evaluation, 20 QA questions and 30% of the facts updated. ``run_recipe`` runs
 ``python -m retro_jax.recipe`` with it, as a user does; ``notebook_parameters`` is the
-same setting as the notebook's ``parameters`` cell. conftest.py runs it once per session
-(``miniature_run``); the recipe skips finished steps, so the notebook executed against
-that run directory reuses every step but the report.
+same setting as the notebook's ``parameters`` cell. conftest.py runs it once per test
+run (``miniature_run``); the recipe skips finished steps, so the notebook executed against
+a copy of that run directory reuses every step but the report.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def calls(log):
 
 
 def run(script, *args, cwd, log, **env):
-  full = dict(os.environ, FAKE_LOG=str(log), **env)
+  inherited = {k: v for k, v in os.environ.items() if k != "RETRO_JAX_TEST_WORKERS"}
+  full = dict(inherited, FAKE_LOG=str(log), **env)
   return subprocess.run(["bash", script, *args], cwd=cwd, env=full, capture_output=True,
                         text=True, check=False)
 
@@ -146,11 +147,17 @@ def test_test_script_tiers(tmp_path):
   setup, pytest_call = calls(log)
   assert setup["cmd"] == "setup.sh" and setup["argv"] == ["--test"]
   assert pytest_call["cmd"] == "python" and pytest_call["cwd"] == str(root)
+  # One test process per core (at most 4), each test file in one of them.
+  workers = pytest_call["argv"][6]
+  assert 1 <= int(workers) <= min(4, os.cpu_count())
   assert pytest_call["argv"] == ["-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                 "-n", workers, "--dist", "loadfile",
                                  "-m", "not slow", "tests"]
   log.unlink()
-  run("launch/test.sh", "tests/test_model.py", "-k", "causality", cwd=root, log=log)
+  run("launch/test.sh", "tests/test_model.py", "-k", "causality", cwd=root, log=log,
+      RETRO_JAX_TEST_WORKERS="0")
   assert calls(log)[1]["argv"] == ["-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                   "-n", "0", "--dist", "loadfile",
                                    "tests/test_model.py", "-k", "causality"]
   # pytest's exit code passes through, except 5 (no tests collected).
   assert run("launch/test.sh", cwd=root, log=log, FAKE_RC="1").returncode == 1
@@ -168,7 +175,8 @@ def test_ci_runs_the_readme_test_command(tmp_path):
   assert proc.returncode == 0, proc.stderr
   setup, pytest_call = calls(log)
   assert setup["argv"] == ["--test"]
-  assert pytest_call["argv"] == ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"]
+  assert pytest_call["argv"][:6] + pytest_call["argv"][7:] == [
+      "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "--dist", "loadfile", "tests"]
 
 
 def test_demo_script_sets_up_and_runs_the_recipe(tmp_path):

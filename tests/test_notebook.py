@@ -5,7 +5,7 @@ The notebook runs in a kernel of this interpreter (a kernelspec installed into a
 temporary directory, so no Jupyter installation is needed), from the repository root,
 with its ``parameters`` cell replaced by the smallest setting of ``tests/recipe_fixture.py``
 (a tenth of the corpus, 4 steps per training stage, 20 QA questions) and ``RUN_DIR`` set
-to the session's finished run of that setting (``miniature_run``, shared with
+to a copy of the session's finished run of that setting (``miniature_run``, shared with
 tests/test_recipe.py): the recipe cell skips every finished step and rewrites the report,
 and the cells after it read, display and generate from that run. Its Colab setup cell
 does nothing outside Colab but find the repository root.
@@ -13,6 +13,7 @@ does nothing outside Colab but find the repository root.
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -55,8 +56,9 @@ def test_committed_notebook_has_no_outputs():
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory, miniature_run):
-  run_dir, _ = miniature_run
   tmp = tmp_path_factory.mktemp("notebook")
+  run_dir = tmp / "run"
+  shutil.copytree(miniature_run[0], run_dir)   # keeps mtimes: as done as the run
   # A kernelspec for this interpreter (its argv is sys.executable).
   kernelspec.install(kernel_name=KERNEL, prefix=str(tmp / "jupyter"))
   notebook = nbformat.read(NOTEBOOK, as_version=4)

@@ -5,7 +5,7 @@ stage) through the command line, as a user runs it (``miniature_run`` in conftes
 shared with tests/test_notebook.py); then what it wrote is checked:
 every step recorded, the three perplexity modes on identical tokens, the QA table,
 the knowledge update re-embedding only changed chunks and retrieving the new facts,
-and a re-run skipping every finished step; a copy of it with its chunk DB deleted
+and a re-run of a copy skipping every finished step; a copy with its chunk DB deleted
 re-runs the retrieval step and marks what follows as stale.
 
 The fast tests run the driver (``recipe.Recipe``) with the expensive work replaced by
@@ -141,8 +141,9 @@ def test_knowledge_update_reembeds_only_changed_chunks_and_retrieves_new_facts(m
 
 
 @pytest.mark.slow   # see pytest.ini
-def test_rerun_skips_finished_steps(miniature_run):
-  run_dir, _ = miniature_run
+def test_rerun_skips_finished_steps(miniature_run, tmp_path):
+  run_dir = tmp_path / "run"
+  shutil.copytree(miniature_run[0], run_dir)   # keeps mtimes: as done as the run
   proc = run_recipe(run_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count(": running") == 1 and "report: running" in proc.stdout
