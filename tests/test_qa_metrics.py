@@ -168,6 +168,49 @@ def test_run_qa_writes_predictions_and_scores(tmp_path):
   assert first["passages"][0] == ["title: Zorbia, source: Vell flows", "title: b, source: x"]
   assert generator.calls[1]["passages"] is None and not generator.calls[1]["retrieval"]
   assert sorted(os.listdir(tmp_path)) == ["nq_predictions.jsonl", "nq_scores.json"]
+  # Whether the prompt's passage / the encoder's passages hold a gold answer: only the
+  # first question's do ("Vell flows" holds "the Vell").
+  assert [(r["answer_in_passages"], r["answer_in_neighbors"]) for r in rows] == [
+      (True, True), (False, False), (False, False)]
+  assert scores["answer_in_passages"] == scores["answer_in_neighbors"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("texts,answers,held", [
+    (["title: Zorbia, source: Vell flows"], ["the Vell"], True),   # normalised both sides
+    (["Quenton, on the sea"], ["Quenton"], True),                  # punctuation dropped
+    (["Quentonia"], ["Quenton", "Q"], False),                      # whole words only
+    (["x", "in 1784."], ["1784"], True),                           # any of the texts
+    (["a"], ["the", "An"], False),                                 # empty golds skipped
+    ([], ["x"], False)])
+def test_answer_in_texts(texts, answers, held):
+  assert qa.answer_in_texts(texts, answers) is held
+
+
+class LiveFakeGenerator(FakeGenerator):
+  """Records retrievals as the generator does: two prompt chunks, one generated."""
+
+  retriever = object()
+
+  def generate(self, prompts, **kwargs):
+    result = super().generate(prompts, **kwargs)
+    result.retrievals = [[
+        {"chunk_index": 0, "in_prompt": True, "neighbors": [{"text": "Vell flows"}]},
+        {"chunk_index": 1, "in_prompt": True,
+         "neighbors": [{"text": "x"}, {"text": "Tessel, not Quenton"}]},
+        {"chunk_index": 2, "in_prompt": False, "neighbors": [{"text": "nothing"}]},
+    ] for _ in prompts]
+    return result
+
+
+def test_answer_in_neighbors_reads_the_last_prompt_chunk(tmp_path):
+  scores = qa.run_qa(LiveFakeGenerator(), EXAMPLES, output_dir=str(tmp_path),
+                     num_passages=0, neighbors="live", batch_size=3)
+  rows = [json.loads(l) for l in open(tmp_path / "qa_predictions.jsonl")]
+  # Chunk 1's neighbors hold "Quenton"; chunk 0's "Vell" and chunk 2's "nothing" are
+  # not what the answer reads. No passages in the prompt: no answer_in_passages.
+  assert [r["answer_in_neighbors"] for r in rows] == [False, True, False]
+  assert "answer_in_passages" not in scores and "answer_in_passages" not in rows[0]
+  assert scores["answer_in_neighbors"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("count,batch_size,size", [

@@ -41,10 +41,14 @@ question; the model continues "The answer is"; with ``max_seq_len`` the contexts
 tokenizer-truncated as Megatron does, so that the prompt leaves ``output_reserve``
 tokens of the sequence free), generates in batches and writes
 ``{name}_predictions.jsonl`` (one row per question with its prediction and scores)
-and ``{name}_scores.json``. The encoder's neighbors (``neighbors``): 'none' (the
-decoder alone, as the released InstructRetro scripts run), 'passages' (the top
-contexts as fixed neighbors, Megatron's ``--reuse-top``) or 'live' (the generator's
-retriever). A killed run resumes from its partial predictions.
+and ``{name}_scores.json``; with passages in the prompt, or neighbors in the encoder,
+each row and the scores also say whether they hold a gold answer
+(``answer_in_passages``, ``answer_in_neighbors``: the neighbors of the last prompt
+chunk, which the answer reads), to tell a reader's failure from retrieval's. The
+encoder's neighbors (``neighbors``): 'none' (the decoder alone, as the released
+InstructRetro scripts run), 'passages' (the top contexts as fixed neighbors, Megatron's
+``--reuse-top``) or 'live' (the generator's retriever). A killed run resumes from its
+partial predictions.
 
 ``eval_qa`` (gin-configurable: ``python -m retro_jax.eval``'s QA task and the recipe
 bind it) loads one checkpoint and runs ``run_qa`` once per *mode* (passages in the
@@ -94,7 +98,9 @@ _END_OF_TEXT = "<|endoftext|>"
 NEIGHBOR_MODES = ("none", "passages", "live")
 SCORINGS = ("default", "megatron")
 QA_COLUMNS = (("model", "model"), ("mode", "mode"), ("exact_match", "exact match"),
-              ("f1", "F1"), ("count", "questions"))
+              ("f1", "F1"), ("count", "questions"),
+              ("answer_in_passages", "answer in prompt passages"),
+              ("answer_in_neighbors", "answer in neighbors read"))
 
 
 # Normalisation and metrics -----------------------------------------------------------
@@ -288,15 +294,44 @@ def _neighbor_passages(example: Mapping[str, Any], count: int) -> list[str]:
   return [format_passage(c) for c in example["ctxs"][:count]]
 
 
+def answer_in_texts(texts: Iterable[str], answers: Any) -> bool:
+  """Whether a gold answer occurs in one of ``texts`` as whole words, both sides
+  SQuAD-normalised (DPR's top-k retrieval accuracy, for the passages or neighbors a
+  question was given)."""
+  golds = [normalize_answer(a) for a in _as_answers(answers)]
+  golds = [f" {g} " for g in golds if g]
+  return any(g in f" {normalize_answer(t)} " for t in texts for g in golds)
+
+
+def _answer_neighbors(retrievals: Sequence[Mapping[str, Any]]) -> list[str]:
+  """Texts of the neighbors the first answer token reads: those of the last complete
+  prompt chunk (its retrieval record with ``in_prompt``)."""
+  prompt = [r for r in retrievals if r.get("in_prompt")]
+  if not prompt:
+    return []
+  return [n["text"] for n in max(prompt, key=lambda r: r["chunk_index"])["neighbors"]]
+
+
+# Row fields, averaged by ``summarize`` over the rows that have them.
+_RECALLS = ("answer_in_passages", "answer_in_neighbors")
+
+
 def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
   """Mean exact match and F1 of scored rows. Rows whose F1 is None (Megatron scoring:
-  an empty first answer) do not count towards F1; ``f1_count`` then says how many did."""
+  an empty first answer) do not count towards F1; ``f1_count`` then says how many did.
+  With passages in the prompt or neighbors in the encoder, also the fraction of
+  questions whose gold answer they hold (``answer_in_passages``,
+  ``answer_in_neighbors``)."""
   count = len(rows)
   f1s = [r["f1"] for r in rows if r["f1"] is not None]
   out = {"exact_match": sum(r["exact_match"] for r in rows) / max(count, 1),
          "f1": sum(f1s) / max(len(f1s), 1), "count": count}
   if len(f1s) != count:
     out["f1_count"] = len(f1s)
+  for key in _RECALLS:
+    held = [r[key] for r in rows if key in r]
+    if held:
+      out[key] = sum(held) / len(held)
   return out
 
 
@@ -467,8 +502,16 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
         row = {"id": example["id"], "question": example["question"],
                "answers": example["answers"], "prediction": prediction, "raw": raw,
                **score_row(prediction, example["answers"])}
+        if num_passages:
+          row["answer_in_passages"] = answer_in_texts(
+              _neighbor_passages(example, num_passages), example["answers"])
         if neighbors == "live":
           row["retrievals"] = chunks
+          row["answer_in_neighbors"] = answer_in_texts(_answer_neighbors(chunks),
+                                                       example["answers"])
+        elif neighbors == "passages":
+          row["answer_in_neighbors"] = answer_in_texts(_neighbor_passages(example, k),
+                                                       example["answers"])
         rows.append(row)
         partial.write(json.dumps(row) + "\n")
       partial.flush()
@@ -643,8 +686,8 @@ def eval_qa(*, output_dir: str, checkpoint: str = gin.REQUIRED, qa_file: str = g
                  "neighbors": neighbors, "num_passages": int(spec.get("num_passages", 0)),
                  **({"cca_gate": mode_generator.config.cca_gate}
                     if "cca_gate" in spec else {}),
-                 **{k: scores[k] for k in ("exact_match", "f1", "count", "f1_count")
-                    if k in scores},
+                 **{k: scores[k] for k in ("exact_match", "f1", "count", "f1_count",
+                                           *_RECALLS) if k in scores},
                  "predictions": predictions_path(output_dir, slug)})
   atomic_write_json(os.path.join(output_dir, f"{model_name}_qa.json"), rows)
   atomic_write_text(os.path.join(output_dir, f"{model_name}_qa.md"),

@@ -265,7 +265,9 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
               markdown_table(qa, (
                   ("model", "model"), ("mode", "mode"), ("num_passages", "passages in prompt"),
                   ("neighbors", "encoder reads"), ("exact_match", "exact match"),
-                  ("f1", "F1"), ("count", "questions"))), ""]
+                  ("f1", "F1"), ("count", "questions"),
+                  ("answer_in_passages", "answer in prompt passages"),
+                  ("answer_in_neighbors", "answer in neighbors read"))), ""]
   paired = info("eval_qa").get("paired")
   if paired:
     lines += ["The same questions, paired: how many only one model answers right, and the "
