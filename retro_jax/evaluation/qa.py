@@ -300,7 +300,8 @@ def answer_in_texts(texts: Iterable[str], answers: Any) -> bool:
   question was given)."""
   golds = [normalize_answer(a) for a in _as_answers(answers)]
   golds = [f" {g} " for g in golds if g]
-  return any(g in f" {normalize_answer(t)} " for t in texts for g in golds)
+  texts = [f" {normalize_answer(t)} " for t in texts] if golds else []
+  return any(g in t for t in texts for g in golds)
 
 
 def _answer_neighbors(retrievals: Sequence[Mapping[str, Any]]) -> list[str]:
