@@ -119,6 +119,21 @@ def test_miniature_sft_neighbors_switch_reaches_instructretro_only():
     _parse(recipe, REQUIRED[:1] + REQUIRED[2:] + switch)
     assert macro("RETRIEVAL") is on and macro("RETRIEVE_NEIGHBORS") is on
     assert OptimizerConfig().trainable == ("all" if on else "decoder")
+  # The QA reader's passage split reaches InstructRetro only; GPT-Instruct keeps them all.
+  def resolved(value):
+    if hasattr(value, "scoped_configurable_fn"):
+      return resolved(value.scoped_configurable_fn())
+    if isinstance(value, (list, tuple)):
+      return type(value)(resolved(v) for v in value)
+    return {k: resolved(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+  split = ["SFT_PROMPT_PASSAGES = 0", "SFT_NEIGHBOR_PASSAGES = 2", "SFT_QA_FILE = 'q'"]
+  for recipe, reader in (("miniature/instruction_tuning.gin",
+                          ({"num_passages": 0, "num_neighbor_passages": 2},)),
+                         ("miniature/instruction_tuning_gpt.gin", ())):
+    _parse(recipe, REQUIRED[:1] + REQUIRED[2:] + switch + split)
+    assert resolved(gin.query_parameter("%SFT_DATASETS")) == [
+        ("qa_with_passages", "q", 1.0) + reader]
 
 
 def test_recipe_bindings():

@@ -1,5 +1,6 @@
 """seqio tasks over a real small retrieval directory: neighbors, order, shards, seek."""
 
+import json
 import os
 import shutil
 
@@ -17,6 +18,7 @@ from retro_jax.data import ordering
 from retro_jax.data import sources
 from retro_jax.data import tasks
 from retro_jax.data import vocab as vocab_lib
+from retro_jax.inference.generator import passages_to_neighbors
 from retro_jax.retrieval import formats
 from retro_jax.retrieval.layout import RetrievalLayout
 
@@ -340,6 +342,72 @@ def test_sft_blend_with_retrieved_neighbors(layout, monkeypatch):
                                  datasets=[("qa", "data/sft/qa.jsonl", 1.0)],
                                  retrieve_neighbors=True, name="live").get_batch(0)
   assert len(searched) == before and len(opened) == 1
+
+
+def test_sft_qa_passages_as_neighbors_with_aligned_prompts(layout):
+  """QA records' passages read by the encoder (none in the prompt), laid out as the
+  evaluation lays out prompts: tokens as the generator's 'passages' neighbors, prompt
+  ending at a chunk boundary, the unaligned example's tokens after the left padding."""
+  path = instructions.resolve_data_file("data/sft/qa.jsonl")
+  raw = [json.loads(line) for line in open(path, encoding="utf-8")]
+  rows = [i for i, r in enumerate(raw) if r.get("ctxs")][:6]
+  sp = vocab_lib.load_sentencepiece(layout.vocab_path)
+  ids = vocab_lib.special_ids(sp)
+  reader = {"num_passages": 0, "num_neighbor_passages": 2}
+  n = 8 * 64                    # room for every aligned example (the fixture's small
+  aligned = sources.SFTSource(instructions.read_sft(path, **reader), layout.vocab_path,
+                              seq_len=n, align_prompts=True)   # vocabulary: long prompts)
+  plain = sources.SFTSource(instructions.read_sft(path, **reader), layout.vocab_path,
+                            seq_len=n)
+  got = aligned.examples(rows)
+  for row, i in enumerate(rows):
+    tokens, weights, prompt_len = plain.encode(i)
+    first_answer = int(np.argmax(got["loss_weights"][row] > 0))
+    assert first_answer % 64 == 0 and first_answer == prompt_len + (-prompt_len % 64)
+    np.testing.assert_array_equal(got["targets"][row, first_answer - prompt_len:][
+        :tokens.size], tokens)
+    assert (got["targets"][row, :first_answer - prompt_len] == aligned.pad_id).all()
+    text = sp.decode([int(t) for t in tokens[:prompt_len]])
+    assert raw[i]["ctxs"][0]["text"][:40] not in text        # no passage in the prompt
+    # Every chunk reads the record's two passages: text, EOD, padding.
+    for j, ctx in enumerate(raw[i]["ctxs"][:2]):
+      want = (sp.encode(f"title: {ctx['title']}, source: {ctx['text']}") + [ids.eos]
+              )[:aligned.retrieved_length]
+      for u in range(n // 64):
+        np.testing.assert_array_equal(got["neighbor_tokens"][row, u, j, :len(want)], want)
+        assert (got["neighbor_tokens"][row, u, j, len(want):] == ids.pad).all()
+    assert got["neighbor_mask"][row].all()
+    # The generator's 'passages' neighbors for the same record are the same tokens.
+    fixed = passages_to_neighbors(sp, [[chat.format_passage(c) for c in raw[i]["ctxs"]]],
+                                  aligned.retrieved_length)
+    np.testing.assert_array_equal(fixed.tokens[0], got["neighbor_tokens"][row, 0])
+  # A record with no passages reads none; a GPT twin gets no neighbor features.
+  bare = [i for i, r in enumerate(raw) if not r.get("ctxs")][:1]
+  assert not aligned.examples(bare)["neighbor_mask"].any()
+  assert "neighbor_tokens" not in aligned.examples(rows, with_neighbors=False)
+
+
+def test_sft_aligned_prompts_that_overflow_lose_prompt_tokens(layout):
+  path = instructions.resolve_data_file("data/sft/qa.jsonl")
+  records = instructions.read_sft(path)                    # passages in the prompt
+  aligned = sources.SFTSource(records, layout.vocab_path, seq_len=N, align_prompts=True)
+  for i in range(len(records)):
+    tokens, weights, prompt_len = aligned.encode(i)
+    assert tokens.size <= N + 1 and prompt_len % 64 == 0
+    assert weights[:prompt_len].sum() == 0 and weights[prompt_len:].all()
+    answer = records[i].answer
+    assert answer.split()[0] in aligned.processor.decode(tokens[prompt_len:].tolist())
+
+
+def test_sft_blend_entries_are_checked(layout):
+  with pytest.raises(ValueError, match=r"entry \('qa', 'data/sft/qa.jsonl', 1.0, 2\) must be"):
+    batch_sources.sft_batch_source(layout.root, seq_len=N, batch_size=2, name="bad",
+                                   datasets=[("qa", "data/sft/qa.jsonl", 1.0, 2)])
+  with pytest.raises(ValueError, match=r"SFT dataset 'chat' .*reader options "
+                     r"\{'num_neighbor_passages': 2\}"):
+    batch_sources.sft_batch_source(layout.root, seq_len=N, batch_size=2, name="bad2",
+                                   datasets=[("chat", "data/sft/chat.jsonl", 1.0,
+                                              {"num_neighbor_passages": 2})])
 
 
 def test_data_bench_rows_run_on_a_synthetic_directory(tmp_path):

@@ -191,21 +191,27 @@ def sft_batch_source(retrieval_dir: Optional[str] = None, *,
                      batch_size: int = gin.REQUIRED, with_neighbors: bool = True,
                      seed: int = 0, chunk_length: int = 64, num_neighbors: int = 2,
                      retrieved_length: Optional[int] = None, model_config: Any = None,
-                     retrieve_neighbors: bool = False,
+                     retrieve_neighbors: bool = False, align_prompts: bool = False,
                      name: str = "blend") -> TaskBatchSource:
   """Registers an instruction blend (``(name, path, rate)`` triples) and its batch source.
 
   Args:
     retrieval_dir: Gives the vocabulary (``vocab/spm.model``) unless ``vocab_path``,
       and the retrieval DB when ``retrieve_neighbors``.
-    datasets: The blend (default: the project's shipped set in ``data/sft``).
+    datasets: The blend (default: the project's shipped set in ``data/sft``):
+      ``(name, path, rate)``, or ``(name, path, rate, reader_kwargs)`` (e.g.
+      ``{'num_passages': 0, 'num_neighbor_passages': 2}``: a QA file's top 2 passages
+      read by the encoder, none in the prompt).
     with_neighbors: Retro SFT (neighbor features present) or GPT-Instruct.
     chunk_length, num_neighbors, retrieved_length: m, k, r; taken from
       ``model_config`` (a ``RetroConfig``) when given.
     retrieve_neighbors: Fill the neighbor features by searching ``retrieval_dir``
       (``Retriever``) with every complete chunk of each prompt, as the 'live' mode of
       generation does; chunks holding answer tokens get none. False (Megatron's
-      InstructRetro SFT): all neighbors are masked, the encoder and CCA idle.
+      InstructRetro SFT): all neighbors are masked, the encoder and CCA idle, but for
+      examples that carry their own neighbor passages (``with_neighbors``).
+    align_prompts: Left-pad examples so that each prompt ends at a chunk boundary, as
+      the evaluation lays out its prompts (``SFTSource``).
   """
   if vocab_path is None:
     if retrieval_dir is None:
@@ -223,5 +229,5 @@ def sft_batch_source(retrieval_dir: Optional[str] = None, *,
                        "retrieval DB to search)")
     retriever = load_retriever(retrieval_dir, num_neighbors=shape["num_neighbors"])
   names = register_sft_mixture(name, [tuple(d) for d in datasets], vocab_path, seq_len,
-                               retriever=retriever, **shape)
+                               retriever=retriever, align_prompts=align_prompts, **shape)
   return TaskBatchSource(names.get(with_neighbors), batch_size=batch_size, seed=seed)

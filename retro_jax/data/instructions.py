@@ -88,11 +88,15 @@ class SFTExample:
     passages: Context passages (formatted strings) put before the turns.
     answer_prefix: ``""`` or ``chat.SHORT_ANSWER_PREFIX`` (short-answer QA).
     where: ``file:line`` of the record, for errors.
+    neighbor_passages: Passages (formatted strings) that every chunk of the example
+      reads as its neighbors in the Retro encoder, in place of retrieved ones (the
+      evaluation's 'passages' mode, Megatron's ``--reuse-top``); () for none.
   """
   messages: tuple[Mapping[str, str], ...]
   passages: tuple[str, ...] = ()
   answer_prefix: str = ""
   where: str = ""
+  neighbor_passages: tuple[str, ...] = ()
 
   def render(self) -> tuple[str, str]:
     """``(prompt, answer)`` texts (``chat.render_example``)."""
@@ -224,17 +228,27 @@ def read_prompt_response(path: str, *, prompt_key: str = "prompt",
 
 def read_qa_sft(path: str, *, question_key: str = "question",
                 passages_keys: Sequence[str] = ("ctxs", "sub-paragraphs", "sub_paragraph"),
-                num_passages: Optional[int] = 5) -> list[SFTExample]:
-  """Megatron QA records as short-answer SFT examples (first answer, as Megatron)."""
+                num_passages: Optional[int] = 5,
+                num_neighbor_passages: int = 0) -> list[SFTExample]:
+  """Megatron QA records as short-answer SFT examples (first answer, as Megatron).
+
+  The record's top ``num_passages`` passages go into the prompt (None: all) and its top
+  ``num_neighbor_passages`` become the example's ``neighbor_passages``.
+  """
+  if num_passages is not None and num_passages < 0 or num_neighbor_passages < 0:
+    raise ValueError(f"{path}: num_passages={num_passages} and num_neighbor_passages="
+                     f"{num_neighbor_passages} must be >= 0")
   out = []
   for where, record in read_json_records(path):
     question = _field(record, question_key, where)
     answers = _answers(record, where)
     if not answers:
       raise ValueError(f"{where}: no answer to train on (empty 'answers')")
+    passages = _passages(record, where, passages_keys, None)
     out.append(SFTExample(tuple(chat.short_answer_messages(question, answers[0])),
-                          _passages(record, where, passages_keys, num_passages),
-                          answer_prefix=chat.SHORT_ANSWER_PREFIX, where=where))
+                          passages if num_passages is None else passages[:num_passages],
+                          answer_prefix=chat.SHORT_ANSWER_PREFIX, where=where,
+                          neighbor_passages=passages[:num_neighbor_passages]))
   return out
 
 

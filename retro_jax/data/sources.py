@@ -20,8 +20,9 @@ of (seed, position):
   The GPT twin task reads the *same* source without neighbors: identical tokens.
 * ``SFTSource``: instruction examples (``retro_jax.data.instructions``), tokenized on
   access; loss on the final answer + EOS only; no neighbors by default (tokens = pad,
-  mask False: CCA is skipped and only decoder weights learn, as InstructRetro), or
-  neighbors from a ``retriever`` over the prompt's complete chunks.
+  mask False: CCA is skipped and only decoder weights learn, as InstructRetro),
+  neighbors from a ``retriever`` over the prompt's complete chunks, or an example's own
+  passages read by every chunk.
 """
 
 from __future__ import annotations
@@ -295,7 +296,14 @@ class SFTSource:
     retriever: Optional ``retriever(chunks [c, m]) -> (tokens [c, k, r], mask [c, k],
       ...)`` (e.g. ``retro_jax.retrieval.retriever.Retriever``): neighbors for the
       prompt's complete chunks; the other chunks (those holding answer tokens) get none.
-      Default: no neighbors at all (InstructRetro).
+      Default: no neighbors at all (InstructRetro). An example with
+      ``neighbor_passages`` reads those instead, in every chunk (as generation's
+      fixed passages), retriever or not.
+    align_prompts: Left-pad each example with ``pad_id`` (weight 0) so that its prompt
+      ends at a chunk boundary, as generation's ``align_prompts`` (the evaluation's
+      default) lays out a prompt: the first answer token then reads the neighbors of
+      the chunk holding the prompt's end (the question). Examples that would exceed
+      n + 1 tokens lose prompt tokens from the left instead.
     pad_id: Padding of targets (weight 0) and of missing neighbors; default the
       vocabulary's (``vocab_lib.special_ids``: its EOS where it has no pad piece, as
       Megatron pads neighbors with EOD). Examples end with the vocabulary's EOS.
@@ -305,7 +313,8 @@ class SFTSource:
   def __init__(self, examples: Sequence[instructions.SFTExample], vocab: Any, *,
                seq_len: int, chunk_length: int = 64, num_neighbors: int = 2,
                retrieved_length: Optional[int] = None, pad_id: Optional[int] = None,
-               retriever: Optional[Retrieve] = None, name: str = "sft"):
+               retriever: Optional[Retrieve] = None, align_prompts: bool = False,
+               name: str = "sft"):
     if not examples:
       raise ValueError(f"{name}: no instruction examples")
     if seq_len <= 0 or seq_len % chunk_length:
@@ -321,6 +330,7 @@ class SFTSource:
     self.pad_id = pad_id if pad_id is not None else tokenizer.pad_id
     self.eos_id = tokenizer.eos_id
     self.retriever = retriever
+    self.align_prompts = align_prompts
     self.num_examples = len(self.records)
     self.name = name
 
@@ -330,8 +340,19 @@ class SFTSource:
   def encode(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
     """``(tokens [L], loss_weights [L], prompt_length)`` of example ``index``."""
     prompt, answer = self.records[index].render()
-    return instructions.encode_sft(prompt, answer, self.processor, self.seq_len + 1,
-                                   eos_id=self.eos_id)
+    max_tokens = self.seq_len + 1
+    tokens, weights, prompt_len = instructions.encode_sft(
+        prompt, answer, self.processor, max_tokens, eos_id=self.eos_id)
+    if not self.align_prompts or prompt_len % self.chunk_length == 0:
+      return tokens, weights, prompt_len
+    if tokens.size + (-prompt_len % self.chunk_length) > max_tokens:
+      # m - 1 tokens of room always hold the padding.
+      tokens, weights, prompt_len = instructions.encode_sft(
+          prompt, answer, self.processor, max_tokens - self.chunk_length + 1,
+          eos_id=self.eos_id)
+    pad = -prompt_len % self.chunk_length
+    return (np.concatenate([np.full(pad, self.pad_id, np.int32), tokens]),
+            np.concatenate([np.zeros(pad, np.float32), weights]), prompt_len + pad)
 
   def examples(self, indices, *, with_neighbors: bool = True) -> dict[str, np.ndarray]:
     idx = _check_indices(indices, self.num_examples, self.name)
@@ -343,7 +364,14 @@ class SFTSource:
       out["targets"][row, :tokens.size] = tokens
       out["loss_weights"][row, :tokens.size] = weights
       complete = prompt_len // m                # chunks made of prompt tokens only
-      if with_neighbors and self.retriever is not None and complete:
+      fixed = self.records[int(i)].neighbor_passages
+      if with_neighbors and fixed:              # every chunk reads the same passages
+        nb_tokens, nb_mask = vocab_lib.passage_neighbors(
+            [self.processor.encode(text) for text in fixed], self.retrieved_length,
+            pad_id=self.pad_id, eod_id=self.eos_id, num_neighbors=self.num_neighbors)
+        out["neighbor_tokens"][row] = nb_tokens
+        out["neighbor_mask"][row] = nb_mask
+      elif with_neighbors and self.retriever is not None and complete:
         queries.append(tokens[:complete * m].reshape(complete, m))
         slots += [(row, u) for u in range(complete)]
     if queries:

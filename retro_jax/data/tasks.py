@@ -174,7 +174,7 @@ def register_retro_tasks(retrieval_dir: str, split: str, seq_len: int, *,
 def register_sft_tasks(name: str, path: str, vocab: str, seq_len: int, *,
                        format: str = "auto", chunk_length: int = 64,  # pylint: disable=redefined-builtin
                        num_neighbors: int = 2, retrieved_length: Optional[int] = None,
-                       retriever: Optional[Retrieve] = None,
+                       retriever: Optional[Retrieve] = None, align_prompts: bool = False,
                        reader_kwargs: Optional[Mapping[str, Any]] = None) -> TaskNames:
   """Registers ``retro_sft_{name}`` (neighbor features) and ``gpt_sft_{name}``.
 
@@ -183,21 +183,28 @@ def register_sft_tasks(name: str, path: str, vocab: str, seq_len: int, *,
     path: Instruction file (any ``instructions.FORMATS`` layout); a relative path
       not found is looked up in the shipped ``data/``.
     vocab: SentencePiece model path of the model.
-    seq_len, chunk_length, num_neighbors, retrieved_length, retriever: See SFTSource.
-    reader_kwargs: Passed to the reader (e.g. ``prompt_key``).
+    seq_len, chunk_length, num_neighbors, retrieved_length, retriever, align_prompts:
+      See SFTSource.
+    reader_kwargs: Passed to the reader (e.g. ``prompt_key``; for QA files
+      ``num_passages`` in the prompt and ``num_neighbor_passages`` read by the encoder).
   """
   path = instructions.resolve_data_file(path)
   names = TaskNames(retro=f"retro_sft_{_task_name(name)}", gpt=f"gpt_sft_{_task_name(name)}")
   spec = ("sft", os.path.abspath(path), os.path.getmtime(path), os.path.abspath(vocab)
           if isinstance(vocab, str) else id(vocab), seq_len, chunk_length, num_neighbors,
-          retrieved_length, id(retriever) if retriever else None, format,
+          retrieved_length, id(retriever) if retriever else None, align_prompts, format,
           tuple(sorted((reader_kwargs or {}).items())))
   if _is_registered([names.retro, names.gpt], spec):
     return names
-  records = instructions.read_sft(path, format, **(reader_kwargs or {}))
+  try:
+    records = instructions.read_sft(path, format, **(reader_kwargs or {}))
+  except TypeError as e:                       # a reader option it does not take
+    raise ValueError(f"SFT dataset {name!r} ({path}): reader options "
+                     f"{dict(reader_kwargs or {})}: {e}") from e
   source = SFTSource(records, vocab, seq_len=seq_len, chunk_length=chunk_length,
                      num_neighbors=num_neighbors, retrieved_length=retrieved_length,
-                     retriever=retriever, name=f"{name} ({path})")
+                     retriever=retriever, align_prompts=align_prompts,
+                     name=f"{name} ({path})")
   vocabulary = vocab_lib.get_vocabulary(vocab) if isinstance(vocab, str) else None
   for task, with_neighbors in ((names.retro, True), (names.gpt, False)):
     _register_task(task, spec, source, "train", with_neighbors, vocabulary)
@@ -224,12 +231,20 @@ DEFAULT_SFT_BLEND = (
 )
 
 
-def register_sft_mixture(name: str, datasets: Sequence[tuple[str, str, float]],
-                         vocab: str, seq_len: int, **kwargs) -> TaskNames:
-  """Registers each ``(dataset, path, rate)`` and the blends ``retro_sft_{name}`` /
-  ``gpt_sft_{name}`` (seqio Mixtures with those rates)."""
-  members = [(register_sft_tasks(d, path, vocab, seq_len, **kwargs), float(rate))
-             for d, path, rate in datasets]
+def register_sft_mixture(name: str, datasets: Sequence[tuple], vocab: str, seq_len: int,
+                         **kwargs) -> TaskNames:
+  """Registers each ``(dataset, path, rate)`` or ``(dataset, path, rate, reader_kwargs)``
+  and the blends ``retro_sft_{name}`` / ``gpt_sft_{name}`` (seqio Mixtures with those
+  rates)."""
+  members = []
+  for entry in datasets:
+    if len(entry) not in (3, 4) or (len(entry) == 4 and not isinstance(entry[3], Mapping)):
+      raise ValueError(f"SFT blend {name!r}: entry {entry!r} must be (name, path, rate) "
+                       "or (name, path, rate, {reader option: value})")
+    d, path, rate = entry[:3]
+    reader_kwargs = dict(entry[3]) if len(entry) == 4 else None
+    members.append((register_sft_tasks(d, path, vocab, seq_len, reader_kwargs=reader_kwargs,
+                                       **kwargs), float(rate)))
   if len(members) == 1:
     return members[0][0]
   mixture = _task_name(name)

@@ -186,6 +186,31 @@ def chunk_text(vocab: Vocabulary, tokens: np.ndarray, pad_id: int, eod_id: Optio
   return vocab.decode(ids)
 
 
+def passage_neighbors(passages: Sequence[Sequence[int]], length: int, *, pad_id: int,
+                      eod_id: Optional[int], num_neighbors: Optional[int] = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids of passages as r-token neighbors, laid out as the chunk DB stores a
+  neighbor: the ids, EOD, then padding, cut at ``length`` (``chunk_text`` reads one back).
+
+  Args:
+    passages: each passage's token ids (no EOD).
+    length: r, the neighbor length the model reads.
+    eod_id: appended after each passage; None: nothing appended.
+    num_neighbors: k (default: one per passage); passages beyond it are dropped and
+      missing ones are masked.
+  Returns:
+    ``(tokens int32 [k, r], mask bool [k])``.
+  """
+  k = len(passages) if num_neighbors is None else num_neighbors
+  tokens = np.full((k, length), pad_id, np.int32)
+  mask = np.zeros((k,), bool)
+  for j, ids in enumerate(passages[:k]):
+    ids = (list(ids) + ([eod_id] if eod_id is not None else []))[:length]
+    tokens[j, :len(ids)] = ids
+    mask[j] = True
+  return tokens, mask
+
+
 def _lines(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
   """Non-empty lines of the documents, each cut to at most ``max_bytes`` UTF-8 bytes."""
   for text in documents:

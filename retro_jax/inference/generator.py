@@ -151,14 +151,11 @@ def passages_to_neighbors(vocab: Any, passages: Sequence[Sequence[str]],
   mask = np.zeros((batch, k), bool)
   info: list[list[dict]] = []
   for b, example in enumerate(passages):
-    hits = []
-    for j, text in enumerate(example):
-      ids = list(vocab.encode(text)) + ([eod_id] if eod_id is not None else [])
-      ids = ids[:neighbor_length]
-      tokens[b, j, :len(ids)] = ids
-      mask[b, j] = True
-      hits.append({"chunk_id": -1, "doc_id": j, "score": None, "text": text})
-    info.append(hits)
+    tokens[b], mask[b] = vocab_lib.passage_neighbors(
+        [vocab.encode(text) for text in example], neighbor_length, pad_id=pad_id,
+        eod_id=eod_id, num_neighbors=k)
+    info.append([{"chunk_id": -1, "doc_id": j, "score": None, "text": text}
+                 for j, text in enumerate(example)])
   return FixedNeighbors(tokens, mask, info)
 
 
