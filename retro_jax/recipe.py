@@ -292,6 +292,15 @@ def run_training(step: str, layout: RunLayout, bindings: Mapping[str, Any],
 
 
 @gin.configurable
+def _gin_binds(parameter: str) -> bool:
+  """Whether the parsed gin config binds ``parameter`` ("configurable.name")."""
+  try:
+    gin.query_parameter(parameter)
+  except ValueError:
+    return False
+  return True
+
+
 def build_sft_data(qa_file: str, retriever: Any, output_path: str, *,
                    num_passages: int = 2) -> str:
   """Short-answer QA as chat records that render exactly as the evaluation prompt.
@@ -491,6 +500,10 @@ class Recipe:
       counts = {k: len(_read_rows(p)) for k, p in files.items() if p}
     else:
       _parse_step_gin(CORPUS_GIN, (), self.gin_overrides)
+      for key in ("scale", "seed"):      # the recipe passes both: a binding would be lost
+        if _gin_binds(f"generate_corpus.{key}"):
+          raise ValueError(f"--gin.generate_corpus.{key}: the recipe sets the corpus's "
+                           f"{key} with its --{key} flag; pass --{key}= instead")
       result = encyclopedia.generate_corpus(self.layout.corpus_dir, scale=self.scale,
                                             seed=self.seed)
       counts = result["counts"]

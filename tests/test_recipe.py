@@ -181,6 +181,10 @@ def test_user_corpus_split_and_errors(tmp_path):
     recipe.split_documents(str(bad), str(tmp_path / "d"))
   with pytest.raises(ValueError, match="unknown steps"):
     recipe.Recipe(str(tmp_path / "r")).run(["corpus", "pretrain"])
+  # The corpus's seed and scale are the recipe's flags; a gin binding would be lost.
+  with pytest.raises(ValueError, match=r"--gin.generate_corpus.seed: .*pass --seed= "):
+    recipe.Recipe(str(tmp_path / "s"), overrides=["generate_corpus.seed = 1"]).run(["corpus"])
+  assert not os.path.exists(tmp_path / "s" / "corpus" / "pretrain.jsonl")
 
 
 @pytest.mark.slow   # see pytest.ini

@@ -404,10 +404,10 @@ def test_sft_blend_entries_are_checked(layout):
     batch_sources.sft_batch_source(layout.root, seq_len=N, batch_size=2, name="bad",
                                    datasets=[("qa", "data/sft/qa.jsonl", 1.0, 2)])
   with pytest.raises(ValueError, match=r"SFT dataset 'chat' .*reader options "
-                     r"\{'num_neighbor_passages': 2\}"):
+                     r"\{'num_neighbours': 2\}.*unexpected keyword"):
     batch_sources.sft_batch_source(layout.root, seq_len=N, batch_size=2, name="bad2",
                                    datasets=[("chat", "data/sft/chat.jsonl", 1.0,
-                                              {"num_neighbor_passages": 2})])
+                                              {"num_neighbours": 2})])
 
 
 def test_data_bench_rows_run_on_a_synthetic_directory(tmp_path):

@@ -154,8 +154,8 @@ def _field(record: Mapping[str, Any], key: str, where: str, kind=str) -> Any:
   return value
 
 
-def _passages(record: Mapping[str, Any], where: str, keys: Sequence[str],
-              limit: Optional[int]) -> tuple[str, ...]:
+def _passages(record: Mapping[str, Any], where: str, keys: Sequence[str]
+              ) -> tuple[str, ...]:
   for key in keys:
     if key in record and record[key] is not None:
       value = record[key]
@@ -167,8 +167,21 @@ def _passages(record: Mapping[str, Any], where: str, keys: Sequence[str],
         out = tuple(chat.format_passage(p) for p in value)
       except ValueError as e:
         raise ValueError(f"{where}: field {key!r}: {e}") from e
-      return out if limit is None else out[:limit]
+      return out
   return ()
+
+
+def _passage_fields(record: Mapping[str, Any], where: str, keys: Sequence[str],
+                    num_passages: Optional[int], num_neighbor_passages: int
+                    ) -> dict[str, tuple[str, ...]]:
+  """``SFTExample`` fields from a record's passages: the top ``num_passages`` (None:
+  all) in the prompt, the top ``num_neighbor_passages`` read by the encoder."""
+  if num_passages is not None and num_passages < 0 or num_neighbor_passages < 0:
+    raise ValueError(f"{where}: num_passages={num_passages} and num_neighbor_passages="
+                     f"{num_neighbor_passages} must be >= 0")
+  passages = _passages(record, where, keys)
+  return {"passages": passages if num_passages is None else passages[:num_passages],
+          "neighbor_passages": passages[:num_neighbor_passages]}
 
 
 def _answers(record: Mapping[str, Any], where: str) -> tuple[str, ...]:
@@ -197,14 +210,16 @@ def _answers(record: Mapping[str, Any], where: str) -> tuple[str, ...]:
 
 def read_chat(path: str, *, messages_key: str = "messages",
               passages_keys: Sequence[str] = ("passages", "ctxs"),
-              num_passages: Optional[int] = None) -> list[SFTExample]:
-  """Reads ``{"messages": [...]}`` records (the last message is the trained answer)."""
+              num_passages: Optional[int] = None,
+              num_neighbor_passages: int = 0) -> list[SFTExample]:
+  """Reads ``{"messages": [...]}`` records (the last message is the trained answer);
+  passages as ``read_qa_sft``'s."""
   out = []
   for where, record in read_json_records(path):
     messages = chat.validate_messages(_field(record, messages_key, where, list),
                                       where=where, final_role="assistant")
-    out.append(SFTExample(tuple(messages), _passages(record, where, passages_keys,
-                                                     num_passages), where=where))
+    out.append(SFTExample(tuple(messages), where=where, **_passage_fields(
+        record, where, passages_keys, num_passages, num_neighbor_passages)))
   return out
 
 
@@ -212,8 +227,10 @@ def read_prompt_response(path: str, *, prompt_key: str = "prompt",
                          response_key: str = "response",
                          system_key: Optional[str] = "system",
                          passages_keys: Sequence[str] = ("passages", "ctxs"),
-                         num_passages: Optional[int] = None) -> list[SFTExample]:
-  """Reads ``{"prompt": ..., "response": ...}`` pairs as one-turn conversations."""
+                         num_passages: Optional[int] = None,
+                         num_neighbor_passages: int = 0) -> list[SFTExample]:
+  """Reads ``{"prompt": ..., "response": ...}`` pairs as one-turn conversations;
+  passages as ``read_qa_sft``'s."""
   out = []
   for where, record in read_json_records(path):
     messages = []
@@ -221,8 +238,8 @@ def read_prompt_response(path: str, *, prompt_key: str = "prompt",
       messages.append({"role": "system", "content": _field(record, system_key, where)})
     messages += [{"role": "user", "content": _field(record, prompt_key, where)},
                  {"role": "assistant", "content": _field(record, response_key, where)}]
-    out.append(SFTExample(tuple(messages), _passages(record, where, passages_keys,
-                                                     num_passages), where=where))
+    out.append(SFTExample(tuple(messages), where=where, **_passage_fields(
+        record, where, passages_keys, num_passages, num_neighbor_passages)))
   return out
 
 
@@ -235,20 +252,16 @@ def read_qa_sft(path: str, *, question_key: str = "question",
   The record's top ``num_passages`` passages go into the prompt (None: all) and its top
   ``num_neighbor_passages`` become the example's ``neighbor_passages``.
   """
-  if num_passages is not None and num_passages < 0 or num_neighbor_passages < 0:
-    raise ValueError(f"{path}: num_passages={num_passages} and num_neighbor_passages="
-                     f"{num_neighbor_passages} must be >= 0")
   out = []
   for where, record in read_json_records(path):
     question = _field(record, question_key, where)
     answers = _answers(record, where)
     if not answers:
       raise ValueError(f"{where}: no answer to train on (empty 'answers')")
-    passages = _passages(record, where, passages_keys, None)
     out.append(SFTExample(tuple(chat.short_answer_messages(question, answers[0])),
-                          passages if num_passages is None else passages[:num_passages],
                           answer_prefix=chat.SHORT_ANSWER_PREFIX, where=where,
-                          neighbor_passages=passages[:num_neighbor_passages]))
+                          **_passage_fields(record, where, passages_keys, num_passages,
+                                            num_neighbor_passages)))
   return out
 
 
