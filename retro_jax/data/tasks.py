@@ -185,8 +185,8 @@ def register_sft_tasks(name: str, path: str, vocab: str, seq_len: int, *,
     vocab: SentencePiece model path of the model.
     seq_len, chunk_length, num_neighbors, retrieved_length, retriever, align_prompts:
       See SFTSource.
-    reader_kwargs: Passed to the reader (e.g. ``prompt_key``; for QA files
-      ``num_passages`` in the prompt and ``num_neighbor_passages`` read by the encoder).
+    reader_kwargs: Passed to the reader (e.g. ``prompt_key``, or ``num_passages`` in
+      the prompt and ``num_neighbor_passages`` read by the encoder).
   """
   path = instructions.resolve_data_file(path)
   names = TaskNames(retro=f"retro_sft_{_task_name(name)}", gpt=f"gpt_sft_{_task_name(name)}")
