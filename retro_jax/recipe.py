@@ -291,7 +291,6 @@ def run_training(step: str, layout: RunLayout, bindings: Mapping[str, Any],
   return train()
 
 
-@gin.configurable
 def _gin_binds(parameter: str) -> bool:
   """Whether the parsed gin config binds ``parameter`` ("configurable.name")."""
   try:
@@ -301,6 +300,7 @@ def _gin_binds(parameter: str) -> bool:
   return True
 
 
+@gin.configurable
 def build_sft_data(qa_file: str, retriever: Any, output_path: str, *,
                    num_passages: int = 2) -> str:
   """Short-answer QA as chat records that render exactly as the evaluation prompt.
