@@ -181,7 +181,11 @@ def test_user_corpus_split_and_errors(tmp_path):
     recipe.split_documents(str(bad), str(tmp_path / "d"))
   with pytest.raises(ValueError, match="unknown steps"):
     recipe.Recipe(str(tmp_path / "r")).run(["corpus", "pretrain"])
-  # The corpus's seed and scale are the recipe's flags; a gin binding would be lost.
+
+
+@pytest.mark.usefixtures("clean_gin")   # the binding parsed here must not outlive it
+def test_corpus_seed_and_scale_are_flags_not_gin_bindings(tmp_path):
+  from retro_jax import recipe   # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r"--gin.generate_corpus.seed: .*pass --seed= "):
     recipe.Recipe(str(tmp_path / "s"), overrides=["generate_corpus.seed = 1"]).run(["corpus"])
   assert not os.path.exists(tmp_path / "s" / "corpus" / "pretrain.jsonl")

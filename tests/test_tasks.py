@@ -349,7 +349,8 @@ def test_sft_qa_passages_as_neighbors_with_aligned_prompts(layout):
   evaluation lays out prompts: tokens as the generator's 'passages' neighbors, prompt
   ending at a chunk boundary, the unaligned example's tokens after the left padding."""
   path = instructions.resolve_data_file("data/sft/qa.jsonl")
-  raw = [json.loads(line) for line in open(path, encoding="utf-8")]
+  with open(path, encoding="utf-8") as f:
+    raw = [json.loads(line) for line in f]
   rows = [i for i, r in enumerate(raw) if r.get("ctxs")][:6]
   sp = vocab_lib.load_sentencepiece(layout.vocab_path)
   ids = vocab_lib.special_ids(sp)
