@@ -77,7 +77,7 @@ import jax.numpy as jnp
 
 from retro_jax.data import instructions
 from retro_jax.data.chat import format_passage, qa_prompt
-from retro_jax.evaluation.report import markdown_table
+from retro_jax.evaluation.report import QA_SCORE_COLUMNS, markdown_table
 from retro_jax.inference import loading
 from retro_jax.models import RetroConfig
 from retro_jax.models.config import DTYPES
@@ -97,10 +97,7 @@ _MEGATRON_NO_ANSWER = "no_passages_used"
 _END_OF_TEXT = "<|endoftext|>"
 NEIGHBOR_MODES = ("none", "passages", "live")
 SCORINGS = ("default", "megatron")
-QA_COLUMNS = (("model", "model"), ("mode", "mode"), ("exact_match", "exact match"),
-              ("f1", "F1"), ("count", "questions"),
-              ("answer_in_passages", "answer in prompt passages"),
-              ("answer_in_neighbors", "answer in neighbors read"))
+QA_COLUMNS = (("model", "model"), ("mode", "mode"), *QA_SCORE_COLUMNS)
 
 
 # Normalisation and metrics -----------------------------------------------------------
@@ -488,17 +485,16 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
       prompts = [build_prompt(e, num_passages, tokenizer=tokenizer,
                               max_prompt_tokens=max_prompt_tokens) for e in batch]
       prompts += prompts[-1:] * pad
-      passages = None
-      if neighbors == "passages":
-        passages = [_neighbor_passages(e, k) for e in batch]
-        passages += passages[-1:] * pad
-        if not any(passages):
-          passages = None  # no contexts in the whole batch: the decoder alone
+      # 'passages': each question's neighbor texts, for the generator and the scores.
+      given = [_neighbor_passages(e, k) for e in batch] if neighbors == "passages" else []
+      # No contexts in the whole batch: the decoder alone.
+      passages = given + given[-1:] * pad if any(given) else None
       result = generator.generate(prompts, max_new_tokens=max_new_tokens,
                                   sampling=sampling, passages=passages,
                                   retrieval=neighbors == "live" or passages is not None,
                                   align_prompts=align_prompts)
-      for example, raw, chunks in zip(batch, result.texts, result.retrievals):
+      for i, (example, raw, chunks) in enumerate(zip(batch, result.texts,
+                                                     result.retrievals)):
         prediction = postprocess(raw)
         row = {"id": example["id"], "question": example["question"],
                "answers": example["answers"], "prediction": prediction, "raw": raw,
@@ -511,8 +507,7 @@ def run_qa(generator: Any, examples: Sequence[Mapping[str, Any]], *, output_dir:
           row["answer_in_neighbors"] = answer_in_texts(_answer_neighbors(chunks),
                                                        example["answers"])
         elif neighbors == "passages":
-          row["answer_in_neighbors"] = answer_in_texts(_neighbor_passages(example, k),
-                                                       example["answers"])
+          row["answer_in_neighbors"] = answer_in_texts(given[i], example["answers"])
         rows.append(row)
         partial.write(json.dumps(row) + "\n")
       partial.flush()

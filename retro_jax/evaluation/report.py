@@ -31,6 +31,11 @@ FROZEN_PHASE_RUN = "Retro-fit, decoder frozen"
 CLASS_COLUMNS = (("class", "target tokens"), ("model", "model"), ("mode", "mode"),
                  ("loss", "loss"), ("accuracy", "token accuracy"), ("tokens", "tokens"))
 
+# A QA mode's scores (``qa.summarize``'s keys), in eval_qa's tables and the recipe's.
+QA_SCORE_COLUMNS = (("exact_match", "exact match"), ("f1", "F1"), ("count", "questions"),
+                    ("answer_in_passages", "answer in prompt passages"),
+                    ("answer_in_neighbors", "answer in neighbors read"))
+
 
 def pyplot():
   """matplotlib.pyplot on the Agg backend (no display; imported on first use)."""
@@ -264,10 +269,7 @@ def write_recipe_report(report_path: str, *, run_dir: str, model_dirs: Mapping[s
     lines += ["## Zero-shot QA on facts that are only in the retrieval DB", "",
               markdown_table(qa, (
                   ("model", "model"), ("mode", "mode"), ("num_passages", "passages in prompt"),
-                  ("neighbors", "encoder reads"), ("exact_match", "exact match"),
-                  ("f1", "F1"), ("count", "questions"),
-                  ("answer_in_passages", "answer in prompt passages"),
-                  ("answer_in_neighbors", "answer in neighbors read"))), ""]
+                  ("neighbors", "encoder reads"), *QA_SCORE_COLUMNS)), ""]
   paired = info("eval_qa").get("paired")
   if paired:
     lines += ["The same questions, paired: how many only one model answers right, and the "
