@@ -66,3 +66,15 @@ def test_forward_bench_times_both_programs_both_ways():
       (m, p) for m in ("GPT", "Retro") for p in ("evaluation forward", "train step")]
   assert all(r["default_s"] > 0 and r["options_s"] > 0 and r["speedup"] > 0 for r in rows)
 
+
+
+def test_cca_recall_bench_scores_three_ways():
+  from retro_jax.bench import cca_recall
+  lines = []
+  rows = cca_recall.run("tiny", cca_recall.parse_overrides(["cca_layers=(2,4)"]), steps=2,
+                        batch=8, eval_every=1, eval_count=1, print_fn=lines.append)
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(0 < r[m][0] and 0 <= r[m][1] <= 1 for r in rows for m in cca_recall.MODES)
+  assert "(2, 4)" in lines[0] and len(lines) == 3 + len(rows)
+  with pytest.raises(ValueError, match="hidden"):
+    cca_recall.parse_overrides(["hidden=128"])

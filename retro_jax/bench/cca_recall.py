@@ -1,0 +1,143 @@
+r"""Can CCA learn a lookup? Associative recall through the neighbors, from scratch.
+
+    python -m retro_jax.bench.cca_recall                               # the miniature
+    python -m retro_jax.bench.cca_recall --set=encoder_hidden_size=128 --train_steps=1000
+    python -m retro_jax.bench.cca_recall --set=cca_layers=(1,2,3,4) --pairs=1
+    python -m retro_jax.bench.cca_recall --pairs_in=prompt          # the control
+
+Trains a Retro model (``--size`` from ``bench.forward.SIZES``, fields changed with
+``--set``) with every parameter on ``KeyValueRecallSource`` batches: chunk 0's neighbors
+hold key-value pairs and chunk 1 asks for values by key, so the answers are only in
+the encoder. Every ``--eval_every`` steps it scores the values of held-out batches
+three ways: with their own neighbors, with another example's neighbors (the same
+keys' distribution, the wrong pairs) and with the neighbors masked (CCA off). A model
+whose CCA route carries a lookup drives the first towards zero loss and full accuracy
+while the other two stay at a guess; one that only learns the values' bag reaches
+log(k * pairs). ``--pairs_in=prompt`` is the control: the same pairs in chunk 0, read
+by the decoder's self-attention. Prints one markdown row per evaluation.
+
+This is the miniature's question behind issue 19 (InstructRetro does not answer
+through CCA, docs/benchmarks.md): is the architecture at that width able to copy a
+looked-up value at all, and how many steps does it take?
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import time
+from typing import Sequence
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from retro_jax.bench import forward as forward_bench
+from retro_jax.data.synthetic import KeyValueRecallSource
+from retro_jax.models import RetroConfig, partitioning
+from retro_jax.training.optimizers import OptimizerConfig
+from retro_jax.training.trainer import Trainer
+
+MODES = ("own neighbors", "other example's", "masked")
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+  """``['encoder_hidden_size=128', 'cca_layers=(1,2,3,4)']`` -> RetroConfig fields."""
+  fields = {f.name for f in dataclasses.fields(RetroConfig)}
+  overrides = {}
+  for item in items:
+    name, sep, text = item.partition("=")
+    name = name.strip()
+    if not sep or name not in fields:
+      raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD a RetroConfig "
+                       "field")
+    try:
+      overrides[name] = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+      overrides[name] = text.strip()   # a bare string such as rope
+  return overrides
+
+
+def eval_batches(source: KeyValueRecallSource, count: int) -> list[dict]:
+  """``count`` held-out batches (steps far past any run's) in the three modes each."""
+  batches = []
+  for i in range(count):
+    own = source.get_batch(10**6 + i)
+    other = dict(own, neighbor_tokens=np.roll(own["neighbor_tokens"], 1, axis=0))
+    masked = dict(own, neighbor_mask=np.zeros_like(own["neighbor_mask"]))
+    batches.append((own, other, masked))
+  return batches
+
+
+def run(size: str = "miniature", overrides: dict | None = None, *, steps: int = 1500,
+        batch: int = 16, pairs: int = 4, pairs_in: str = "neighbors",
+        learning_rate: float = 3e-3,
+        warmup_steps: int = 50, eval_every: int = 100, eval_count: int = 2,
+        seed: int = 0, print_fn=print) -> list[dict]:
+  """Trains and evaluates; returns one dict per evaluation (loss and accuracy per mode)."""
+  config = RetroConfig(**dict(forward_bench.SIZES[size], **(overrides or {})))
+  source = KeyValueRecallSource(config.vocab_size, batch,
+                                chunk_length=config.chunk_length,
+                                num_neighbors=config.num_neighbors,
+                                neighbor_length=config.neighbor_length,
+                                pairs_per_neighbor=pairs, pairs_in=pairs_in, seed=seed)
+  held_out = eval_batches(source, eval_count)
+  trainer = Trainer(config, OptimizerConfig(learning_rate=learning_rate,
+                                            warmup_steps=warmup_steps),
+                    train_steps=steps, mesh=partitioning.make_mesh(None), seed=seed)
+  lm = trainer.lm
+  score = jax.jit(lm.loss_sums)
+  state = trainer.init_state()
+  guess = float(np.log(source.num_values))
+  bag = float(np.log(config.num_neighbors * pairs))
+  print_fn(f"{size} {overrides or {}}, pairs in the {pairs_in}: {source.num_values} "
+           f"values (a guess: {guess:.2f} nats), {config.num_neighbors} x {pairs} pairs "
+           f"(their bag: {bag:.2f} nats); batch {batch}, lr {learning_rate}")
+  print_fn("| step | " + " | ".join(f"{m}: loss, acc" for m in MODES) + " | s |")
+  print_fn("|---|" + "---|" * (len(MODES) + 1))
+  rows, start = [], time.perf_counter()
+  for step in range(1, steps + 1):
+    state, _ = trainer.train_step(state, source.get_batch(step - 1))
+    if step % eval_every and step != steps:
+      continue
+    row = {"step": step}
+    for i, mode in enumerate(MODES):
+      sums = [jax.device_get(score(state.params, b[i])) for b in held_out]
+      weight = sum(float(s["weight"]) for s in sums)
+      row[mode] = (sum(float(s["loss"]) for s in sums) / weight,
+                   sum(float(s["correct"]) for s in sums) / weight)
+    row["seconds"] = time.perf_counter() - start
+    rows.append(row)
+    print_fn(f"| {step} | " + " | ".join(f"{row[m][0]:.3f}, {100 * row[m][1]:.1f}%"
+                                         for m in MODES) + f" | {row['seconds']:.0f} |")
+  return rows
+
+
+_SIZE = flags.DEFINE_string("size", "miniature", "A size of bench.forward.SIZES.")
+_SET = flags.DEFINE_multi_string("set", [], "RetroConfig FIELD=VALUE (repeatable).")
+_STEPS = flags.DEFINE_integer("train_steps", 1500, "Training steps.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Examples per step (two chunks each).")
+_PAIRS = flags.DEFINE_integer("pairs", 4, "Key-value pairs in each neighbor.")
+_PAIRS_IN = flags.DEFINE_enum("pairs_in", "neighbors", ["neighbors", "prompt"],
+                              "Where the pairs are: the neighbors (CCA) or chunk 0.")
+_LR = flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (cosine decay).")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Steps between evaluations.")
+_SEED = flags.DEFINE_integer("seed", 0, "Data and initialisation seed.")
+
+
+def main(argv):
+  del argv
+  if _SIZE.value not in forward_bench.SIZES:
+    raise app.UsageError(f"--size={_SIZE.value!r}: one of {sorted(forward_bench.SIZES)}")
+  try:
+    overrides = parse_overrides(_SET.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  run(_SIZE.value, overrides, steps=_STEPS.value, batch=_BATCH.value, pairs=_PAIRS.value,
+      pairs_in=_PAIRS_IN.value, learning_rate=_LR.value, eval_every=_EVAL_EVERY.value,
+      seed=_SEED.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
