@@ -20,7 +20,26 @@ import jax
 import numpy as np
 
 
-class SyntheticRetroSource:
+class _ShardedExamples:
+  """This host's share of every batch: example i of a run is a pure function of
+  (seed, i); step s of host h holds examples (s * hosts + h) * local_batch onwards."""
+
+  def __init__(self, batch_size: int, seed: int, shard_id: int | None,
+               num_shards: int | None):
+    self.seed = seed
+    self.shard_id = jax.process_index() if shard_id is None else shard_id
+    self.num_shards = jax.process_count() if num_shards is None else num_shards
+    if batch_size % self.num_shards:
+      raise ValueError(f"batch_size={batch_size} must be divisible by num_shards="
+                       f"{self.num_shards}")
+    self.local_batch = batch_size // self.num_shards
+
+  def example_indices(self, step: int) -> range:
+    start = (step * self.num_shards + self.shard_id) * self.local_batch
+    return range(start, start + self.local_batch)
+
+
+class SyntheticRetroSource(_ShardedExamples):
   """``get_batch(step)`` -> the trainer's features for this host's share of a batch.
 
   Args:
@@ -43,15 +62,9 @@ class SyntheticRetroSource:
     self.chunk_length = chunk_length
     self.num_neighbors = num_neighbors
     self.neighbor_length = neighbor_length or 2 * chunk_length
-    self.seed = seed
-    self.shard_id = jax.process_index() if shard_id is None else shard_id
-    self.num_shards = jax.process_count() if num_shards is None else num_shards
-    if batch_size % self.num_shards:
-      raise ValueError(f"batch_size={batch_size} must be divisible by num_shards="
-                       f"{self.num_shards}")
+    super().__init__(batch_size, seed, shard_id, num_shards)
     if seq_len % chunk_length:
       raise ValueError(f"seq_len={seq_len} must be a multiple of chunk_length={chunk_length}")
-    self.local_batch = batch_size // self.num_shards
     self.with_neighbors = with_neighbors
     self.tokens_per_chunk = tokens_per_chunk
 
@@ -77,8 +90,7 @@ class SyntheticRetroSource:
     return tokens, neighbors
 
   def get_batch(self, step: int) -> dict[str, np.ndarray]:
-    start = (step * self.num_shards + self.shard_id) * self.local_batch
-    examples = [self._example(start + i) for i in range(self.local_batch)]
+    examples = [self._example(i) for i in self.example_indices(step)]
     tokens = np.stack([t for t, _ in examples])
     batch = {
         "decoder_input_tokens": tokens[:, :-1],
@@ -92,7 +104,7 @@ class SyntheticRetroSource:
     return batch
 
 
-class KeyValueRecallSource:
+class KeyValueRecallSource(_ShardedExamples):
   """Associative recall through the neighbors: the answers are only in the encoder.
 
   An example is two chunks (n = 2m). Each of chunk 0's k neighbors holds
@@ -141,13 +153,7 @@ class KeyValueRecallSource:
     self.num_neighbors = num_neighbors
     self.neighbor_length = neighbor_length or 2 * chunk_length
     self.pairs_per_neighbor = pairs_per_neighbor
-    self.seed = seed
-    self.shard_id = jax.process_index() if shard_id is None else shard_id
-    self.num_shards = jax.process_count() if num_shards is None else num_shards
-    if batch_size % self.num_shards:
-      raise ValueError(f"batch_size={batch_size} must be divisible by num_shards="
-                       f"{self.num_shards}")
-    self.local_batch = batch_size // self.num_shards
+    super().__init__(batch_size, seed, shard_id, num_shards)
     if not 1 <= pairs_per_neighbor <= self.neighbor_length // 2:
       raise ValueError(f"pairs_per_neighbor={pairs_per_neighbor}: need 1 <= pairs <= "
                        f"neighbor_length // 2 = {self.neighbor_length // 2}")
@@ -189,8 +195,7 @@ class KeyValueRecallSource:
 
   def get_batch(self, step: int) -> dict[str, np.ndarray]:
     """The trainer's features: tokens [b, 2m], neighbors [b, 2, k, r], weights on values."""
-    start = (step * self.num_shards + self.shard_id) * self.local_batch
-    examples = [self._example(start + i) for i in range(self.local_batch)]
+    examples = [self._example(i) for i in self.example_indices(step)]
     tokens = np.stack([t for t, _ in examples])
     neighbors = np.stack([nb for _, nb in examples])
     weights = np.zeros((self.local_batch, self.seq_len), np.float32)
