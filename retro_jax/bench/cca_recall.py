@@ -59,8 +59,10 @@ def parse_overrides(items: Sequence[str]) -> dict:
   return overrides
 
 
-def eval_batches(source: KeyValueRecallSource, count: int) -> list[dict]:
-  """``count`` held-out batches (steps far past any run's) in the three modes each."""
+def eval_batches(source: KeyValueRecallSource, count: int
+                 ) -> list[tuple[dict, dict, dict]]:
+  """``count`` held-out batches (steps far past any run's), each as (own neighbors,
+  another example's, masked): the order of ``MODES``."""
   batches = []
   for i in range(count):
     own = source.get_batch(10**6 + i)
