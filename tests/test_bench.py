@@ -78,3 +78,23 @@ def test_cca_recall_bench_scores_three_ways():
   assert "(2, 4)" in lines[0] and len(lines) == 3 + len(rows)
   with pytest.raises(ValueError, match="hidden"):
     cca_recall.parse_overrides(["hidden=128"])
+
+
+def _bench_programs():
+  import pathlib
+  import retro_jax.bench
+  bench = pathlib.Path(retro_jax.bench.__path__[0])
+  return sorted(p.stem for p in bench.glob("*.py") if "app.run(" in p.read_text())
+
+
+@pytest.mark.parametrize("program", _bench_programs())
+def test_bench_programs_define_their_flags(program):
+  # Each program runs in its own process with the flags of every bench module it
+  # imports: a flag defined twice only shows there (bench.forward's did).
+  import subprocess
+  import sys
+  done = subprocess.run([sys.executable, "-m", f"retro_jax.bench.{program}", "--help"],
+                        capture_output=True, text=True, timeout=300)
+  output = done.stdout + done.stderr
+  assert "Traceback" not in output, output[-2000:]
+  assert "--helpfull" in output, output[-2000:]

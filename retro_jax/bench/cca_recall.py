@@ -116,30 +116,31 @@ def run(size: str = "miniature", overrides: dict | None = None, *, steps: int = 
   return rows
 
 
-_SIZE = flags.DEFINE_string("size", "miniature", "A size of bench.forward.SIZES.")
-_SET = flags.DEFINE_multi_string("set", [], "RetroConfig FIELD=VALUE (repeatable).")
-_STEPS = flags.DEFINE_integer("train_steps", 1500, "Training steps.")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Examples per step (two chunks each).")
-_PAIRS = flags.DEFINE_integer("pairs", 4, "Key-value pairs in each neighbor.")
-_PAIRS_IN = flags.DEFINE_enum("pairs_in", "neighbors", ["neighbors", "prompt"],
-                              "Where the pairs are: the neighbors (CCA) or chunk 0.")
-_LR = flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (cosine decay).")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 100, "Steps between evaluations.")
-_SEED = flags.DEFINE_integer("seed", 0, "Data and initialisation seed.")
-
-
 def main(argv):
   del argv
-  if _SIZE.value not in forward_bench.SIZES:
-    raise app.UsageError(f"--size={_SIZE.value!r}: one of {sorted(forward_bench.SIZES)}")
+  f = flags.FLAGS
+  if f.size not in forward_bench.SIZES:
+    raise app.UsageError(f"--size={f.size!r}: one of {sorted(forward_bench.SIZES)}")
   try:
-    overrides = parse_overrides(_SET.value)
+    overrides = parse_overrides(f.set)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  run(_SIZE.value, overrides, steps=_STEPS.value, batch=_BATCH.value, pairs=_PAIRS.value,
-      pairs_in=_PAIRS_IN.value, learning_rate=_LR.value, eval_every=_EVAL_EVERY.value,
-      seed=_SEED.value)
+  run(f.size, overrides, steps=f.train_steps, batch=f.batch_size, pairs=f.pairs,
+      pairs_in=f.pairs_in, learning_rate=f.learning_rate, eval_every=f.eval_every,
+      seed=f.seed)
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program: bench modules share one flag
+  # namespace when a process imports several (the tests).
+  flags.DEFINE_string("size", "miniature", "A size of bench.forward.SIZES.")
+  flags.DEFINE_multi_string("set", [], "RetroConfig FIELD=VALUE (repeatable).")
+  flags.DEFINE_integer("train_steps", 1500, "Training steps.")
+  flags.DEFINE_integer("batch_size", 16, "Examples per step (two chunks each).")
+  flags.DEFINE_integer("pairs", 4, "Key-value pairs in each neighbor.")
+  flags.DEFINE_enum("pairs_in", "neighbors", ["neighbors", "prompt"],
+                    "Where the pairs are: the neighbors (CCA) or chunk 0.")
+  flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate (cosine decay).")
+  flags.DEFINE_integer("eval_every", 100, "Steps between evaluations.")
+  flags.DEFINE_integer("seed", 0, "Data and initialisation seed.")
   app.run(main)

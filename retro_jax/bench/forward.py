@@ -111,9 +111,9 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  flags.DEFINE_list("sizes", ["miniature"], f"Model sizes from {sorted(SIZES)}.")
-  flags.DEFINE_integer("batch", 16, "Examples per batch.")
-  flags.DEFINE_integer("seq_len", 256, "Tokens per example (a multiple of 64).")
-  flags.DEFINE_integer("num_neighbors", 2, "k neighbors per chunk (Retro).")
+  # bench.train, imported above, defines --sizes, --batch, --seq_len and
+  # --num_neighbors (one flag namespace per process); this program's defaults differ.
+  for name, default in (("sizes", ["miniature"]), ("batch", 16), ("seq_len", 256)):
+    flags.FLAGS.set_default(name, default)
   flags.DEFINE_integer("repeats", 8, "Timed calls per variant.")
   app.run(main)
