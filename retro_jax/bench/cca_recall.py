@@ -30,11 +30,11 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
-import jax
 import numpy as np
 
 from retro_jax.bench import forward as forward_bench
 from retro_jax.data.synthetic import KeyValueRecallSource
+from retro_jax.evaluation.analyses import ListSource
 from retro_jax.models import RetroConfig, partitioning
 from retro_jax.training.optimizers import OptimizerConfig
 from retro_jax.training.trainer import Trainer
@@ -59,17 +59,16 @@ def parse_overrides(items: Sequence[str]) -> dict:
   return overrides
 
 
-def eval_batches(source: KeyValueRecallSource, count: int
-                 ) -> list[tuple[dict, dict, dict]]:
-  """``count`` held-out batches (steps far past any run's), each as (own neighbors,
-  another example's, masked): the order of ``MODES``."""
-  batches = []
-  for i in range(count):
-    own = source.get_batch(10**6 + i)
-    other = dict(own, neighbor_tokens=np.roll(own["neighbor_tokens"], 1, axis=0))
-    masked = dict(own, neighbor_mask=np.zeros_like(own["neighbor_mask"]))
-    batches.append((own, other, masked))
-  return batches
+def eval_sources(source: KeyValueRecallSource, count: int) -> dict[str, ListSource]:
+  """``count`` held-out batches (steps far past any run's) in each of ``MODES``."""
+  own = [source.get_batch(10**6 + i) for i in range(count)]
+  return {
+      MODES[0]: ListSource(own),
+      MODES[1]: ListSource([
+          dict(b, neighbor_tokens=np.roll(b["neighbor_tokens"], 1, axis=0)) for b in own]),
+      MODES[2]: ListSource([dict(b, neighbor_mask=np.zeros_like(b["neighbor_mask"]))
+                            for b in own]),
+  }
 
 
 def run(size: str = "miniature", overrides: dict | None = None, *, steps: int = 1500,
@@ -84,12 +83,10 @@ def run(size: str = "miniature", overrides: dict | None = None, *, steps: int = 
                                 num_neighbors=config.num_neighbors,
                                 neighbor_length=config.neighbor_length,
                                 pairs_per_neighbor=pairs, pairs_in=pairs_in, seed=seed)
-  held_out = eval_batches(source, eval_count)
+  held_out = eval_sources(source, eval_count)
   trainer = Trainer(config, OptimizerConfig(learning_rate=learning_rate,
                                             warmup_steps=warmup_steps),
                     train_steps=steps, mesh=partitioning.make_mesh(None), seed=seed)
-  lm = trainer.lm
-  score = jax.jit(lm.loss_sums)
   state = trainer.init_state()
   guess = float(np.log(source.num_values))
   bag = float(np.log(config.num_neighbors * pairs))
@@ -104,11 +101,9 @@ def run(size: str = "miniature", overrides: dict | None = None, *, steps: int = 
     if step % eval_every and step != steps:
       continue
     row = {"step": step}
-    for i, mode in enumerate(MODES):
-      sums = [jax.device_get(score(state.params, b[i])) for b in held_out]
-      weight = sum(float(s["weight"]) for s in sums)
-      row[mode] = (sum(float(s["loss"]) for s in sums) / weight,
-                   sum(float(s["correct"]) for s in sums) / weight)
+    for mode in MODES:
+      scores = trainer.evaluate(state.params, held_out[mode], eval_count)
+      row[mode] = (scores["loss"], scores["accuracy"])
     row["seconds"] = time.perf_counter() - start
     rows.append(row)
     print_fn(f"| {step} | " + " | ".join(f"{row[m][0]:.3f}, {100 * row[m][1]:.1f}%"
